@@ -1,0 +1,260 @@
+"""The contract every modality encoder follows.
+
+An encoder is four steps, each overridable::
+
+    raw item --preprocess--> tensor --collate--> batch --trunk--> features --head--> (B, embed_dim)
+                                                                 --postprocess--> unit norm
+
+``preprocess`` runs on one raw item (a path, a string, an array) on the CPU, in DataLoader workers;
+``collate`` stacks preprocessed items; ``forward`` runs trunk, head and L2 normalisation. Each
+encoder also owns a logit scale (1 / temperature), fixed or learnable, which the losses use when
+this modality is contrasted with the anchor (ImageBind: learnable for text, fixed 20 for audio).
+
+Encoders whose raw items may be longer than one clip (audio, video) return ``(num_clips, ...)``
+from ``preprocess``; :meth:`ModalityEncoder.collate_clips` batches them as a :class:`ClipBatch`
+and ``forward`` averages the clip embeddings of each item.
+
+Example::
+
+    enc = create_encoder("digits_cnn", embed_dim=64)
+    enc.freeze("trunk")                  # train the head only; trunk stays in eval mode
+    z = enc.embed([array_28x28, ...])    # (N, 64), unit norm
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .errors import ConfigError
+
+
+@dataclass
+class ClipBatch:
+    """Clips of several items batched together.
+
+    ``clips`` holds every clip of every item along dim 0; ``item_index[k]`` is the item clip ``k``
+    belongs to. Clip embeddings are averaged per item.
+    """
+
+    clips: Tensor | dict[str, Tensor]  # (total_clips, ...)
+    item_index: Tensor  # (total_clips,) long
+    num_items: int
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> ClipBatch:
+        return ClipBatch(move_to(self.clips, device, non_blocking), self.item_index.to(device), self.num_items)
+
+
+Batch = Union[Tensor, dict[str, Tensor], ClipBatch]
+FreezePart = Literal["none", "trunk", "all"]
+HeadKind = Literal["linear", "mlp", "identity"]
+
+
+def move_to(batch: Any, device: torch.device | str, non_blocking: bool = False) -> Any:
+    """Move a tensor, a dict of tensors or a :class:`ClipBatch` to ``device``."""
+    if isinstance(batch, Tensor):
+        return batch.to(device, non_blocking=non_blocking)
+    if isinstance(batch, ClipBatch):
+        return batch.to(device, non_blocking)
+    if isinstance(batch, dict):
+        return {k: move_to(v, device, non_blocking) for k, v in batch.items()}
+    return batch
+
+
+def build_head(kind: HeadKind, in_dim: int, embed_dim: int) -> nn.Module:
+    """Projection from trunk features to the shared space."""
+    if kind == "linear":
+        return nn.Linear(in_dim, embed_dim)
+    if kind == "mlp":
+        return nn.Sequential(nn.Linear(in_dim, in_dim), nn.GELU(), nn.Linear(in_dim, embed_dim))
+    if kind == "identity":
+        if in_dim != embed_dim:
+            raise ConfigError(f"head='identity' needs trunk features of size embed_dim={embed_dim}, got {in_dim}")
+        return nn.Identity()
+    raise ConfigError(f"head must be one of 'linear', 'mlp', 'identity'; got {kind!r}")
+
+
+class ModalityEncoder(nn.Module):
+    """Base class: preprocess + trunk + head + postprocess for one modality.
+
+    Subclasses set the trunk and implement :meth:`preprocess` and, when the trunk does not take the
+    collated batch directly, :meth:`forward_features`. Those with blocks (transformer layers,
+    ResNet stages) return them from :meth:`trunk_blocks` so the last N can be unfrozen.
+
+    Args:
+        modality: any name ("image", "imu", ...); a modality is a string, not an enum.
+        trunk: the feature extractor.
+        trunk_dim: size of the features :meth:`forward_features` returns.
+        embed_dim: size of the shared embedding space.
+        head: projection kind, "linear", "mlp" or "identity".
+        logit_scale: initial 1 / temperature used when this modality meets the anchor.
+        learnable_logit_scale: train the logit scale (clamped to ``max_logit_scale``) or keep it fixed.
+    """
+
+    def __init__(
+        self,
+        modality: str,
+        trunk: nn.Module,
+        trunk_dim: int,
+        embed_dim: int,
+        head: HeadKind = "linear",
+        logit_scale: float = 1 / 0.07,
+        learnable_logit_scale: bool = True,
+        max_logit_scale: float = 100.0,
+    ) -> None:
+        super().__init__()
+        if not modality or not isinstance(modality, str):
+            raise ConfigError(f"modality must be a non-empty string, got {modality!r}")
+        if logit_scale <= 0 or logit_scale > max_logit_scale:
+            raise ConfigError(f"logit_scale must be in (0, {max_logit_scale}], got {logit_scale}")
+        self.modality = modality
+        self.embed_dim = embed_dim
+        self.trunk_dim = trunk_dim
+        self.trunk = trunk
+        self.head = build_head(head, trunk_dim, embed_dim)
+        self.max_logit_scale = max_logit_scale
+        # Stored as a log, as CLIP does, so that a learnable scale stays positive.
+        self.log_logit_scale = nn.Parameter(torch.tensor(math.log(logit_scale)), requires_grad=learnable_logit_scale)
+        self.learnable_logit_scale = learnable_logit_scale
+        self.build_args: dict[str, Any] = {}  # set by the registry: {"name": ..., "kwargs": {...}}
+        self._eval_modules: list[str] = []  # frozen submodules kept in eval mode during training
+        self._train_modules: list[str] = []  # unfrozen blocks inside an eval-mode submodule
+        self.frozen_part: FreezePart = "none"
+        self.unfreeze_last_blocks = 0
+
+    # ---- what subclasses provide -------------------------------------------------------------
+    def preprocess(self, item: Any) -> Tensor | dict[str, Tensor]:
+        """Turn one raw item into a tensor (CPU, no grad). Default: the item must already be a tensor."""
+        if isinstance(item, Tensor):
+            return item
+        raise TypeError(f"{type(self).__name__} cannot preprocess {type(item).__name__}; pass a tensor")
+
+    def collate(self, samples: Sequence[Any]) -> Batch:
+        """Batch preprocessed items. Default: stack tensors along a new dim 0."""
+        return torch.stack(list(samples))
+
+    def forward_features(self, batch: Tensor | dict[str, Tensor]) -> Tensor:
+        """(B, ...) -> (B, trunk_dim). Default: ``trunk(batch)``."""
+        return self.trunk(batch)
+
+    def trunk_blocks(self) -> list[nn.Module]:
+        """The trunk's ordered blocks, for ``unfreeze_last_blocks``. Default: none."""
+        return []
+
+    def export_assets(self, directory: Path) -> dict[str, Any]:
+        """Write files the encoder needs besides its weights (tokenizer, HF config) into ``directory``.
+
+        Returns keyword arguments that override the registry arguments when the encoder is rebuilt
+        from a saved model (paths relative to ``directory``'s parent). Default: nothing to write.
+        """
+        return {}
+
+    # ---- shared machinery ----------------------------------------------------------------------
+    @staticmethod
+    def collate_clips(samples: Sequence[Tensor]) -> ClipBatch:
+        """Batch items of shape (num_clips, ...) into a :class:`ClipBatch`."""
+        counts = torch.tensor([s.shape[0] for s in samples])
+        return ClipBatch(torch.cat(list(samples)), torch.repeat_interleave(torch.arange(len(samples)), counts), len(samples))
+
+    @property
+    def logit_scale(self) -> Tensor:
+        """1 / temperature, clamped to ``max_logit_scale``."""
+        return self.log_logit_scale.clamp(max=math.log(self.max_logit_scale)).exp()
+
+    def forward_head(self, features: Tensor) -> Tensor:
+        """(B, trunk_dim) -> (B, embed_dim), not normalised."""
+        return self.head(features)
+
+    def forward(self, batch: Batch) -> Tensor:
+        """Collated batch -> (B, embed_dim) unit-norm embeddings."""
+        if isinstance(batch, ClipBatch):
+            per_clip = F.normalize(self.forward_head(self.forward_features(batch.clips)), dim=-1)
+            summed = per_clip.new_zeros(batch.num_items, per_clip.shape[-1]).index_add(0, batch.item_index, per_clip)
+            return F.normalize(summed, dim=-1)  # mean then renormalise: same direction as the mean
+        return F.normalize(self.forward_head(self.forward_features(batch)), dim=-1)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @torch.no_grad()
+    def embed(self, items: Sequence[Any], batch_size: int = 64) -> Tensor:
+        """Raw items -> (N, embed_dim) unit-norm embeddings on the encoder's device, in input order."""
+        if len(items) == 0:
+            return torch.empty(0, self.embed_dim, device=self.device)
+        out = []
+        for start in range(0, len(items), batch_size):
+            batch = self.collate([self.preprocess(item) for item in items[start : start + batch_size]])
+            out.append(self(move_to(batch, self.device)))
+        return torch.cat(out)
+
+    def freeze(self, part: FreezePart = "all", unfreeze_last_blocks: int = 0) -> ModalityEncoder:
+        """Choose what trains.
+
+        ``"none"``: everything trains. ``"trunk"``: the head (and a learnable logit scale) trains, the
+        trunk is frozen except its last ``unfreeze_last_blocks`` blocks. ``"all"``: nothing trains.
+        Frozen parts stay in eval mode even under ``model.train()``, so BatchNorm statistics and
+        dropout are fixed.
+        """
+        if part not in ("none", "trunk", "all"):
+            raise ConfigError(f"freeze must be 'none', 'trunk' or 'all'; got {part!r}")
+        blocks = self.trunk_blocks()
+        if unfreeze_last_blocks and part != "trunk":
+            raise ConfigError("unfreeze_last_blocks only applies with freeze='trunk'")
+        if unfreeze_last_blocks > len(blocks):
+            raise ConfigError(
+                f"unfreeze_last_blocks={unfreeze_last_blocks} but encoder {self.build_args.get('name', type(self).__name__)!r} "
+                f"has {len(blocks)} trunk blocks"
+            )
+        names = {id(m): n for n, m in self.named_modules()}
+        for p in self.parameters():
+            p.requires_grad_(part == "none")
+        self._eval_modules, self._train_modules = [], []
+        if part == "none":
+            self.log_logit_scale.requires_grad_(self.learnable_logit_scale)
+        elif part == "trunk":
+            for p in self.head.parameters():
+                p.requires_grad_(True)
+            self.log_logit_scale.requires_grad_(self.learnable_logit_scale)
+            self._eval_modules = ["trunk"]
+            for block in blocks[len(blocks) - unfreeze_last_blocks :]:
+                for p in block.parameters():
+                    p.requires_grad_(True)
+                self._train_modules.append(names[id(block)])
+        else:
+            self._eval_modules = [""]
+        self.frozen_part, self.unfreeze_last_blocks = part, unfreeze_last_blocks
+        return self.train(self.training)
+
+    @property
+    def frozen(self) -> bool:
+        """True when no parameter of this encoder trains."""
+        return not any(p.requires_grad for p in self.parameters())
+
+    def train(self, mode: bool = True) -> ModalityEncoder:
+        super().train(mode)
+        if mode:
+            for name in self._eval_modules:
+                self.get_submodule(name).eval()
+            for name in self._train_modules:
+                self.get_submodule(name).train()
+        return self
+
+    def extra_repr(self) -> str:
+        return f"modality={self.modality!r}, embed_dim={self.embed_dim}, freeze={self.frozen_part!r}"
+
+
+def find_blocks(module: nn.Module) -> list[nn.Module]:
+    """The longest ``nn.ModuleList`` inside ``module``: the layer stack of most transformers."""
+    best: list[nn.Module] = []
+    for child in module.modules():
+        if isinstance(child, nn.ModuleList) and len(child) > len(best):
+            best = list(child)
+    return best

@@ -1,0 +1,162 @@
+"""Encoder registry: a decorator registers a factory, ``create_encoder`` builds it by name.
+
+As in timm, the factory's function name is the encoder's name::
+
+    from bind import register_encoder, ModalityEncoder
+
+    @register_encoder(modality="imu", pretrained="none", tiny={"width": 8})
+    def imu_cnn(embed_dim: int = 256, width: int = 64) -> ModalityEncoder:
+        ...
+
+    list_encoders(modality="imu")          # ['imu_cnn']
+    enc = create_encoder("imu_cnn", embed_dim=128)
+
+Third-party encoders need no change to bindkit: import the module that registers them (a recipe's
+``plugins:`` list or ``--plugin my_pkg.my_encoders`` on the command line), or declare it in the
+entry-point group ``bindkit.encoders`` of the package's metadata, which is loaded on first use.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import importlib
+import inspect
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any, TypeVar
+
+from .encoder import ModalityEncoder
+from .errors import ConfigError, UnknownEncoderError
+
+log = logging.getLogger(__name__)
+
+ENTRY_POINT_GROUP = "bindkit.encoders"
+Factory = TypeVar("Factory", bound=Callable[..., ModalityEncoder])
+TinyArgs = dict[str, Any] | Callable[[Path], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class EncoderInfo:
+    """What the registry knows about one encoder.
+
+    ``pretrained`` says where pretrained weights come from ("none" for from-scratch encoders).
+    ``tiny`` gives the keyword arguments of a tiny variant for tests: a dict, or a function of a
+    scratch directory for towers that must save a tiny pretrained model there first.
+    """
+
+    name: str
+    modality: str
+    factory: Callable[..., ModalityEncoder]
+    pretrained: str = "none"
+    tiny: TinyArgs = field(default_factory=dict)
+    module: str = ""
+
+    def tiny_kwargs(self, scratch_dir: Path) -> dict[str, Any]:
+        return self.tiny(scratch_dir) if callable(self.tiny) else dict(self.tiny)
+
+    @property
+    def description(self) -> str:
+        doc = inspect.getdoc(self.factory) or ""
+        return doc.splitlines()[0] if doc else ""
+
+
+_REGISTRY: dict[str, EncoderInfo] = {}
+_plugins_loaded = False
+
+
+def register_encoder(
+    modality: str, *, name: str | None = None, pretrained: str = "none", tiny: TinyArgs | None = None
+) -> Callable[[Factory], Factory]:
+    """Register ``factory`` under its function name (or ``name``) for ``modality``."""
+    if not modality or not isinstance(modality, str):
+        raise ConfigError(f"register_encoder needs a modality name (a non-empty string), got {modality!r}")
+
+    def decorator(factory: Factory) -> Factory:
+        key = name or factory.__name__
+        previous = _REGISTRY.get(key)
+        if previous is not None and previous.factory.__qualname__ != factory.__qualname__:
+            log.warning("encoder %r from %s replaces the one from %s", key, factory.__module__, previous.module)
+        _REGISTRY[key] = EncoderInfo(key, modality, factory, pretrained, tiny or {}, factory.__module__)
+        return factory
+
+    return decorator
+
+
+def load_plugins(modules: list[str] | tuple[str, ...] = ()) -> None:
+    """Import modules that register encoders, then the built-ins and the ``bindkit.encoders`` entry points."""
+    global _plugins_loaded
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as err:
+            raise ConfigError(
+                f"plugin module {module!r} could not be imported ({err}); "
+                "check the name and that it is importable (installed, or on PYTHONPATH)"
+            ) from err
+    if _plugins_loaded:
+        return
+    _plugins_loaded = True
+    importlib.import_module("encoders")  # built-ins, also when bindkit runs from a source tree
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.value == "encoders":
+            continue
+        try:
+            ep.load()
+        except Exception as err:  # a broken third-party plugin must not take bindkit down
+            log.warning("entry point %r (%s) of group %s failed to load: %s", ep.name, ep.value, ENTRY_POINT_GROUP, err)
+
+
+def list_encoders(pattern: str = "*", modality: str | None = None) -> list[str]:
+    """Sorted encoder names matching a glob ``pattern``, optionally of one ``modality``."""
+    load_plugins()
+    return sorted(
+        n for n, info in _REGISTRY.items() if fnmatch.fnmatch(n, pattern) and modality in (None, info.modality)
+    )
+
+
+def list_modalities() -> list[str]:
+    load_plugins()
+    return sorted({info.modality for info in _REGISTRY.values()})
+
+
+def get_encoder_info(name: str) -> EncoderInfo:
+    """The :class:`EncoderInfo` for ``name``; unknown names raise with the closest matches."""
+    load_plugins()
+    if name not in _REGISTRY:
+        close = difflib.get_close_matches(name, _REGISTRY, n=3, cutoff=0.5)
+        hint = f"did you mean {', '.join(repr(c) for c in close)}? " if close else ""
+        raise UnknownEncoderError(
+            f"unknown encoder {name!r}; {hint}`bindkit encoders` lists the registered ones, "
+            "and `--plugin MODULE` (or a recipe's `plugins:`) loads encoders from your own module"
+        )
+    return _REGISTRY[name]
+
+
+def check_encoder_kwargs(name: str, kwargs: dict[str, Any]) -> None:
+    """Raise :class:`ConfigError` if ``kwargs`` do not fit the factory's signature."""
+    info = get_encoder_info(name)
+    params = inspect.signature(info.factory).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    unknown = sorted(set(kwargs) - set(params))
+    if unknown:
+        raise ConfigError(
+            f"encoder {name!r} does not take argument(s) {', '.join(unknown)}; it takes: {', '.join(params) or 'none'}"
+        )
+
+
+def create_encoder(name: str, **kwargs: Any) -> ModalityEncoder:
+    """Build the encoder registered as ``name`` with keyword arguments for its factory."""
+    check_encoder_kwargs(name, kwargs)
+    info = get_encoder_info(name)
+    encoder = info.factory(**kwargs)
+    if not isinstance(encoder, ModalityEncoder):
+        raise TypeError(f"factory of encoder {name!r} returned {type(encoder).__name__}, not a ModalityEncoder")
+    if encoder.modality != info.modality:
+        raise ConfigError(f"encoder {name!r} is registered for {info.modality!r} but built a {encoder.modality!r} encoder")
+    encoder.build_args = {"name": name, "kwargs": dict(kwargs)}
+    return encoder
