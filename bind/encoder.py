@@ -52,7 +52,7 @@ class ClipBatch:
         return ClipBatch(move_to(self.clips, device, non_blocking), self.item_index.to(device), self.num_items)
 
 
-Batch = Union[Tensor, dict[str, Tensor], ClipBatch]
+Batch = Union[Tensor, dict[str, Tensor], ClipBatch]  # noqa: UP007  (a runtime alias: `|` fails on 3.10 here)
 FreezePart = Literal["none", "trunk", "all"]
 HeadKind = Literal["linear", "mlp", "identity"]
 
@@ -152,7 +152,7 @@ class ModalityEncoder(nn.Module):
         """Write files the encoder needs besides its weights (tokenizer, HF config) into ``directory``.
 
         Returns keyword arguments that override the registry arguments when the encoder is rebuilt
-        from a saved model (paths relative to ``directory``'s parent). Default: nothing to write.
+        from a saved model; a ``path`` among them is relative to the model directory. Default: nothing.
         """
         return {}
 
@@ -161,7 +161,9 @@ class ModalityEncoder(nn.Module):
     def collate_clips(samples: Sequence[Tensor]) -> ClipBatch:
         """Batch items of shape (num_clips, ...) into a :class:`ClipBatch`."""
         counts = torch.tensor([s.shape[0] for s in samples])
-        return ClipBatch(torch.cat(list(samples)), torch.repeat_interleave(torch.arange(len(samples)), counts), len(samples))
+        return ClipBatch(
+            torch.cat(list(samples)), torch.repeat_interleave(torch.arange(len(samples)), counts), len(samples)
+        )
 
     @property
     def logit_scale(self) -> Tensor:

@@ -157,6 +157,8 @@ def create_encoder(name: str, **kwargs: Any) -> ModalityEncoder:
     if not isinstance(encoder, ModalityEncoder):
         raise TypeError(f"factory of encoder {name!r} returned {type(encoder).__name__}, not a ModalityEncoder")
     if encoder.modality != info.modality:
-        raise ConfigError(f"encoder {name!r} is registered for {info.modality!r} but built a {encoder.modality!r} encoder")
+        raise ConfigError(
+            f"encoder {name!r} is registered for {info.modality!r} but built a {encoder.modality!r} encoder"
+        )
     encoder.build_args = {"name": name, "kwargs": dict(kwargs)}
     return encoder

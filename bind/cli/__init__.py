@@ -1,0 +1,45 @@
+"""The ``bindkit`` command. One module per verb; each adds its parser and a ``run(args)`` function.
+
+The CLI owns the terminal: errors bindkit raises on purpose print as one or two lines on stderr
+and exit with status 2; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from ..errors import BindError
+from . import encoders as encoders_verb
+from . import run as run_verb
+from . import validate as validate_verb
+
+VERBS = [encoders_verb, validate_verb, run_verb]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bindkit", description="Bind modality encoders into one embedding space.")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="COMMAND")
+    for verb in VERBS:
+        verb.add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        code = args.func(args)
+    except BindError as err:
+        if args.debug:
+            raise
+        print(f"bindkit {args.verb}: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    sys.exit(code or 0)

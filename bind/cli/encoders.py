@@ -1,0 +1,65 @@
+"""``bindkit encoders``: list registered encoders as a table or JSON."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from ..registry import create_encoder, get_encoder_info, list_encoders, load_plugins
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("encoders", help="list registered encoders", description=__doc__)
+    p.add_argument("pattern", nargs="?", default="*", help="glob over names, e.g. 'hf_*'")
+    p.add_argument("--modality", help="only encoders of this modality")
+    p.add_argument("--plugin", action="append", default=[], metavar="MODULE", help="import MODULE to register encoders")
+    p.add_argument("--json", action="store_true", help="print a JSON list of objects")
+    p.set_defaults(func=run)
+
+
+def _count_parameters(name: str) -> int | None:
+    """Parameters of the default variant, built on the meta device (no memory, no weights read)."""
+    try:
+        with torch.device("meta"):
+            return sum(p.numel() for p in create_encoder(name).parameters())
+    except Exception:  # encoders that need a local model directory cannot be built without one
+        return None
+
+
+def run(args: argparse.Namespace) -> int:
+    load_plugins(args.plugin)
+    rows = []
+    for name in list_encoders(args.pattern, modality=args.modality):
+        info = get_encoder_info(name)
+        row = {
+            "name": name,
+            "modality": info.modality,
+            "parameters": _count_parameters(name),
+            "pretrained": info.pretrained,
+            "module": info.module,
+            "description": info.description,
+        }
+        rows.append(row)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print(f"no encoders match {args.pattern!r}" + (f" for modality {args.modality!r}" if args.modality else ""))
+        return 1
+    columns = ["name", "modality", "parameters", "pretrained", "description"]
+    cells = [[_fmt(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    print("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip())
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
+def _fmt(value: object) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, int):
+        return f"{value / 1e6:.2f}M" if value >= 1e5 else str(value)
+    return str(value)

@@ -1,0 +1,107 @@
+"""Datasets of raw items with labels, and how a recipe names them.
+
+A dataset here is a ``torch.utils.data.Dataset`` of *raw* items (arrays, waveforms, strings, file
+paths) with two extra attributes: ``labels`` (a (N,) long tensor: the concept each item shows,
+used for concept pairing and evaluation) and ``names`` (how an item is shown in retrieval
+results). Encoders' ``preprocess`` turns raw items into tensors later, in DataLoader workers.
+
+Builders are registered by name, as encoders are, so a plugin can add its own::
+
+    @register_dataset("my_sensor")
+    def my_sensor(root: Path, split: str, folder: str = "sensor") -> Items: ...
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from ..errors import ConfigError, DataError
+
+DEFAULT_DATA_ROOT = Path("../shared/data")
+
+
+class Items(Dataset):
+    """Raw items with labels. ``items`` is a sequence, or a function of the index (lazily made items)."""
+
+    def __init__(
+        self,
+        items: Sequence[Any] | Callable[[int], Any],
+        labels: Sequence[int] | torch.Tensor,
+        names: Sequence[str] | None = None,
+        class_names: Sequence[str] | None = None,
+    ) -> None:
+        self.labels = torch.as_tensor(labels, dtype=torch.long)
+        self._items = items
+        self.names = list(names) if names is not None else [str(i) for i in range(len(self.labels))]
+        self.class_names = list(class_names) if class_names is not None else None
+        if not callable(items) and len(items) != len(self.labels):
+            raise ValueError(f"{len(items)} items but {len(self.labels)} labels")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> Any:
+        return self._items(index) if callable(self._items) else self._items[index]
+
+    def subset(self, indices: Sequence[int]) -> Items:
+        indices = list(indices)
+        return Items(
+            lambda i: self[indices[i]], self.labels[indices], [self.names[i] for i in indices], self.class_names
+        )
+
+
+DatasetBuilder = Callable[..., Items]
+DATASETS: dict[str, DatasetBuilder] = {}
+
+
+def register_dataset(name: str) -> Callable[[DatasetBuilder], DatasetBuilder]:
+    """Register a builder ``(root: Path, split: str, **args) -> Items`` under ``name``."""
+
+    def decorator(fn: DatasetBuilder) -> DatasetBuilder:
+        DATASETS[name] = fn
+        return fn
+
+    return decorator
+
+
+def resolve_data_root(root: str | os.PathLike[str] | None) -> Path:
+    """The data root: the argument, else ``$BINDKIT_DATA``, else ``../shared/data``."""
+    return Path(root or os.environ.get("BINDKIT_DATA") or DEFAULT_DATA_ROOT).expanduser()
+
+
+def check_data_spec(spec: Any, root: str | None, where: str) -> None:
+    """Validate a recipe's DataSpec without reading the data: builder name, arguments, paths."""
+    if spec.source not in DATASETS:
+        raise ConfigError(f"{where}.source: unknown dataset {spec.source!r}; known: {', '.join(sorted(DATASETS))}")
+    builder = DATASETS[spec.source]
+    params = inspect.signature(builder).parameters
+    unknown = sorted(set(spec.args) - set(params) - {"root", "split"})
+    if unknown:
+        raise ConfigError(
+            f"{where}.args: {spec.source!r} does not take {', '.join(unknown)}; it takes: "
+            f"{', '.join(p for p in params if p not in ('root', 'split'))}"
+        )
+    check = getattr(builder, "required_paths", None)
+    if check is not None:
+        base = resolve_data_root(root)
+        for rel in check(**spec.args):
+            if not (base / rel).exists():
+                raise DataError(
+                    f"{where}: {base / rel} not found. Put the data there, or point data_root (recipe key), "
+                    f"`data_root=...` on the command line or $BINDKIT_DATA at the folder that holds {rel}"
+                )
+
+
+def build_dataset(spec: Any, root: str | None) -> Items:
+    """Build the :class:`Items` a recipe's DataSpec describes."""
+    return DATASETS[spec.source](resolve_data_root(root), spec.split, **spec.args)
+
+
+from . import digits, manifest  # noqa: E402,F401  (built-in builders register themselves)

@@ -1,0 +1,95 @@
+"""Training-time augmentation. Audio: what a speech engineer reaches for first.
+
+Waveform-level (before the encoder's frontend): random time shift, speed perturbation (resampling
+by a random factor changes tempo and pitch together, like Kaldi's speed perturbation: a cheap
+stand-in for new vocal tracts, which FIELD_NOTES found moved unseen-speaker accuracy most), gain
+and additive noise at a random SNR. Feature-level (after it): SpecAugment frequency and time masks.
+
+Every draw comes from a ``torch.Generator`` the dataset seeds per (seed, epoch, item), so a run is
+reproducible whatever the number of DataLoader workers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..errors import ConfigError
+
+
+def _uniform(g: torch.Generator, low: float, high: float) -> float:
+    return low + (high - low) * torch.rand((), generator=g).item()
+
+
+@dataclass
+class AudioAugment:
+    """Augment raw ``(waveform, sample_rate)`` items and their features. 0 or None turns a knob off."""
+
+    shift: float = 0.15  # max time shift as a fraction of the clip, circular with silence
+    speed: tuple[float, float] | None = (0.8, 1.25)  # resampling factor range
+    gain_db: float = 6.0  # +- gain
+    noise_snr_db: tuple[float, float] | None = (15.0, 40.0)  # white noise at an SNR in this range
+    freq_masks: int = 2  # SpecAugment masks over mel bins
+    freq_mask_width: int = 8
+    time_masks: int = 2  # SpecAugment masks over frames
+    time_mask_width: int = 10
+
+    def augment_raw(self, item: Any, g: torch.Generator) -> tuple[np.ndarray, int]:
+        wave, rate = item
+        x = torch.as_tensor(np.asarray(wave, dtype=np.float32))
+        if x.ndim == 2:  # (samples, channels) from soundfile: mix down first
+            x = x.mean(1)
+        if self.speed:
+            factor = _uniform(g, *self.speed)
+            # linear interpolation is enough here (speech energy sits far below 4 kHz at 8 kHz)
+            new_len = max(8, int(round(x.numel() / factor)))
+            x = F.interpolate(x[None, None], size=new_len, mode="linear", align_corners=False)[0, 0]
+        if self.shift:
+            max_shift = int(self.shift * x.numel())
+            shift = int(torch.randint(-max_shift, max_shift + 1, (), generator=g)) if max_shift else 0
+            x = torch.roll(F.pad(x, (max_shift, max_shift)), shift)
+        if self.gain_db:
+            x = x * 10 ** (_uniform(g, -self.gain_db, self.gain_db) / 20)
+        if self.noise_snr_db:
+            snr = _uniform(g, *self.noise_snr_db)
+            power = x.pow(2).mean().clamp(min=1e-10)
+            x = x + torch.randn(x.shape, generator=g) * (power / 10 ** (snr / 10)).sqrt()
+        return x.numpy(), rate
+
+    def augment_tensor(self, feats: Tensor, g: torch.Generator) -> Tensor:
+        """SpecAugment on (..., n_mels, frames) features, masks filled with the mean."""
+        feats = feats.clone()
+        fill = feats.mean()
+        n_mels, frames = feats.shape[-2:]
+        for count, width, size, dim in (
+            (self.freq_masks, self.freq_mask_width, n_mels, -2),
+            (self.time_masks, self.time_mask_width, frames, -1),
+        ):
+            for _ in range(count):
+                w = int(torch.randint(0, min(width, size) + 1, (), generator=g))
+                start = int(torch.randint(0, size - w + 1, (), generator=g))
+                feats.narrow(dim, start, w).fill_(fill)
+        return feats
+
+
+AUGMENTERS: dict[str, Callable[..., Any]] = {"audio": AudioAugment}
+
+
+def build_augment(modality: str, args: dict[str, Any]) -> Any | None:
+    """The augmenter for ``modality`` from a recipe's ``augment:`` mapping (empty: none)."""
+    if not args:
+        return None
+    if modality not in AUGMENTERS:
+        raise ConfigError(
+            f"augment: no augmentation is defined for modality {modality!r} (known: {', '.join(AUGMENTERS)})"
+        )
+    try:
+        return AUGMENTERS[modality](**{k: tuple(v) if isinstance(v, list) else v for k, v in args.items()})
+    except TypeError as err:
+        raise ConfigError(f"augment for {modality!r}: {err}") from None

@@ -1,0 +1,163 @@
+"""The digits benchmark: MNIST images, spoken digits (FSDD), digit captions and moving-digit videos.
+
+Four modalities share one concept, the digit, so items pair by label. Splits never share items:
+images 0-5999 train and 6000-7999 evaluate; audio trains on three speakers and evaluates on the
+fourth (a voice never heard); videos are made from the images of their split; evaluation captions
+use wordings never seen in training.
+"""
+
+from __future__ import annotations
+
+import gzip
+import re
+import struct
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import soundfile
+
+from ..errors import DataError
+from . import Items, register_dataset
+
+DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+FSDD_SPEAKERS = ["george", "jackson", "lucas", "nicolas"]
+TRAIN_TEMPLATES = [
+    "a handwritten {}",
+    "the digit {}",
+    "a drawing of the number {}",
+    "someone wrote a {}",
+    "the number {}",
+    "a {} written by hand",
+    "a picture of a {}",
+    "{}",
+]
+EVAL_TEMPLATES = ["a photo of the digit {}", "an image of a handwritten {}", "the numeral {}"]
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (gzipped or not): uint8 images (N, rows, cols) or labels (N,)."""
+    try:
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+        magic, count = struct.unpack(">II", raw[:8])
+        if magic == 2051:
+            rows, cols = struct.unpack(">II", raw[8:16])
+            return np.frombuffer(raw, np.uint8, count * rows * cols, offset=16).reshape(count, rows, cols).copy()
+        if magic == 2049:
+            return np.frombuffer(raw, np.uint8, count, offset=8).copy()
+    except (OSError, EOFError, struct.error, ValueError) as err:
+        raise DataError(f"{path}: not a readable IDX file ({err})") from err
+    raise DataError(f"{path}: IDX magic number {magic} is neither 2051 (images) nor 2049 (labels)")
+
+
+@lru_cache(maxsize=4)
+def _mnist(root: Path) -> tuple[np.ndarray, np.ndarray]:
+    return read_idx(root / "mnist" / "images-idx3-ubyte.gz"), read_idx(root / "mnist" / "labels-idx1-ubyte.gz")
+
+
+MNIST_SPLITS = {"train": (0, 6000), "eval": (6000, 8000)}
+
+
+def _split_range(split: str, ranges: dict[str, tuple[int, int]]) -> range:
+    if split not in ranges:
+        raise DataError(f"split {split!r} unknown; expected one of {', '.join(ranges)}")
+    return range(*ranges[split])
+
+
+@register_dataset("mnist")
+def mnist(root: Path, split: str, limit: int | None = None) -> Items:
+    """MNIST digits as uint8 (28, 28) arrays; ``limit`` keeps the first N of the split."""
+    images, labels = _mnist(root)
+    idx = list(_split_range(split, MNIST_SPLITS))[:limit]
+    return Items([images[i] for i in idx], labels[idx], [f"mnist/{i}" for i in idx], DIGIT_WORDS)
+
+
+mnist.required_paths = lambda **_: ["mnist/images-idx3-ubyte.gz", "mnist/labels-idx1-ubyte.gz"]
+
+_FSDD_NAME = re.compile(r"^(\d)_([a-z]+)_(\d+)\.wav$")
+
+
+def parse_fsdd_name(path: Path) -> tuple[int, str, int]:
+    """``7_jackson_12.wav`` -> (7, "jackson", 12)."""
+    match = _FSDD_NAME.match(path.name)
+    if not match:
+        raise DataError(f"{path}: FSDD files are named DIGIT_SPEAKER_INDEX.wav")
+    return int(match[1]), match[2], int(match[3])
+
+
+@register_dataset("fsdd")
+def fsdd(
+    root: Path, split: str, eval_speakers: tuple[str, ...] | list[str] = ("nicolas",), limit: int | None = None
+) -> Items:
+    """Spoken digits as ``(waveform float32, sample_rate)``; ``eval`` holds the ``eval_speakers``, ``train`` the rest."""
+    folder = root / "fsdd" / "recordings"
+    files = sorted(folder.glob("*.wav"))
+    if not files:
+        raise DataError(f"{folder}: no .wav files found (expected FSDD recordings DIGIT_SPEAKER_INDEX.wav)")
+    if split not in ("train", "eval"):
+        raise DataError(f"fsdd split {split!r} unknown; expected 'train' or 'eval'")
+    unknown = set(eval_speakers) - {parse_fsdd_name(f)[1] for f in files}
+    if unknown:
+        raise DataError(f"fsdd eval_speakers {sorted(unknown)} not found in {folder}")
+    chosen = [f for f in files if (parse_fsdd_name(f)[1] in eval_speakers) == (split == "eval")][:limit]
+    items = []
+    for f in chosen:
+        try:
+            wave, rate = soundfile.read(f, dtype="float32", always_2d=False)
+        except (RuntimeError, soundfile.LibsndfileError) as err:
+            raise DataError(f"{f}: unreadable WAV ({err})") from err
+        items.append((wave, rate))
+    return Items(items, [parse_fsdd_name(f)[0] for f in chosen], [f"fsdd/{f.name}" for f in chosen], DIGIT_WORDS)
+
+
+fsdd.required_paths = lambda **_: ["fsdd/recordings"]
+
+
+@register_dataset("digit_captions")
+def digit_captions(root: Path, split: str, templates: list[str] | None = None, numerals: bool = True) -> Items:
+    """Captions of the ten digits; ``train`` and ``eval`` use different wordings unless ``templates`` is given."""
+    templates = templates or (TRAIN_TEMPLATES if split == "train" else EVAL_TEMPLATES)
+    texts, labels = [], []
+    for digit, word in enumerate(DIGIT_WORDS):
+        for template in templates:
+            for form in [word, str(digit)] if numerals and split == "train" else [word]:
+                texts.append(template.format(form))
+                labels.append(digit)
+    return Items(texts, labels, texts, DIGIT_WORDS)
+
+
+def moving_digit(image: np.ndarray, num_frames: int, canvas: int, rng: np.random.Generator) -> np.ndarray:
+    """A Moving-MNIST clip: the digit slides in a straight line, bouncing off the canvas edges."""
+    h, w = image.shape
+    span = canvas - h
+    pos = rng.uniform(0, span, size=2)
+    velocity = rng.uniform(-1, 1, size=2)
+    velocity *= rng.uniform(2.0, 4.0) / (np.linalg.norm(velocity) + 1e-6)
+    frames = np.zeros((num_frames, canvas, canvas), np.uint8)
+    for t in range(num_frames):
+        for axis in range(2):  # bounce
+            if not 0 <= pos[axis] + velocity[axis] <= span:
+                velocity[axis] = -velocity[axis]
+            pos[axis] += velocity[axis]
+        y, x = int(round(pos[0])), int(round(pos[1]))
+        frames[t, y : y + h, x : x + w] = np.maximum(frames[t, y : y + h, x : x + w], image)
+    return frames
+
+
+@register_dataset("moving_digits")
+def moving_digits(
+    root: Path, split: str, num_frames: int = 8, canvas: int = 36, seed: int = 0, limit: int | None = None
+) -> Items:
+    """Moving-digit videos (uint8 (T, canvas, canvas)) made on the fly from the MNIST images of ``split``."""
+    images, labels = _mnist(root)
+    idx = list(_split_range(split, MNIST_SPLITS))[:limit]
+    if not 8 <= num_frames <= 64 or canvas < 28:
+        raise DataError(f"moving_digits: num_frames must be in 8..64 and canvas >= 28, got {num_frames}, {canvas}")
+
+    def make(i: int) -> np.ndarray:  # the same video for the same index and seed, in any worker
+        return moving_digit(images[idx[i]], num_frames, canvas, np.random.default_rng([seed, idx[i]]))
+
+    return Items(make, labels[idx], [f"moving_digits/{i}" for i in idx], DIGIT_WORDS)
+
+
+moving_digits.required_paths = mnist.required_paths

@@ -1,0 +1,77 @@
+"""From raw items to training batches: preprocessing, augmentation, and pairing with the anchor.
+
+``Preprocessed`` applies an encoder's ``preprocess`` (and augmentation) to one modality's items.
+``AnchorPairs`` pairs each item of a modality with an anchor item: by label (any anchor item of
+the same class, drawn afresh each epoch: concept pairing) or by row (row i with row i of a manifest).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from ..errors import DataError
+from . import Items
+
+
+def item_generator(seed: int, epoch: int, index: int) -> torch.Generator:
+    """The random stream of one item in one epoch: the same in any worker, with any worker count."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 1_000_033 + index)
+
+
+class Preprocessed(Dataset):
+    """``(preprocess(augment(item)), label)`` for each item of an :class:`Items`."""
+
+    def __init__(self, items: Items, preprocess: Callable[[Any], Any], augment: Any = None, seed: int = 0) -> None:
+        self.items, self.preprocess, self.augment, self.seed = items, preprocess, augment, seed
+        self.epoch = 0  # set by the trainer before each pass; workers are forked after it is set
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        item = self.items[index]
+        if self.augment is None:
+            return self.preprocess(item), int(self.items.labels[index])
+        g = item_generator(self.seed, self.epoch, index)
+        x = self.preprocess(self.augment.augment_raw(item, g))
+        return self.augment.augment_tensor(x, g), int(self.items.labels[index])
+
+
+class AnchorPairs(Dataset):
+    """``(anchor_tensor, other_tensor, label)``: each item of ``other`` with an anchor item."""
+
+    def __init__(self, anchor: Preprocessed, other: Preprocessed, pairing: str = "label", seed: int = 0) -> None:
+        self.anchor, self.other, self.pairing, self.seed = anchor, other, pairing, seed
+        self.epoch = 0
+        if pairing == "row":
+            if len(anchor) != len(other):
+                raise DataError(
+                    f"pairing 'row' needs as many anchor items as paired items, got {len(anchor)} and {len(other)}"
+                )
+        elif pairing == "label":
+            labels = anchor.items.labels
+            self.by_label = {int(c): torch.nonzero(labels == c).flatten() for c in labels.unique()}
+            missing = sorted(set(other.items.labels.tolist()) - set(self.by_label))
+            if missing:
+                raise DataError(f"pairing by label: classes {missing} have paired items but no anchor item")
+        else:
+            raise DataError(f"pairing must be 'label' or 'row', got {pairing!r}")
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = self.anchor.epoch = self.other.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.other)
+
+    def __getitem__(self, index: int) -> tuple[Any, Any, int]:
+        x, label = self.other[index]
+        if self.pairing == "row":
+            return self.anchor[index][0], x, label
+        candidates = self.by_label[label]
+        g = item_generator(self.seed + 1, self.epoch, index)
+        j = int(candidates[torch.randint(len(candidates), (), generator=g)])
+        return self.anchor[j][0], x, label

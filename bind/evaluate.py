@@ -1,0 +1,125 @@
+"""Evaluation of a bound space: zero-shot classification and class-match retrieval between modalities.
+
+Metrics are exact and deterministic: similarities are computed in blocks of queries, ranks come
+from a stable sort (ties go to the lower gallery index).
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from .data import Items, build_dataset
+from .data.pairs import Preprocessed
+from .encoder import move_to
+from .model import BindModel
+
+
+@torch.no_grad()
+def embed_items(
+    model: BindModel, modality: str, items: Items, device: torch.device, batch_size: int = 256, num_workers: int = 0
+) -> Tensor:
+    """(N, D) embeddings of a dataset's items, in order."""
+    encoder = model[modality]
+    loader = DataLoader(
+        Preprocessed(items, encoder.preprocess),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=lambda b: encoder.collate([x for x, _ in b]),
+    )
+    return torch.cat([encoder(move_to(batch, device)).float().cpu() for batch in loader])
+
+
+def class_prototypes(embeddings: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Unit-norm mean embedding per class (template averaging, as CLIP does with prompts) and the classes."""
+    classes = labels.unique()
+    protos = torch.stack([embeddings[labels == c].mean(0) for c in classes])
+    return F.normalize(protos, dim=-1), classes
+
+
+def zero_shot_accuracy(queries: Tensor, query_labels: Tensor, prototypes: Tensor, prototype_labels: Tensor) -> float:
+    """Share of queries whose most similar prototype has their label."""
+    predicted = prototype_labels[(queries @ prototypes.T).argmax(1)]
+    return (predicted == query_labels).float().mean().item()
+
+
+def class_match_retrieval(
+    queries: Tensor,
+    query_labels: Tensor,
+    gallery: Tensor,
+    gallery_labels: Tensor,
+    ks: tuple[int, ...] = (1, 5, 10),
+    block: int = 1024,
+) -> dict[str, float]:
+    """Retrieval where a gallery item is relevant when it shares the query's label.
+
+    R@k: share of queries with a relevant item in the top k. Median rank: of the first relevant item
+    (1-based). mAP: mean over queries of average precision over the whole ranked gallery.
+    """
+    hits = {k: 0 for k in ks}
+    first_ranks, aps = [], []
+    for start in range(0, len(queries), block):
+        sims = queries[start : start + block] @ gallery.T
+        order = torch.sort(-sims, dim=1, stable=True).indices  # stable: ties broken by gallery index
+        relevant = gallery_labels[order] == query_labels[start : start + block, None]
+        for k in ks:
+            hits[k] += relevant[:, :k].any(1).sum().item()
+        has = relevant.any(1)
+        first = relevant.float().argmax(1) + 1
+        first_ranks.append(torch.where(has, first.float(), torch.tensor(float("inf"))))
+        cum = relevant.float().cumsum(1)
+        positions = torch.arange(1, relevant.shape[1] + 1)
+        precision_at_hits = (cum / positions) * relevant
+        aps.append(precision_at_hits.sum(1) / relevant.sum(1).clamp(min=1))
+    n = len(queries)
+    result = {f"R@{k}": hits[k] / n for k in ks}
+    result["median_rank"] = torch.cat(first_ranks).median().item()
+    result["mAP"] = torch.cat(aps).mean().item()
+    return result
+
+
+def evaluate_model(model: BindModel, recipe: Any, device: torch.device) -> dict[str, Any]:
+    """Zero-shot accuracy per modality and class-match retrieval for each ordered pair of modalities."""
+    spec = recipe.eval
+    trained = {frozenset((recipe.anchor_modality, m)) for s in recipe.stages if s.kind == "bind" for m in s.pairs}
+    embeddings, labels = {}, {}
+    for modality, mspec in recipe.modalities.items():
+        if mspec.eval_data is None:
+            continue
+        items = build_dataset(mspec.eval_data, recipe.data_root)
+        if spec.max_items is not None and len(items) > spec.max_items:
+            step = len(items) / spec.max_items  # spread over the split, so every class stays represented
+            items = items.subset([int(i * step) for i in range(spec.max_items)])
+        embeddings[modality] = embed_items(model, modality, items, device, num_workers=recipe.num_workers)
+        labels[modality] = items.labels
+    results: dict[str, Any] = {"zero_shot": {}, "retrieval": {}}
+    prompt = spec.prompt_modality
+    if prompt in embeddings:
+        protos, proto_labels = class_prototypes(embeddings[prompt], labels[prompt])
+        for modality in embeddings:
+            if modality != prompt:
+                kind = "trained" if frozenset((modality, prompt)) in trained else "emergent"
+                acc = zero_shot_accuracy(embeddings[modality], labels[modality], protos, proto_labels)
+                results["zero_shot"][modality] = {"accuracy": acc, "pair": kind}
+    for a, b in itertools.permutations([m for m in embeddings if m != prompt], 2):
+        metrics = class_match_retrieval(embeddings[a], labels[a], embeddings[b], labels[b])
+        metrics["pair"] = "trained" if frozenset((a, b)) in trained else "emergent"
+        results["retrieval"][f"{a}->{b}"] = metrics
+    return results
+
+
+def format_results(results: dict[str, Any], prompt_modality: str = "text") -> str:
+    """A small readable table of :func:`evaluate_model`'s results."""
+    lines = [f"zero-shot classification against {prompt_modality} prompts:"]
+    for modality, r in results["zero_shot"].items():
+        lines.append(f"  {modality + '->' + prompt_modality:<16} acc {r['accuracy']:.3f}  ({r['pair']})")
+    if results["retrieval"]:
+        lines.append("class-match retrieval:")
+        for pair, r in results["retrieval"].items():
+            lines.append(f"  {pair:<16} R@1 {r['R@1']:.3f}  R@5 {r['R@5']:.3f}  mAP {r['mAP']:.3f}  ({r['pair']})")
+    return "\n".join(lines)

@@ -1,0 +1,91 @@
+"""Contrastive losses as pure functions with explicit arguments.
+
+Embeddings are expected L2-normalised; logits are computed in float32 (float64 stays float64) even
+under autocast, since a bf16 softmax over a large batch loses the small differences the loss lives on.
+
+Example::
+
+    loss = info_nce(image_emb, audio_emb, logit_scale=audio_encoder.logit_scale)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def _at_least_float32(*tensors: Tensor) -> list[Tensor]:
+    dtype = torch.promote_types(tensors[0].dtype, torch.float32)
+    return [t.to(dtype) for t in tensors]
+
+
+def _logits(a: Tensor, b: Tensor, logit_scale: Tensor | float) -> Tensor:
+    """(N, D), (M, D) -> (N, M) scaled cosine similarities in at least float32."""
+    with torch.autocast(device_type=a.device.type, enabled=False):
+        a, b = _at_least_float32(a, b)
+        return torch.as_tensor(logit_scale, device=a.device, dtype=a.dtype) * (a @ b.T)
+
+
+def info_nce(a: Tensor, b: Tensor, logit_scale: Tensor | float) -> Tensor:
+    """Symmetric InfoNCE (the CLIP loss): row ``i`` of ``a`` and of ``b`` are a positive pair.
+
+    Every other row of the other side in the batch is a negative. The mean of the a->b and b->a
+    cross-entropies over the (N, N) similarity matrix.
+    """
+    if a.shape != b.shape:
+        raise ValueError(f"info_nce needs paired embeddings of equal shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    logits = _logits(a, b, logit_scale)
+    targets = torch.arange(a.shape[0], device=a.device)
+    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+
+
+def _mean_log_prob_of_positives(logits: Tensor, positives: Tensor) -> Tensor:
+    """Per row: mean over positive columns of log softmax(row); 0 for rows without positives."""
+    log_prob = logits.log_softmax(dim=1)
+    # clamp, not a plain division: 0/0 rows would send NaN gradients even when masked out later
+    return (log_prob * positives.float()).sum(1) / positives.sum(1).clamp(min=1)
+
+
+def label_aware_info_nce(
+    a: Tensor, b: Tensor, labels_a: Tensor, labels_b: Tensor, logit_scale: Tensor | float
+) -> Tensor:
+    """Cross-modal InfoNCE where every pair sharing a label is a positive.
+
+    For concept-paired data (a spoken "seven" paired with any drawn seven) diagonal-only InfoNCE
+    treats the batch's other sevens as negatives. Here each row's target is uniform over the
+    columns with its label (cross-entropy against that distribution), in both directions.
+    Rows whose label has no match on the other side are ignored.
+    """
+    logits = _logits(a, b, logit_scale)
+    positives = labels_a[:, None] == labels_b[None, :]
+    a_to_b = _mean_log_prob_of_positives(logits, positives)
+    b_to_a = _mean_log_prob_of_positives(logits.T, positives.T)
+    return -(a_to_b[positives.any(1)].mean() + b_to_a[positives.any(0)].mean()) / 2
+
+
+def supcon_loss(features: Tensor, labels: Tensor, temperature: float = 0.1) -> Tensor:
+    """Supervised contrastive loss (Khosla et al., 2020), the L_out form, for one modality.
+
+    For each item, a log-softmax over all *other* items; the loss averages the log-probability of
+    its positives (other items with its label). Items without a positive in the batch are dropped.
+    To use several views per item, concatenate them and repeat the labels.
+    """
+    n = features.shape[0]
+    logits = _logits(features, features, 1.0 / temperature)
+    self_mask = torch.eye(n, dtype=torch.bool, device=features.device)
+    positives = (labels[:, None] == labels[None, :]) & ~self_mask
+    per_item = _mean_log_prob_of_positives(logits.masked_fill(self_mask, -1e9), positives)
+    return -per_item[positives.any(1)].mean()
+
+
+def pairwise_cosine_loss(a: Tensor, b: Tensor, same: Tensor) -> Tensor:
+    """The MNIST lesson's loss: mean squared error between cos(a_i, b_i) and 1 (same class) or 0.
+
+    ``same`` is a (N,) bool or float tensor. Under this loss classes spread as spokes from the
+    origin rather than as blobs.
+    """
+    with torch.autocast(device_type=a.device.type, enabled=False):
+        a, b = _at_least_float32(a, b)
+        cosine = F.cosine_similarity(a, b, dim=-1)
+        return F.mse_loss(cosine, same.to(cosine.dtype))

@@ -1,0 +1,214 @@
+"""``BindModel``: one encoder per modality, all projecting into one space anchored on one modality.
+
+A saved model is a directory with ``model.safetensors`` (weights) and ``config.json`` (each
+encoder's registry name and arguments), plus ``assets/<modality>/`` for encoders that need files
+besides weights (tokenizers, HF configs). Loading rebuilds every encoder from the registry; no
+pickle is involved anywhere.
+
+Example::
+
+    model = BindModel({"image": create_encoder("digits_cnn"), "audio": create_encoder("audio_cnn")},
+                      anchor_modality="image")
+    model.save_pretrained("runs/demo")
+    model = BindModel.from_pretrained("runs/demo")
+    z = model.embed("audio", ["seven.wav"])     # (1, D), unit norm
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from .encoder import ModalityEncoder
+from .errors import ConfigError, DataError, UnknownEncoderError
+from .registry import create_encoder, load_plugins
+
+FORMAT_VERSION = 1
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+class BindModel(nn.Module):
+    """Encoders keyed by modality name, sharing ``embed_dim``, with one anchor modality."""
+
+    def __init__(self, encoders: Mapping[str, ModalityEncoder], anchor_modality: str) -> None:
+        super().__init__()
+        if anchor_modality not in encoders:
+            raise ConfigError(
+                f"anchor_modality {anchor_modality!r} has no encoder; modalities present: {', '.join(encoders)}"
+            )
+        dims = {m: e.embed_dim for m, e in encoders.items()}
+        if len(set(dims.values())) != 1:
+            raise ConfigError(
+                f"all encoders must share one embed_dim to live in one space; got {dims}. Set the same "
+                "embed_dim for every encoder"
+            )
+        for modality, encoder in encoders.items():
+            if encoder.modality != modality:
+                raise ConfigError(f"encoder under key {modality!r} is a {encoder.modality!r} encoder")
+        self.encoders = nn.ModuleDict(dict(encoders))
+        self.anchor_modality = anchor_modality
+        self.embed_dim = next(iter(dims.values()))
+        self.shared_trunks: dict[str, str] = {}  # modality -> modality whose trunk it shares
+
+    @property
+    def modalities(self) -> list[str]:
+        return list(self.encoders)
+
+    def __getitem__(self, modality: str) -> ModalityEncoder:
+        if modality not in self.encoders:
+            raise ConfigError(f"this model has no {modality!r} encoder; it has: {', '.join(self.encoders)}")
+        return self.encoders[modality]  # type: ignore[return-value]
+
+    def forward(self, modality: str, batch: Any) -> Tensor:
+        """Collated batch of one modality -> (B, embed_dim) unit-norm embeddings."""
+        return self[modality](batch)
+
+    def embed(self, modality: str, inputs: Sequence[Any], batch_size: int = 64) -> Tensor:
+        """Raw inputs (paths, strings, arrays or tensors) -> (N, embed_dim) unit-norm embeddings, no grad."""
+        return self[modality].embed(inputs, batch_size=batch_size)
+
+    def share_trunk(self, modality: str, source: str, mode: str = "share") -> None:
+        """Start ``modality``'s frame encoder from ``source``'s encoder (video from image, ImageBind-style).
+
+        ``mode="share"`` ties the weights, ``"copy"`` copies them once.
+        """
+        encoder = self[modality]
+        if not hasattr(encoder, "use_frame_encoder_from"):
+            raise ConfigError(f"the {modality!r} encoder has no frame encoder to take from {source!r}")
+        encoder.use_frame_encoder_from(self[source], mode=mode)
+        if mode == "share":
+            self.shared_trunks[modality] = source
+
+    # ---- saving and loading --------------------------------------------------------------------
+    def config(self) -> dict[str, Any]:
+        return {
+            "format_version": FORMAT_VERSION,
+            "anchor_modality": self.anchor_modality,
+            "embed_dim": self.embed_dim,
+            "encoders": {
+                m: {**e.build_args, "freeze": e.frozen_part, "unfreeze_last_blocks": e.unfreeze_last_blocks}
+                for m, e in self.encoders.items()
+            },
+            "shared_trunks": dict(self.shared_trunks),
+        }
+
+    def save_pretrained(self, directory: str | os.PathLike[str]) -> Path:
+        """Write ``config.json``, ``model.safetensors`` and any encoder assets into ``directory``."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        config = self.config()
+        for modality, encoder in self.encoders.items():
+            if not encoder.build_args:
+                raise ConfigError(
+                    f"the {modality!r} encoder was not built by the registry (create_encoder), so it cannot be "
+                    "rebuilt on load; register its factory with @register_encoder and build it by name"
+                )
+            overrides = encoder.export_assets(directory / "assets" / modality)
+            if overrides:
+                config["encoders"][modality]["kwargs"] = {**encoder.build_args["kwargs"], **overrides}
+                config["encoders"][modality]["assets"] = True
+        _atomic_write(directory / CONFIG_NAME, json.dumps(config, indent=2).encode())
+        tmp = directory / (WEIGHTS_NAME + ".tmp")
+        save_file(_unique_tensors(self.state_dict()), str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, directory / WEIGHTS_NAME)
+        return directory
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], root: Path | None = None) -> BindModel:
+        """Build (untrained) encoders from a config as written by :meth:`config`."""
+        version = config.get("format_version")
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise ConfigError(
+                f"model format_version {version!r} is not supported by this bindkit (reads up to {FORMAT_VERSION}); "
+                "upgrade bindkit"
+            )
+        encoders = {}
+        for modality, spec in config["encoders"].items():
+            kwargs = dict(spec.get("kwargs", {}))
+            if spec.get("assets") and root is not None and "path" in kwargs:
+                kwargs["path"] = str(root / kwargs["path"])  # exported assets live inside the model directory
+            try:
+                encoder = create_encoder(spec["name"], **kwargs)
+            except UnknownEncoderError as err:
+                raise UnknownEncoderError(
+                    f"{err} (the saved {modality!r} encoder needs it: load the plugin that registers "
+                    f"{spec['name']!r} with --plugin MODULE or bind.load_plugins(['MODULE']) first)"
+                ) from None
+            encoder.freeze(spec.get("freeze", "none"), spec.get("unfreeze_last_blocks", 0))
+            encoders[modality] = encoder
+        model = cls(encoders, config["anchor_modality"])
+        for modality, source in config.get("shared_trunks", {}).items():
+            model.share_trunk(modality, source, "share")
+        return model
+
+    @classmethod
+    def from_pretrained(
+        cls, directory: str | os.PathLike[str], plugins: Sequence[str] = (), map_location: str = "cpu"
+    ) -> BindModel:
+        """Rebuild a model saved by :meth:`save_pretrained`."""
+        directory = Path(directory)
+        config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+        for path in (config_path, weights_path):
+            if not path.is_file():
+                raise DataError(f"{path} is missing: {directory} is not a complete bindkit model directory")
+        load_plugins(list(plugins))
+        try:
+            config = json.loads(config_path.read_text())
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{config_path} is not valid JSON: {err}") from err
+        model = cls.from_config(config, root=directory)
+        _load_weights(model, weights_path, map_location)
+        return model
+
+
+def _tensor_key(t: Tensor) -> tuple[Any, ...]:
+    """Tensors with equal keys are one tensor under several names (tied weights)."""
+    if t.numel() == 0:
+        return (id(t),)
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+
+
+def _unique_tensors(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The state dict with each tied tensor kept once, under its first name (safetensors refuses aliases)."""
+    seen: set[tuple[Any, ...]] = set()
+    out = {}
+    for name, tensor in state.items():
+        key = _tensor_key(tensor)
+        if key not in seen:
+            seen.add(key)
+            out[name] = tensor.detach().contiguous()
+    return out
+
+
+def _load_weights(model: nn.Module, path: Path, device: str) -> None:
+    """Load ``path`` into ``model`` strictly, where a tied tensor counts as loaded through any of its names."""
+    try:
+        saved = load_file(str(path), device=device)
+    except Exception as err:  # safetensors raises its own error types for truncated or foreign files
+        raise DataError(f"{path}: not a readable safetensors file ({err})") from err
+    expected = _unique_tensors(model.state_dict())
+    missing = sorted(set(expected) - set(saved))
+    unexpected = sorted(set(saved) - set(model.state_dict()))
+    if missing or unexpected:
+        raise DataError(
+            f"{path} does not match the model its config.json describes: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}; the directory's files come from different runs"
+        )
+    model.load_state_dict(saved, strict=False)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a crash leaves either the old or the new file, never half of one."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

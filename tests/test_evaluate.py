@@ -1,0 +1,44 @@
+"""Retrieval and zero-shot metrics against small cases computed by hand."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bind.evaluate import class_match_retrieval, class_prototypes, zero_shot_accuracy
+
+
+def test_class_match_retrieval_hand_computed():
+    # gallery on a line of angles; queries pick a known order
+    gallery = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.6, 0.8]])
+    gallery_labels = torch.tensor([0, 1, 2, 1])
+    queries = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    query_labels = torch.tensor([1, 2])
+    # query 0 ranks gallery: 0 (1.0), 3 (0.6), 1 (0.0), 2 (-1.0) -> relevant (label 1) at ranks 2, 3
+    # query 1 ranks gallery: 1 (1.0), 3 (0.8), 0 (0.0), 2 (0.0; tie -> lower index first) -> label 2 at rank 4
+    m = class_match_retrieval(queries, query_labels, gallery, gallery_labels, ks=(1, 2, 4))
+    assert m["R@1"] == 0.0
+    assert m["R@2"] == 0.5
+    assert m["R@4"] == 1.0
+    assert m["median_rank"] == 2.0  # torch median of [2, 4] is the lower middle
+    ap0 = (1 / 2 + 2 / 3) / 2
+    ap1 = 1 / 4
+    assert m["mAP"] == pytest.approx((ap0 + ap1) / 2)
+
+
+def test_ties_are_broken_by_gallery_index():
+    gallery = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    first = class_match_retrieval(torch.tensor([[1.0, 0.0]]), torch.tensor([0]), gallery, torch.tensor([0, 1]), ks=(1,))
+    second = class_match_retrieval(
+        torch.tensor([[1.0, 0.0]]), torch.tensor([1]), gallery, torch.tensor([0, 1]), ks=(1,)
+    )
+    assert (first["R@1"], second["R@1"]) == (1.0, 0.0)
+
+
+def test_zero_shot_against_template_averaged_prototypes():
+    prompts = torch.nn.functional.normalize(torch.tensor([[1.0, 0.1], [1.0, -0.1], [0.0, 1.0], [0.1, 1.0]]), dim=-1)
+    protos, classes = class_prototypes(prompts, torch.tensor([3, 3, 5, 5]))
+    assert classes.tolist() == [3, 5]
+    torch.testing.assert_close(protos.norm(dim=-1), torch.ones(2))
+    queries = torch.tensor([[0.9, 0.2], [0.2, 0.9], [0.8, -0.1]])
+    assert zero_shot_accuracy(queries, torch.tensor([3, 5, 5]), protos, classes) == pytest.approx(2 / 3)
