@@ -124,8 +124,6 @@ class ModalityEncoder(nn.Module):
         self.log_logit_scale = nn.Parameter(torch.tensor(math.log(logit_scale)), requires_grad=learnable_logit_scale)
         self.learnable_logit_scale = learnable_logit_scale
         self.build_args: dict[str, Any] = {}  # set by the registry: {"name": ..., "kwargs": {...}}
-        self._eval_modules: list[str] = []  # frozen submodules kept in eval mode during training
-        self._train_modules: list[str] = []  # unfrozen blocks inside an eval-mode submodule
         self.frozen_part: FreezePart = "none"
         self.unfreeze_last_blocks = 0
 
@@ -177,10 +175,22 @@ class ModalityEncoder(nn.Module):
     def forward(self, batch: Batch) -> Tensor:
         """Collated batch -> (B, embed_dim) unit-norm embeddings."""
         if isinstance(batch, ClipBatch):
-            per_clip = F.normalize(self.forward_head(self.forward_features(batch.clips)), dim=-1)
-            summed = per_clip.new_zeros(batch.num_items, per_clip.shape[-1]).index_add(0, batch.item_index, per_clip)
-            return F.normalize(summed, dim=-1)  # mean then renormalise: same direction as the mean
-        return F.normalize(self.forward_head(self.forward_features(batch)), dim=-1)
+            return self.embed_features(self.forward_features(batch.clips), batch.item_index, batch.num_items)
+        return self.embed_features(self.forward_features(batch))
+
+    def embed_features(
+        self, features: Tensor, item_index: Tensor | None = None, num_items: int | None = None
+    ) -> Tensor:
+        """Trunk features -> unit-norm embeddings: head, normalise, and average the clips of each item.
+
+        ``features`` is (B, trunk_dim), or (total_clips, trunk_dim) with ``item_index`` saying which item
+        each clip belongs to. Split from :meth:`forward` so that a frozen trunk's features can be cached.
+        """
+        embeddings = F.normalize(self.forward_head(features), dim=-1)
+        if item_index is None:
+            return embeddings
+        summed = embeddings.new_zeros(num_items, embeddings.shape[-1]).index_add(0, item_index, embeddings)
+        return F.normalize(summed, dim=-1)  # mean then renormalise: same direction as the mean
 
     @property
     def device(self) -> torch.device:
@@ -215,25 +225,21 @@ class ModalityEncoder(nn.Module):
                 f"unfreeze_last_blocks={unfreeze_last_blocks} but encoder {self.build_args.get('name', type(self).__name__)!r} "
                 f"has {len(blocks)} trunk blocks"
             )
-        names = {id(m): n for n, m in self.named_modules()}
         for p in self.parameters():
             p.requires_grad_(part == "none")
-        self._eval_modules, self._train_modules = [], []
-        if part == "none":
+        if part != "all":
             self.log_logit_scale.requires_grad_(self.learnable_logit_scale)
-        elif part == "trunk":
-            for p in self.head.parameters():
+        if part == "trunk":
+            trainable = [self.head, *blocks[len(blocks) - unfreeze_last_blocks :]]
+            for p in (p for module in trainable for p in module.parameters()):
                 p.requires_grad_(True)
-            self.log_logit_scale.requires_grad_(self.learnable_logit_scale)
-            self._eval_modules = ["trunk"]
-            for block in blocks[len(blocks) - unfreeze_last_blocks :]:
-                for p in block.parameters():
-                    p.requires_grad_(True)
-                self._train_modules.append(names[id(block)])
-        else:
-            self._eval_modules = [""]
         self.frozen_part, self.unfreeze_last_blocks = part, unfreeze_last_blocks
         return self.train(self.training)
+
+    @property
+    def trunk_frozen(self) -> bool:
+        """True when the trunk's output cannot change during training (its features may be cached)."""
+        return not any(p.requires_grad for p in self.trunk.parameters())
 
     @property
     def frozen(self) -> bool:
@@ -241,16 +247,27 @@ class ModalityEncoder(nn.Module):
         return not any(p.requires_grad for p in self.parameters())
 
     def train(self, mode: bool = True) -> ModalityEncoder:
+        """Like ``nn.Module.train``, but a module whose parameters are all frozen stays in eval mode.
+
+        Deciding by ``requires_grad`` rather than by name keeps this right for a trunk shared with
+        another encoder: the shared module follows the freezing of whoever trains it.
+        """
         super().train(mode)
         if mode:
-            for name in self._eval_modules:
-                self.get_submodule(name).eval()
-            for name in self._train_modules:
-                self.get_submodule(name).train()
+            _train_where_trainable(self, parent_training=True)
         return self
 
     def extra_repr(self) -> str:
         return f"modality={self.modality!r}, embed_dim={self.embed_dim}, freeze={self.frozen_part!r}"
+
+
+def _train_where_trainable(module: nn.Module, parent_training: bool) -> None:
+    """Training mode for modules with a trainable parameter; parameter-free modules follow their parent."""
+    params = list(module.parameters())
+    training = any(p.requires_grad for p in params) if params else parent_training
+    module.training = training
+    for child in module.children():
+        _train_where_trainable(child, training)
 
 
 def find_blocks(module: nn.Module) -> list[nn.Module]:

@@ -104,6 +104,7 @@ class Recipe:
     data_root: str | None = None  # default: $BINDKIT_DATA, else ../shared/data
     num_workers: int = 0  # DataLoader workers; 0 preprocesses in the main process
     plugins: list[str] = field(default_factory=list)  # modules that register encoders or datasets
+    tensorboard: bool = False  # also log scalars to RUN_DIR/tensorboard (needs the tensorboard package)
     eval: EvalSpec = field(default_factory=EvalSpec)
     source: str = "<recipe>"  # where it was loaded from (set by load_recipe)
 
@@ -149,7 +150,7 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise _type_error(value, tp, where)
-        return {k: _convert(v, args[1], f"{where}.{k}") for k, v in value.items()}
+        return {k: _convert(v, args[1], _join(where, k)) for k, v in value.items()}
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise _type_error(value, tp, where)
@@ -170,6 +171,11 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     raise _type_error(value, tp, where)
 
 
+def _join(where: str, key: object) -> str:
+    """``recipes/x.yaml: stages[0]`` + ``epochs`` -> ``recipes/x.yaml: stages[0].epochs``."""
+    return f"{where}{key}" if where.endswith(": ") else f"{where}.{key}"
+
+
 def _type_error(value: Any, tp: Any, where: str) -> ConfigError:
     return ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
 
@@ -185,7 +191,7 @@ def _build(cls: Any, data: dict[str, Any], where: str) -> Any:
     kwargs = {}
     for name, f in fields.items():
         if name in data:
-            kwargs[name] = _convert(data[name], hints[name], f"{where}.{name}")
+            kwargs[name] = _convert(data[name], hints[name], _join(where, name))
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"{where}.{name}: required key is missing (expected {_type_name(hints[name])})")
     return cls(**kwargs)
@@ -218,7 +224,7 @@ def set_override(data: dict[str, Any], dotted: str, source: str = "command line"
 def parse_recipe(data: Any, source: str = "<recipe>") -> Recipe:
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: a recipe is a YAML mapping at top level, got {type(data).__name__}")
-    recipe = _build(Recipe, data, source)
+    recipe = _build(Recipe, data, f"{source}: ")
     recipe.source = source
     _check_semantics(recipe)
     return recipe
@@ -264,7 +270,7 @@ def _check_semantics(r: Recipe) -> None:
         for key in ("train_data", "eval_data"):
             data_spec = getattr(spec, key)
             if data_spec is not None:
-                check_data_spec(data_spec, r.data_root, f"{where}.{key}")
+                check_data_spec(data_spec, r.data_root, _join(where, key))
     if not r.stages:
         raise ConfigError(f"{src}: stages: at least one stage is needed")
     for i, stage in enumerate(r.stages):

@@ -27,9 +27,10 @@ import yaml
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from .cache import FeatureCache, Indexed
 from .data import Items, build_dataset
 from .data.augment import build_augment
-from .data.pairs import AnchorPairs, Preprocessed
+from .data.pairs import AnchorPairs, EpochSampler, Preprocessed
 from .encoder import move_to
 from .errors import ConfigError
 from .evaluate import evaluate_model
@@ -89,28 +90,35 @@ def warmup_cosine(optim: OptimSpec, total_steps: int):
     return factor
 
 
-def endless(loader: DataLoader, dataset: Any) -> Iterator[Any]:
-    """Batches forever; each new pass over the data is a new epoch for augmentation and pairing."""
-    epoch = 0
+def endless(loader: DataLoader) -> Iterator[Any]:
+    """Batches forever; the loader's EpochSampler makes each pass a new epoch of shuffling and augmentation."""
     while True:
-        if hasattr(dataset, "set_epoch"):
-            dataset.set_epoch(epoch)
-        else:
-            dataset.epoch = epoch
         yield from loader
-        epoch += 1
 
 
 class MetricsLog:
-    """One JSON object per line in ``metrics.jsonl``."""
+    """One JSON object per line in ``metrics.jsonl``; the scalars also to TensorBoard when asked."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, tensorboard: bool = False) -> None:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
+        self.writer = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as err:
+                raise ConfigError("tensorboard: true needs the tensorboard package (pip install tensorboard)") from err
+            self.writer = SummaryWriter(str(path.parent / "tensorboard"))
 
     def write(self, record: dict[str, Any]) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.writer is not None and "step" in record:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self.writer.add_scalar(f"{record['stage']}/{key}", value, record["step"])
+            for key, value in record.get("losses", {}).items():
+                self.writer.add_scalar(f"{record['stage']}/loss_{key}", value, record["step"])
 
 
 # ---- one stage -------------------------------------------------------------------------------------
@@ -128,17 +136,25 @@ class StageRunner:
             part = stage.freeze.get(modality, default)
             if part is not None:
                 model[modality].freeze(part)
-        self.loaders: dict[str, tuple[DataLoader, Any]] = {}
+        # frozen trunks whose inputs are not augmented: compute their features once (bind/cache.py)
+        self.caches: dict[str, FeatureCache] = {}
+        for modality in self.modalities:
+            if model[modality].trunk_frozen and not self._augment(modality):
+                log.info("caching %s trunk features for stage %s", modality, stage.name)
+                self.caches[modality] = FeatureCache(
+                    model[modality], train_sets[modality], device, num_workers=recipe.num_workers
+                )
+        self.loaders: dict[str, DataLoader] = {}
         if stage.kind == "pretrain":
             self.loaders[stage.modality] = self._loader(
-                self._preprocessed(stage.modality, train_sets), stage.batch_size, self._collate_single(stage.modality)
+                self._dataset(stage.modality, train_sets), stage.batch_size, self._collate_single(stage.modality)
             )
         else:
-            anchor_set = self._preprocessed(anchor, train_sets, augment=False)
+            anchor_set = self._dataset(anchor, train_sets)
             for modality, pair in stage.pairs.items():
-                pairs = AnchorPairs(anchor_set, self._preprocessed(modality, train_sets), pair.pairing, recipe.seed)
+                pairs = AnchorPairs(anchor_set, self._dataset(modality, train_sets), pair.pairing, recipe.seed)
                 self.loaders[modality] = self._loader(pairs, pair.batch_size, self._collate_pair(modality))
-        self.steps_per_epoch = max(len(loader) for loader, _ in self.loaders.values())
+        self.steps_per_epoch = max(len(loader) for loader in self.loaders.values())
         self.total_steps = stage.steps or max(1, math.ceil(stage.epochs * self.steps_per_epoch))
         params = list({id(p): p for m in self.modalities for p in model[m].parameters() if p.requires_grad}.values())
         if not params:
@@ -151,43 +167,53 @@ class StageRunner:
             self.optimizer, warmup_cosine(stage.optimizer, self.total_steps)
         )
 
-    def _preprocessed(self, modality: str, train_sets: dict[str, Items], augment: bool = True) -> Preprocessed:
-        spec = self.recipe.modalities[modality].train_data
-        aug = build_augment(modality, spec.augment) if augment else None
-        return Preprocessed(train_sets[modality], self.model[modality].preprocess, aug, self.recipe.seed)
+    def _augment(self, modality: str) -> Any:
+        """The modality's augmenter in this stage; the anchor of a bind stage is never augmented."""
+        if self.stage.kind == "bind" and modality == self.recipe.anchor_modality:
+            return None
+        return build_augment(modality, self.recipe.modalities[modality].train_data.augment)
+
+    def _dataset(self, modality: str, train_sets: dict[str, Items]) -> Any:
+        if modality in self.caches:
+            return Indexed(train_sets[modality])
+        return Preprocessed(
+            train_sets[modality], self.model[modality].preprocess, self._augment(modality), self.recipe.seed
+        )
+
+    def _collate_fn(self, modality: str):
+        return torch.tensor if modality in self.caches else self.model[modality].collate
 
     def _collate_single(self, modality: str):
-        collate = self.model[modality].collate
+        collate = self._collate_fn(modality)
         return lambda batch: (collate([b[0] for b in batch]), torch.tensor([b[1] for b in batch]))
 
     def _collate_pair(self, modality: str):
-        anchor_collate, collate = self.model[self.recipe.anchor_modality].collate, self.model[modality].collate
+        anchor_collate, collate = self._collate_fn(self.recipe.anchor_modality), self._collate_fn(modality)
         return lambda batch: (
             anchor_collate([b[0] for b in batch]),
             collate([b[1] for b in batch]),
             torch.tensor([b[2] for b in batch]),
         )
 
-    def _loader(self, dataset: Any, batch_size: int, collate) -> tuple[DataLoader, Any]:
-        batch_size = min(batch_size, len(dataset))
-        g = torch.Generator().manual_seed(self.recipe.seed)
-        loader = DataLoader(
+    def _loader(self, dataset: Any, batch_size: int, collate) -> DataLoader:
+        workers = self.recipe.num_workers
+        return DataLoader(
             dataset,
-            batch_size=batch_size,
-            shuffle=True,
+            batch_size=min(batch_size, len(dataset)),
+            sampler=EpochSampler(len(dataset), self.recipe.seed),
             drop_last=True,
             collate_fn=collate,
-            num_workers=self.recipe.num_workers,
-            generator=g,
+            num_workers=workers,
+            persistent_workers=workers > 0,  # workers live across epochs: the sampler's keys carry the epoch
             pin_memory=self.device.type == "cuda",
         )
-        return loader, dataset
 
     def _embed(self, modality: str, batch: Any) -> torch.Tensor:
         encoder = self.model[modality]
-        batch = move_batch(batch, self.device)
         with torch.no_grad() if encoder.frozen else nullcontext():  # a frozen tower needs no graph
-            return encoder(batch)
+            if modality in self.caches:  # batch holds item indices
+                return encoder.embed_features(*self.caches[modality].gather(batch))
+            return encoder(move_batch(batch, self.device))
 
     def loss(self, iterators: dict[str, Iterator[Any]]) -> tuple[torch.Tensor, dict[str, float], int]:
         """One micro-batch: the stage's loss, its parts for logging, and the number of samples."""
@@ -218,7 +244,7 @@ class StageRunner:
     def run(self, metrics: MetricsLog, checkpoint_dir: Path, show_progress: bool = True) -> None:
         stage, optim = self.stage, self.stage.optimizer
         self.model.train()
-        iterators = {m: endless(loader, dataset) for m, (loader, dataset) in self.loaders.items()}
+        iterators = {m: endless(loader) for m, loader in self.loaders.items()}
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
         bar = tqdm(range(self.total_steps), desc=stage.name, disable=not show_progress, dynamic_ncols=True)
         window_start, window_samples = time.perf_counter(), 0
@@ -288,7 +314,7 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, show_progress: bool = True) 
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     model = build_model(recipe).to(device)
-    metrics = MetricsLog(out_dir / "metrics.jsonl")
+    metrics = MetricsLog(out_dir / "metrics.jsonl", recipe.tensorboard)
     train_sets = {
         m: build_dataset(s.train_data, recipe.data_root)
         for m, s in recipe.modalities.items()

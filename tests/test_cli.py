@@ -13,7 +13,9 @@ TESTS = Path(__file__).parent
 
 def bindkit(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(TESTS)}
-    return subprocess.run([sys.executable, "-m", "bind", *args], capture_output=True, text=True, env=env, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "bind", *args], capture_output=True, text=True, env=env, timeout=120, cwd=TESTS.parent
+    )
 
 
 def test_encoders_json_lists_name_and_modality():
@@ -40,3 +42,22 @@ def test_a_bad_plugin_is_one_clear_line_without_traceback():
     assert "Traceback" not in out.stderr
     assert "plugin module 'not_a_module' could not be imported" in out.stderr
     assert len(out.stderr.strip().splitlines()) <= 2
+
+
+def test_validate_accepts_the_digits_recipe_and_names_a_bad_key(tmp_path):
+    from conftest import DATA_ROOT
+
+    ok = bindkit("validate", "recipes/digits.yaml", f"data_root={DATA_ROOT}")
+    assert ok.returncode == 0, ok.stderr
+    assert "recipes/digits.yaml: ok" in ok.stdout
+    bad = bindkit("validate", "recipes/digits.yaml", f"data_root={DATA_ROOT}", "stages.0.batch_size=big")
+    assert bad.returncode == 2
+    assert "recipes/digits.yaml: stages[0].batch_size: expected int, got 'big'" in bad.stderr
+    assert "Traceback" not in bad.stderr
+
+
+def test_missing_data_root_says_what_to_put_where(tmp_path):
+    out = bindkit("validate", "recipes/digits.yaml", f"data_root={tmp_path}")
+    assert out.returncode == 2
+    assert f"{tmp_path}/mnist/images-idx3-ubyte.gz not found" in out.stderr
+    assert "BINDKIT_DATA" in out.stderr

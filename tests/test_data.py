@@ -14,7 +14,7 @@ from bind.data import build_dataset
 from bind.data.augment import AudioAugment
 from bind.data.digits import EVAL_TEMPLATES, digit_captions, fsdd, mnist, moving_digits, parse_fsdd_name, read_idx
 from bind.data.manifest import manifest
-from bind.data.pairs import AnchorPairs, Preprocessed
+from bind.data.pairs import AnchorPairs, EpochSampler, Preprocessed
 from bind.recipe import DataSpec
 
 
@@ -98,18 +98,22 @@ def test_label_pairing_always_pairs_the_same_class(data_root):
     captions = digit_captions(data_root, "train")
     pairs = AnchorPairs(Preprocessed(images, torch.as_tensor), Preprocessed(captions, lambda s: s), "label", seed=0)
     for epoch in (0, 1):
-        pairs.set_epoch(epoch)
         for i in range(0, len(pairs), 7):
-            image, text, label = pairs[i]
+            image, text, label = pairs[(epoch, i)]
             assert int(captions.labels[i]) == label
             match = [j for j in range(len(images)) if torch.equal(torch.as_tensor(images[j]), image)]
             assert int(images.labels[match[0]]) == label
-    pairs.set_epoch(0)
-    epoch0 = [pairs[i][0] for i in range(20)]
-    pairs.set_epoch(1)
-    assert any(not torch.equal(pairs[i][0], epoch0[i]) for i in range(20))  # fresh partners each epoch
-    pairs.set_epoch(0)
-    assert all(torch.equal(pairs[i][0], epoch0[i]) for i in range(20))  # the same epoch draws the same ones
+    epoch0 = [pairs[(0, i)][0] for i in range(20)]
+    assert any(not torch.equal(pairs[(1, i)][0], epoch0[i]) for i in range(20))  # fresh partners each epoch
+    assert all(torch.equal(pairs[(0, i)][0], epoch0[i]) for i in range(20))  # the same epoch draws the same ones
+
+
+def test_epoch_sampler_reshuffles_each_pass_and_is_seeded():
+    sampler = EpochSampler(10, seed=3)
+    first, second = list(sampler), list(sampler)
+    assert [e for e, _ in first] == [0] * 10 and [e for e, _ in second] == [1] * 10
+    assert sorted(i for _, i in first) == list(range(10)) and first != second
+    assert list(EpochSampler(10, seed=3)) == first
 
 
 def test_audio_augment_is_seeded_and_changes_the_signal():

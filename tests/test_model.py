@@ -93,3 +93,19 @@ def test_unregistered_encoder_on_load_names_it_and_the_plugin_flag(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(UnknownEncoderError, match="'lidar_net'.*--plugin MODULE"):
         BindModel.from_pretrained(tmp_path)
+
+
+def test_a_shared_trunk_trains_with_its_owner_not_with_the_frozen_borrower():
+    image = create_encoder("digits_cnn", width=4, embed_dim=16)
+    video = create_encoder("video_frames", frame_encoder="digits_cnn", frame_encoder_kwargs={"width": 4}, embed_dim=16)
+    model = BindModel({"image": image, "video": video}, anchor_modality="image")
+    model.share_trunk("video", "image")
+    video.freeze("trunk")  # the video's own frozen trunk must not freeze or eval the image's trunk
+    image.freeze("none")
+    model.train()
+    assert video.trunk.frames is image.trunk
+    assert all(m.training for m in image.trunk.modules())
+    assert not video.trunk_frozen  # its frames move with the image tower, so its features must not be cached
+    image.freeze("all")
+    model.train()
+    assert not any(m.training for m in image.trunk.modules()) and video.trunk_frozen

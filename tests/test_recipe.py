@@ -46,7 +46,7 @@ def test_minimal_recipe_loads_with_defaults(tmp_path):
         (
             lambda d: d["stages"][0].update(stepz=3),
             ConfigError,
-            r"r.yaml.stages\[0\].stepz: unknown key \(did you mean 'steps'\?\)",
+            r"r.yaml: stages\[0\].stepz: unknown key \(did you mean 'steps'\?\)",
         ),
         (
             lambda d: d["stages"][0].update(steps="many"),

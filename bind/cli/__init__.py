@@ -33,6 +33,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    _quiet_transformers(args.verbose)
     try:
         code = args.func(args)
     except BindError as err:
@@ -43,3 +44,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     except KeyboardInterrupt:
         sys.exit(130)
     sys.exit(code or 0)
+
+
+def _quiet_transformers(verbose: bool) -> None:
+    """Hugging Face prints a progress bar per local weight load; the CLI owns the terminal."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        return
+    hf_logging.disable_progress_bar()
+    if not verbose:
+        hf_logging.set_verbosity_error()

@@ -3,15 +3,20 @@
 ``Preprocessed`` applies an encoder's ``preprocess`` (and augmentation) to one modality's items.
 ``AnchorPairs`` pairs each item of a modality with an anchor item: by label (any anchor item of
 the same class, drawn afresh each epoch: concept pairing) or by row (row i with row i of a manifest).
+
+Training datasets are indexed by ``(epoch, index)`` keys, which :class:`EpochSampler` yields, so
+that random draws depend on the epoch without the dataset holding state: DataLoader workers can
+then persist across epochs (no re-fork of a large process every pass) and results do not depend
+on the number of workers. A plain ``index`` means epoch 0.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, Union
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
 from ..errors import DataError
 from . import Items
@@ -22,21 +27,43 @@ def item_generator(seed: int, epoch: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 1_000_033 + index)
 
 
+Key = Union[int, tuple[int, int]]
+
+
+def split_key(key: Key) -> tuple[int, int]:
+    return key if isinstance(key, tuple) else (0, key)
+
+
+class EpochSampler(Sampler):
+    """Shuffled ``(epoch, index)`` keys; each pass over the data is the next epoch, seeded by ``(seed, epoch)``."""
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch, self.epoch = self.epoch, self.epoch + 1
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
+        return ((epoch, int(i)) for i in order)
+
+
 class Preprocessed(Dataset):
     """``(preprocess(augment(item)), label)`` for each item of an :class:`Items`."""
 
     def __init__(self, items: Items, preprocess: Callable[[Any], Any], augment: Any = None, seed: int = 0) -> None:
         self.items, self.preprocess, self.augment, self.seed = items, preprocess, augment, seed
-        self.epoch = 0  # set by the trainer before each pass; workers are forked after it is set
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, index: int) -> tuple[Any, int]:
+    def __getitem__(self, key: Key) -> tuple[Any, int]:
+        epoch, index = split_key(key)
         item = self.items[index]
         if self.augment is None:
             return self.preprocess(item), int(self.items.labels[index])
-        g = item_generator(self.seed, self.epoch, index)
+        g = item_generator(self.seed, epoch, index)
         x = self.preprocess(self.augment.augment_raw(item, g))
         return self.augment.augment_tensor(x, g), int(self.items.labels[index])
 
@@ -46,7 +73,6 @@ class AnchorPairs(Dataset):
 
     def __init__(self, anchor: Preprocessed, other: Preprocessed, pairing: str = "label", seed: int = 0) -> None:
         self.anchor, self.other, self.pairing, self.seed = anchor, other, pairing, seed
-        self.epoch = 0
         if pairing == "row":
             if len(anchor) != len(other):
                 raise DataError(
@@ -61,17 +87,15 @@ class AnchorPairs(Dataset):
         else:
             raise DataError(f"pairing must be 'label' or 'row', got {pairing!r}")
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = self.anchor.epoch = self.other.epoch = epoch
-
     def __len__(self) -> int:
         return len(self.other)
 
-    def __getitem__(self, index: int) -> tuple[Any, Any, int]:
-        x, label = self.other[index]
+    def __getitem__(self, key: Key) -> tuple[Any, Any, int]:
+        epoch, index = split_key(key)
+        x, label = self.other[(epoch, index)]
         if self.pairing == "row":
-            return self.anchor[index][0], x, label
+            return self.anchor[(epoch, index)][0], x, label
         candidates = self.by_label[label]
-        g = item_generator(self.seed + 1, self.epoch, index)
+        g = item_generator(self.seed + 1, epoch, index)
         j = int(candidates[torch.randint(len(candidates), (), generator=g)])
-        return self.anchor[j][0], x, label
+        return self.anchor[(epoch, j)][0], x, label
