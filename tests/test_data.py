@@ -11,7 +11,7 @@ import torch
 
 from bind import DataError
 from bind.data import build_dataset
-from bind.data.augment import AudioAugment
+from bind.data.augment import AudioAugment, warp_frequency
 from bind.data.digits import EVAL_TEMPLATES, digit_captions, fsdd, mnist, moving_digits, parse_fsdd_name, read_idx
 from bind.data.manifest import manifest
 from bind.data.pairs import AnchorPairs, EpochSampler, Preprocessed
@@ -126,3 +126,12 @@ def test_audio_augment_is_seeded_and_changes_the_signal():
     feats = torch.randn(1, 1, 64, 50)
     masked = aug.augment_tensor(feats, torch.Generator().manual_seed(0))
     assert masked.shape == feats.shape and (masked != feats).any() and torch.equal(feats, feats.clone())
+
+
+def test_frequency_warp_keeps_shape_and_moves_formants():
+    feats = torch.zeros(1, 1, 40, 5)
+    feats[..., 10, :] = 1.0  # one "formant" at bin 10
+    assert torch.allclose(warp_frequency(feats, 1.0), feats)
+    up, down = warp_frequency(feats, 1.2), warp_frequency(feats, 0.8)
+    assert up.shape == down.shape == feats.shape
+    assert up[0, 0, :, 0].argmax() == 12 and down[0, 0, :, 0].argmax() == 8

@@ -31,10 +31,11 @@ def _uniform(g: torch.Generator, low: float, high: float) -> float:
 class AudioAugment:
     """Augment raw ``(waveform, sample_rate)`` items and their features. 0 or None turns a knob off."""
 
-    shift: float = 0.15  # max time shift as a fraction of the clip, circular with silence
+    shift: float = 0.15  # max silence added before the sound, as a fraction of its length
     speed: tuple[float, float] | None = (0.8, 1.25)  # resampling factor range
     gain_db: float = 6.0  # +- gain
     noise_snr_db: tuple[float, float] | None = (15.0, 40.0)  # white noise at an SNR in this range
+    freq_warp: tuple[float, float] | None = None  # stretch the mel axis by a factor in this range (VTLP-like)
     freq_masks: int = 2  # SpecAugment masks over mel bins
     freq_mask_width: int = 8
     time_masks: int = 2  # SpecAugment masks over frames
@@ -50,10 +51,9 @@ class AudioAugment:
             # linear interpolation is enough here (speech energy sits far below 4 kHz at 8 kHz)
             new_len = max(8, int(round(x.numel() / factor)))
             x = F.interpolate(x[None, None], size=new_len, mode="linear", align_corners=False)[0, 0]
-        if self.shift:
-            max_shift = int(self.shift * x.numel())
-            shift = int(torch.randint(-max_shift, max_shift + 1, (), generator=g)) if max_shift else 0
-            x = torch.roll(F.pad(x, (max_shift, max_shift)), shift)
+        if self.shift:  # a random onset: up to shift x length of silence before the sound
+            onset = int(torch.randint(0, int(self.shift * x.numel()) + 1, (), generator=g))
+            x = F.pad(x, (onset, 0))
         if self.gain_db:
             x = x * 10 ** (_uniform(g, -self.gain_db, self.gain_db) / 20)
         if self.noise_snr_db:
@@ -63,7 +63,9 @@ class AudioAugment:
         return x.numpy(), rate
 
     def augment_tensor(self, feats: Tensor, g: torch.Generator) -> Tensor:
-        """SpecAugment on (..., n_mels, frames) features, masks filled with the mean."""
+        """Frequency warp and SpecAugment masks on (..., n_mels, frames) features, masks filled with the mean."""
+        if self.freq_warp:
+            feats = warp_frequency(feats, _uniform(g, *self.freq_warp))
         feats = feats.clone()
         fill = feats.mean()
         n_mels, frames = feats.shape[-2:]
@@ -76,6 +78,20 @@ class AudioAugment:
                 start = int(torch.randint(0, size - w + 1, (), generator=g))
                 feats.narrow(dim, start, w).fill_(fill)
         return feats
+
+
+def warp_frequency(feats: Tensor, factor: float) -> Tensor:
+    """Stretch (factor > 1) or squeeze the mel axis of (..., n_mels, frames), keeping its size.
+
+    A longer or shorter vocal tract moves every formant by about the same factor: this imitates
+    another speaker (vocal tract length perturbation) without touching the time axis.
+    """
+    n_mels, frames = feats.shape[-2:]
+    flat = feats.reshape(-1, 1, n_mels, frames)
+    size = max(2, round(n_mels * factor))
+    warped = F.interpolate(flat, size=(size, frames), mode="bilinear", align_corners=True)
+    warped = warped[:, :, :n_mels] if size >= n_mels else F.pad(warped, (0, 0, 0, n_mels - size), mode="replicate")
+    return warped.reshape(feats.shape)
 
 
 AUGMENTERS: dict[str, Callable[..., Any]] = {"audio": AudioAugment}

@@ -13,7 +13,7 @@ on the number of workers. A plain ``index`` means epoch 0.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch.utils.data import Dataset, Sampler
@@ -27,7 +27,7 @@ def item_generator(seed: int, epoch: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 1_000_033 + index)
 
 
-Key = Union[int, tuple[int, int]]
+Key = int | tuple[int, int]
 
 
 def split_key(key: Key) -> tuple[int, int]:
