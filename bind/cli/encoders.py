@@ -20,12 +20,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _count_parameters(name: str) -> int | None:
-    """Parameters of the default variant, built on the meta device (no memory, no weights read)."""
-    try:
-        with torch.device("meta"):
-            return sum(p.numel() for p in create_encoder(name).parameters())
-    except Exception:  # encoders that need a local model directory cannot be built without one
-        return None
+    """Parameters of the default variant: built on the meta device (no memory) where it can be, else for real."""
+    for device in ("meta", "cpu"):
+        try:
+            with torch.device(device):
+                return sum(p.numel() for p in create_encoder(name).parameters())
+        except Exception:  # encoders that need a local model directory cannot be built without one
+            continue
+    return None
 
 
 def run(args: argparse.Namespace) -> int:
