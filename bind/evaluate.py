@@ -83,22 +83,31 @@ def class_match_retrieval(
     return result
 
 
-def evaluate_model(model: BindModel, recipe: Any, device: torch.device) -> dict[str, Any]:
-    """Zero-shot accuracy per modality and class-match retrieval for each ordered pair of modalities."""
-    spec = recipe.eval
-    trained = {frozenset((recipe.anchor_modality, m)) for s in recipe.stages if s.kind == "bind" for m in s.pairs}
-    embeddings, labels = {}, {}
+def embed_eval_splits(model: BindModel, recipe: Any, device: torch.device) -> dict[str, tuple[Tensor, Items]]:
+    """Embeddings and items of every modality's eval split (capped at ``eval.max_items``, spread over the split)."""
+    out = {}
     for modality, mspec in recipe.modalities.items():
         if mspec.eval_data is None:
             continue
         items = build_dataset(mspec.eval_data, recipe.data_root)
-        if spec.max_items is not None and len(items) > spec.max_items:
-            step = len(items) / spec.max_items  # spread over the split, so every class stays represented
-            items = items.subset([int(i * step) for i in range(spec.max_items)])
-        embeddings[modality] = embed_items(model, modality, items, device, num_workers=recipe.num_workers)
-        labels[modality] = items.labels
+        cap = recipe.eval.max_items
+        if cap is not None and len(items) > cap:
+            step = len(items) / cap  # every class stays represented
+            items = items.subset([int(i * step) for i in range(cap)])
+        out[modality] = (embed_items(model, modality, items, device, num_workers=recipe.num_workers), items)
+    return out
+
+
+def evaluate_model(
+    model: BindModel, recipe: Any, device: torch.device, splits: dict[str, tuple[Tensor, Items]] | None = None
+) -> dict[str, Any]:
+    """Zero-shot accuracy per modality and class-match retrieval for each ordered pair of modalities."""
+    splits = splits if splits is not None else embed_eval_splits(model, recipe, device)
+    trained = {frozenset((recipe.anchor_modality, m)) for s in recipe.stages if s.kind == "bind" for m in s.pairs}
+    embeddings = {m: e for m, (e, _) in splits.items()}
+    labels = {m: items.labels for m, (_, items) in splits.items()}
     results: dict[str, Any] = {"zero_shot": {}, "retrieval": {}}
-    prompt = spec.prompt_modality
+    prompt = recipe.eval.prompt_modality
     if prompt in embeddings:
         protos, proto_labels = class_prototypes(embeddings[prompt], labels[prompt])
         for modality in embeddings:
@@ -106,7 +115,7 @@ def evaluate_model(model: BindModel, recipe: Any, device: torch.device) -> dict[
                 kind = "trained" if frozenset((modality, prompt)) in trained else "emergent"
                 acc = zero_shot_accuracy(embeddings[modality], labels[modality], protos, proto_labels)
                 results["zero_shot"][modality] = {"accuracy": acc, "pair": kind}
-    for a, b in itertools.permutations([m for m in embeddings if m != prompt], 2):
+    for a, b in itertools.permutations(embeddings, 2):  # the binding matrix, anchor and prompts included
         metrics = class_match_retrieval(embeddings[a], labels[a], embeddings[b], labels[b])
         metrics["pair"] = "trained" if frozenset((a, b)) in trained else "emergent"
         results["retrieval"][f"{a}->{b}"] = metrics
@@ -121,5 +130,8 @@ def format_results(results: dict[str, Any], prompt_modality: str = "text") -> st
     if results["retrieval"]:
         lines.append("class-match retrieval:")
         for pair, r in results["retrieval"].items():
-            lines.append(f"  {pair:<16} R@1 {r['R@1']:.3f}  R@5 {r['R@5']:.3f}  mAP {r['mAP']:.3f}  ({r['pair']})")
+            lines.append(
+                f"  {pair:<16} R@1 {r['R@1']:.3f}  R@5 {r['R@5']:.3f}  R@10 {r['R@10']:.3f}  "
+                f"MdR {r['median_rank']:g}  mAP {r['mAP']:.3f}  ({r['pair']})"
+            )
     return "\n".join(lines)

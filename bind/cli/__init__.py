@@ -12,11 +12,16 @@ import sys
 from collections.abc import Sequence
 
 from ..errors import BindError
+from . import bench as bench_verb
+from . import embed as embed_verb
 from . import encoders as encoders_verb
+from . import evaluation as eval_verb
+from . import plot as plot_verb
+from . import retrieve as retrieve_verb
 from . import run as run_verb
 from . import validate as validate_verb
 
-VERBS = [encoders_verb, validate_verb, run_verb]
+VERBS = [encoders_verb, validate_verb, run_verb, eval_verb, embed_verb, retrieve_verb, bench_verb, plot_verb]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,81 @@
+"""Benchmarks behind ``bindkit bench NAME --json``: each prints one JSON object of figures measured in one run.
+
+Speed is measured here, never in tests. Ratios compare methods within the same process and data.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from .errors import ConfigError
+
+
+def _best_time(fn: Callable[[], Any], repeats: int) -> float:
+    """Best wall time of ``repeats`` calls (after one warm-up): the least disturbed measurement."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def bench_retrieval(
+    gallery_size: int = 1_000_000,
+    dim: int = 256,
+    queries: int = 256,
+    k: int = 10,
+    sort_queries: int = 8,
+    repeats: int = 3,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Exact blocked search vs FAISS ``IndexFlatIP`` vs a naive numpy full sort, queries per second."""
+    from .retrieval import exact_search
+
+    rng = np.random.default_rng(seed)
+    gallery = rng.standard_normal((gallery_size, dim), dtype=np.float32)
+    gallery /= np.linalg.norm(gallery, axis=1, keepdims=True)
+    q = gallery[rng.choice(gallery_size, queries, replace=False)] + 0.01 * rng.standard_normal(
+        (queries, dim), dtype=np.float32
+    )
+
+    exact_s = _best_time(lambda: exact_search(q, gallery, k), repeats)
+    sort_s = _best_time(lambda: np.argsort(-(q[:sort_queries] @ gallery.T), axis=1)[:, :k], 1)
+    result: dict[str, Any] = {
+        "gallery_size": gallery_size,
+        "dim": dim,
+        "queries": queries,
+        "k": k,
+        "exact_qps": queries / exact_s,
+        "numpy_sort_qps": sort_queries / sort_s,
+    }
+    _, exact_idx = exact_search(q, gallery, k)
+    try:
+        import faiss
+    except ImportError:
+        result["faiss_qps"] = None
+        result["note"] = "faiss-cpu not installed: pip install 'bindkit[faiss]'"
+        return result
+    index = faiss.IndexFlatIP(dim)
+    index.add(gallery)
+    faiss_s = _best_time(lambda: index.search(q, k), repeats)
+    _, faiss_idx = index.search(q, k)
+    result["faiss_qps"] = queries / faiss_s
+    result["exact_over_faiss_time"] = exact_s / faiss_s  # target <= 1.25
+    result["exact_speedup_over_numpy_sort"] = result["exact_qps"] / result["numpy_sort_qps"]
+    result["top1_agreement_with_faiss"] = float((exact_idx[:, 0] == faiss_idx[:, 0]).mean())
+    return result
+
+
+BENCHMARKS: dict[str, Callable[..., dict[str, Any]]] = {"retrieval": bench_retrieval}
+
+
+def run_benchmark(name: str, **kwargs: Any) -> dict[str, Any]:
+    if name not in BENCHMARKS:
+        raise ConfigError(f"unknown benchmark {name!r}; available: {', '.join(BENCHMARKS)}")
+    return BENCHMARKS[name](**kwargs)

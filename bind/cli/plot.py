@@ -1,0 +1,57 @@
+"""``bindkit plot RUN_DIR --out space.png|space.html``: picture of a run's embedding space, all modalities together.
+
+The eval split of every modality is embedded and projected jointly (PCA, or UMAP with the ``umap`` extra):
+2-D for a ``.png`` (matplotlib), 3-D for an interactive ``.html`` (plotly). Colour is the class, marker the
+modality, so a spoken seven, a drawn seven and the word "seven" should land on the same spoke.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+from ..errors import ConfigError
+from ..registry import load_plugins
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plot", help="draw a run's embedding space (.png or .html)", description=__doc__)
+    p.add_argument("run_dir", metavar="RUN_DIR", help="run directory written by `bindkit run`, e.g. runs/digits")
+    p.add_argument("--out", required=True, help="space.png (2-D, matplotlib) or space.html (3-D, plotly)")
+    p.add_argument(
+        "--max-per-modality",
+        type=int,
+        default=300,
+        metavar="N",
+        help="eval items per modality, spread over the split so every class appears (default: 300)",
+    )
+    p.add_argument("--method", choices=["pca", "umap"], default="pca", help="projection (umap needs the umap extra)")
+    p.add_argument("--plugin", action="append", default=[], metavar="MODULE", help="import MODULE to register encoders")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..evaluate import embed_eval_splits
+    from ..plot import output_dim, project, require_method, require_plot_library, save_figure, stack_splits
+    from ..runs import load_run
+    from ..trainer import resolve_device
+
+    # everything a user can get wrong is checked before the (slow) embedding pass
+    if args.max_per_modality < 1:
+        raise ConfigError(f"--max-per-modality must be a positive number of items, got {args.max_per_modality}")
+    dim = output_dim(args.out)
+    require_plot_library(args.out)
+    require_method(args.method)
+    load_plugins(args.plugin)
+    model, recipe = load_run(args.run_dir, plugins=args.plugin)
+    recipe = dataclasses.replace(recipe, eval=dataclasses.replace(recipe.eval, max_items=args.max_per_modality))
+    device = resolve_device(recipe.device)
+    splits = embed_eval_splits(model.to(device), recipe, device)
+    space = stack_splits(splits)
+    projection = project(space.embeddings, dim, args.method)
+    counts = ", ".join(f"{len(items)} {m}" for m, (_, items) in splits.items())
+    title = f"{Path(args.run_dir).resolve().name}: eval items ({counts}), joint {args.method.upper()} to {dim}-D"
+    path = save_figure(space, projection, args.out, title)
+    print(f"wrote {path} ({len(space.names)} points; {counts})")
+    return 0
