@@ -114,7 +114,7 @@ class BindModel(nn.Module):
             if overrides:
                 config["encoders"][modality]["kwargs"] = {**encoder.build_args["kwargs"], **overrides}
                 config["encoders"][modality]["assets"] = True
-        _atomic_write(directory / CONFIG_NAME, json.dumps(config, indent=2).encode())
+        atomic_write(directory / CONFIG_NAME, json.dumps(config, indent=2).encode())
         tmp = directory / (WEIGHTS_NAME + ".tmp")
         save_file(_unique_tensors(self.state_dict()), str(tmp), metadata={"format": "pt"})
         os.replace(tmp, directory / WEIGHTS_NAME)
@@ -204,7 +204,7 @@ def _load_weights(model: nn.Module, path: Path, device: str) -> None:
     model.load_state_dict(saved, strict=False)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that a crash leaves either the old or the new file, never half of one."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:

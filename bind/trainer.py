@@ -35,7 +35,7 @@ from .encoder import move_to
 from .errors import ConfigError
 from .evaluate import evaluate_model
 from .losses import info_nce, label_aware_info_nce, pairwise_cosine_loss, supcon_loss
-from .model import BindModel, _atomic_write
+from .model import BindModel, atomic_write
 from .recipe import OptimSpec, Recipe, StageSpec, recipe_to_dict
 from .registry import create_encoder
 
@@ -213,7 +213,7 @@ class StageRunner:
         with torch.no_grad() if encoder.frozen else nullcontext():  # a frozen tower needs no graph
             if modality in self.caches:  # batch holds item indices
                 return encoder.embed_features(*self.caches[modality].gather(batch))
-            return encoder(move_batch(batch, self.device))
+            return encoder(move_to(batch, self.device, non_blocking=self.device.type == "cuda"))
 
     def loss(self, iterators: dict[str, Iterator[Any]]) -> tuple[torch.Tensor, dict[str, float], int]:
         """One micro-batch: the stage's loss, its parts for logging, and the number of samples."""
@@ -285,10 +285,6 @@ class StageRunner:
         bar.close()
 
 
-def move_batch(batch: Any, device: torch.device) -> Any:
-    return move_to(batch, device, non_blocking=device.type == "cuda")
-
-
 def clamp_logit_scales(model: BindModel) -> None:
     """Keep learnable logit scales in [1, max] after each step, as CLIP clamps at 100."""
     with torch.no_grad():
@@ -299,7 +295,7 @@ def clamp_logit_scales(model: BindModel) -> None:
 
 def save_checkpoint(model: BindModel, directory: Path, state: dict[str, Any]) -> None:
     model.save_pretrained(directory)
-    _atomic_write(directory / "trainer_state.json", json.dumps(state).encode())
+    atomic_write(directory / "trainer_state.json", json.dumps(state).encode())
 
 
 # ---- the whole recipe -------------------------------------------------------------------------------
@@ -328,5 +324,5 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, show_progress: bool = True) 
     model.eval()
     results = evaluate_model(model, recipe, device)
     metrics.write({"stage": "eval", **results})
-    _atomic_write(out_dir / "eval.json", json.dumps(results, indent=2).encode())
+    atomic_write(out_dir / "eval.json", json.dumps(results, indent=2).encode())
     return results
