@@ -87,9 +87,7 @@ class StageSpec:
 
 @dataclass
 class EvalSpec:
-    prompt_modality: str = "text"  # zero-shot classification against prompts of this modality
-    prompt_templates: list[str] = field(default_factory=list)  # "{}" is replaced by the class name
-    class_names: list[str] = field(default_factory=list)
+    prompt_modality: str = "text"  # zero-shot: class prototypes are the mean of this modality's eval items per class
     max_items: int | None = None  # cap per modality, for quick runs
 
 

@@ -1,9 +1,10 @@
 """Training-time augmentation. Audio: what a speech engineer reaches for first.
 
-Waveform-level (before the encoder's frontend): random time shift, speed perturbation (resampling
-by a random factor changes tempo and pitch together, like Kaldi's speed perturbation: a cheap
-stand-in for new vocal tracts, which FIELD_NOTES found moved unseen-speaker accuracy most), gain
-and additive noise at a random SNR. Feature-level (after it): SpecAugment frequency and time masks.
+Waveform-level (before the encoder's frontend): a random onset (silence before the sound), speed
+perturbation (resampling by a random factor changes tempo and pitch together, like Kaldi's speed
+perturbation: a cheap stand-in for new vocal tracts, which FIELD_NOTES found moved unseen-speaker accuracy most), gain
+and additive noise at a random SNR. Feature-level (after it): a mel-axis warp (another vocal tract
+length) and SpecAugment frequency and time masks.
 
 Every draw comes from a ``torch.Generator`` the dataset seeds per (seed, epoch, item), so a run is
 reproducible whatever the number of DataLoader workers.
