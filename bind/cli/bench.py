@@ -1,9 +1,17 @@
-"""``bindkit bench NAME [--json]``: measure speed (never in tests); figures are ratios within one run."""
+"""``bindkit bench NAME [key=value ...] [--json]``: measure speed and memory (never in tests).
+
+Figures are ratios measured within one run. ``key=value`` pairs (values are YAML) override a
+benchmark's keyword arguments, e.g. ``bindkit bench retrieval gallery_size=100000``.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+
+import yaml
+
+from ..errors import ConfigError
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -11,9 +19,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("bench", help="run a benchmark", description=__doc__)
     p.add_argument("name", choices=sorted(BENCHMARKS))
+    p.add_argument("options", nargs="*", metavar="key=value", help="benchmark keyword arguments")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--gallery-size", type=int, help="retrieval: gallery rows (default 1,000,000)")
     p.set_defaults(func=run)
+
+
+def parse_options(options: list[str]) -> dict[str, object]:
+    kwargs = {}
+    for option in options:
+        key, sep, value = option.partition("=")
+        if not sep or not key.isidentifier():
+            raise ConfigError(f"bench option {option!r}: expected key=value, e.g. gallery_size=100000")
+        kwargs[key] = yaml.safe_load(value)
+    return kwargs
 
 
 def run(args: argparse.Namespace) -> int:
@@ -21,7 +40,9 @@ def run(args: argparse.Namespace) -> int:
 
     from ..bench import run_benchmark
 
-    kwargs = {"gallery_size": args.gallery_size} if args.gallery_size else {}
+    kwargs = parse_options(args.options)
+    if args.gallery_size:
+        kwargs["gallery_size"] = args.gallery_size
     result = run_benchmark(args.name, **kwargs)
     result["torch_threads"] = torch.get_num_threads()
     if args.json:

@@ -1,28 +1,12 @@
-"""Benchmarks behind ``bindkit bench NAME --json``: each prints one JSON object of figures measured in one run.
-
-Speed is measured here, never in tests. Ratios compare methods within the same process and data.
-"""
+"""``bindkit bench retrieval``: exact blocked search against FAISS and a naive numpy sort."""
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from .errors import ConfigError
-
-
-def _best_time(fn: Callable[[], Any], repeats: int) -> float:
-    """Best wall time of ``repeats`` calls (after one warm-up): the least disturbed measurement."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+from . import best_time
 
 
 def bench_retrieval(
@@ -35,7 +19,7 @@ def bench_retrieval(
     seed: int = 0,
 ) -> dict[str, Any]:
     """Exact blocked search vs FAISS ``IndexFlatIP`` vs a naive numpy full sort, queries per second."""
-    from .retrieval import exact_search
+    from ..retrieval import exact_search
 
     rng = np.random.default_rng(seed)
     gallery = rng.standard_normal((gallery_size, dim), dtype=np.float32)
@@ -44,8 +28,8 @@ def bench_retrieval(
         (queries, dim), dtype=np.float32
     )
 
-    exact_s = _best_time(lambda: exact_search(q, gallery, k), repeats)
-    sort_s = _best_time(lambda: np.argsort(-(q[:sort_queries] @ gallery.T), axis=1)[:, :k], 1)
+    exact_s = best_time(lambda: exact_search(q, gallery, k), repeats)
+    sort_s = best_time(lambda: np.argsort(-(q[:sort_queries] @ gallery.T), axis=1)[:, :k], 1)
     result: dict[str, Any] = {
         "gallery_size": gallery_size,
         "dim": dim,
@@ -63,19 +47,10 @@ def bench_retrieval(
         return result
     index = faiss.IndexFlatIP(dim)
     index.add(gallery)
-    faiss_s = _best_time(lambda: index.search(q, k), repeats)
+    faiss_s = best_time(lambda: index.search(q, k), repeats)
     _, faiss_idx = index.search(q, k)
     result["faiss_qps"] = queries / faiss_s
     result["exact_over_faiss_time"] = exact_s / faiss_s  # target <= 1.25
     result["exact_speedup_over_numpy_sort"] = result["exact_qps"] / result["numpy_sort_qps"]
     result["top1_agreement_with_faiss"] = float((exact_idx[:, 0] == faiss_idx[:, 0]).mean())
     return result
-
-
-BENCHMARKS: dict[str, Callable[..., dict[str, Any]]] = {"retrieval": bench_retrieval}
-
-
-def run_benchmark(name: str, **kwargs: Any) -> dict[str, Any]:
-    if name not in BENCHMARKS:
-        raise ConfigError(f"unknown benchmark {name!r}; available: {', '.join(BENCHMARKS)}")
-    return BENCHMARKS[name](**kwargs)
