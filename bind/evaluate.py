@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 
 from .data import Items, build_dataset
 from .data.pairs import Preprocessed
+from .distributed import SINGLE_PROCESS, Dist
 from .encoder import move_to
 from .model import BindModel
 
@@ -83,8 +84,26 @@ def class_match_retrieval(
     return result
 
 
-def embed_eval_splits(model: BindModel, recipe: Any, device: torch.device) -> dict[str, tuple[Tensor, Items]]:
-    """Embeddings and items of every modality's eval split (capped at ``eval.max_items``, spread over the split)."""
+def embed_items_distributed(
+    model: BindModel, modality: str, items: Items, device: torch.device, dist: Dist, num_workers: int = 0
+) -> Tensor:
+    """:func:`embed_items` with the items split over ranks in contiguous shards, gathered back in order."""
+    if not dist.enabled:
+        return embed_items(model, modality, items, device, num_workers=num_workers)
+    bounds = [len(items) * r // dist.world_size for r in range(dist.world_size + 1)]
+    shard = items.subset(range(bounds[dist.rank], bounds[dist.rank + 1]))
+    mine = embed_items(model, modality, shard, device, num_workers=num_workers) if len(shard) else None
+    parts: list[Any] = [None] * dist.world_size
+    torch.distributed.all_gather_object(parts, mine)
+    return torch.cat([part for part in parts if part is not None])
+
+
+def embed_eval_splits(
+    model: BindModel, recipe: Any, device: torch.device, dist: Dist = SINGLE_PROCESS
+) -> dict[str, tuple[Tensor, Items]]:
+    """Embeddings and items of every modality's eval split (capped at ``eval.max_items``, spread over the split).
+
+    Under torchrun each rank embeds its shard; every rank gets all embeddings, in item order."""
     out = {}
     for modality, mspec in recipe.modalities.items():
         if mspec.eval_data is None:
@@ -94,7 +113,8 @@ def embed_eval_splits(model: BindModel, recipe: Any, device: torch.device) -> di
         if cap is not None and len(items) > cap:
             step = len(items) / cap  # every class stays represented
             items = items.subset([int(i * step) for i in range(cap)])
-        out[modality] = (embed_items(model, modality, items, device, num_workers=recipe.num_workers), items)
+        embeddings = embed_items_distributed(model, modality, items, device, dist, recipe.num_workers)
+        out[modality] = (embeddings, items)
     return out
 
 

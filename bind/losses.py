@@ -27,17 +27,27 @@ def _logits(a: Tensor, b: Tensor, logit_scale: Tensor | float) -> Tensor:
         return torch.as_tensor(logit_scale, device=a.device, dtype=a.dtype) * (a @ b.T)
 
 
-def info_nce(a: Tensor, b: Tensor, logit_scale: Tensor | float) -> Tensor:
+def _rows(n: int, rows: slice | None) -> slice:
+    return slice(0, n) if rows is None else slice(*rows.indices(n))
+
+
+def info_nce(a: Tensor, b: Tensor, logit_scale: Tensor | float, rows: slice | None = None) -> Tensor:
     """Symmetric InfoNCE (the CLIP loss): row ``i`` of ``a`` and of ``b`` are a positive pair.
 
     Every other row of the other side in the batch is a negative. The mean of the a->b and b->a
     cross-entropies over the (N, N) similarity matrix.
+
+    ``rows`` scores only those rows of each side against all columns of the other (open_clip's
+    ``local_loss``): in data-parallel training ``a`` and ``b`` are the gathered global batch and
+    ``rows`` this rank's slice; the mean over ranks is the full loss.
     """
     if a.shape != b.shape:
         raise ValueError(f"info_nce needs paired embeddings of equal shape, got {tuple(a.shape)} and {tuple(b.shape)}")
-    logits = _logits(a, b, logit_scale)
-    targets = torch.arange(a.shape[0], device=a.device)
-    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+    rows = _rows(a.shape[0], rows)
+    targets = torch.arange(rows.start, rows.stop, device=a.device)
+    a_to_b = F.cross_entropy(_logits(a[rows], b, logit_scale), targets)
+    b_to_a = F.cross_entropy(_logits(b[rows], a, logit_scale), targets)
+    return (a_to_b + b_to_a) / 2
 
 
 def _mean_log_prob_of_positives(logits: Tensor, positives: Tensor) -> Tensor:
@@ -48,20 +58,21 @@ def _mean_log_prob_of_positives(logits: Tensor, positives: Tensor) -> Tensor:
 
 
 def label_aware_info_nce(
-    a: Tensor, b: Tensor, labels_a: Tensor, labels_b: Tensor, logit_scale: Tensor | float
+    a: Tensor, b: Tensor, labels_a: Tensor, labels_b: Tensor, logit_scale: Tensor | float, rows: slice | None = None
 ) -> Tensor:
     """Cross-modal InfoNCE where every pair sharing a label is a positive.
 
     For concept-paired data (a spoken "seven" paired with any drawn seven) diagonal-only InfoNCE
     treats the batch's other sevens as negatives. Here each row's target is uniform over the
     columns with its label (cross-entropy against that distribution), in both directions.
-    Rows whose label has no match on the other side are ignored.
+    Rows whose label has no match on the other side are ignored. ``rows``: as in :func:`info_nce`.
     """
-    logits = _logits(a, b, logit_scale)
-    positives = labels_a[:, None] == labels_b[None, :]
-    a_to_b = _mean_log_prob_of_positives(logits, positives)
-    b_to_a = _mean_log_prob_of_positives(logits.T, positives.T)
-    return -(a_to_b[positives.any(1)].mean() + b_to_a[positives.any(0)].mean()) / 2
+    a_rows, b_rows = _rows(a.shape[0], rows), _rows(b.shape[0], rows)  # a and b may differ in size
+    a_positives = labels_a[a_rows, None] == labels_b[None, :]
+    b_positives = labels_b[b_rows, None] == labels_a[None, :]
+    a_to_b = _mean_log_prob_of_positives(_logits(a[a_rows], b, logit_scale), a_positives)
+    b_to_a = _mean_log_prob_of_positives(_logits(b[b_rows], a, logit_scale), b_positives)
+    return -(a_to_b[a_positives.any(1)].mean() + b_to_a[b_positives.any(1)].mean()) / 2
 
 
 def supcon_loss(features: Tensor, labels: Tensor, temperature: float = 0.1) -> Tensor:

@@ -83,6 +83,8 @@ class StageSpec:
     steps: int | None = None  # or a fixed number of optimizer steps
     optimizer: OptimSpec = field(default_factory=OptimSpec)
     log_every: int = 20
+    chunk_size: int | None = None  # GradCache: embed in chunks of this many items (memory of one chunk, +1 forward)
+    local_loss: bool = False  # multi-process: score this rank's rows against the global batch (N/W x N logits)
 
 
 @dataclass
@@ -103,6 +105,11 @@ class Recipe:
     num_workers: int = 0  # DataLoader workers; 0 preprocesses in the main process
     plugins: list[str] = field(default_factory=list)  # modules that register encoders or datasets
     tensorboard: bool = False  # also log scalars to RUN_DIR/tensorboard (needs the tensorboard package)
+    feature_cache: bool = True  # compute frozen, unaugmented trunks' features once per stage (false: every step)
+    cache_dir: str | None = None  # keep those features on disk here (memory-mapped, reused across runs); null: RAM
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    channels_last: bool = False  # CUDA conv towers: NHWC memory format (faster convolutions with bf16)
+    compile: bool = False  # torch.compile each trainable tower (slower start, faster steps on GPU)
     eval: EvalSpec = field(default_factory=EvalSpec)
     source: str = "<recipe>"  # where it was loaded from (set by load_recipe)
 
@@ -275,6 +282,10 @@ def _check_semantics(r: Recipe) -> None:
         where = f"{src}: stages[{i}] ({stage.name})"
         if (stage.epochs is None) == (stage.steps is None):
             raise ConfigError(f"{where}: give exactly one of epochs or steps")
+        if stage.chunk_size is not None and stage.chunk_size < 1:
+            raise ConfigError(
+                f"{where}.chunk_size: expected a positive number of items (or null), got {stage.chunk_size}"
+            )
         if stage.kind == "pretrain":
             if stage.modality not in r.modalities:
                 raise ConfigError(

@@ -17,7 +17,7 @@ def test_cached_features_match_forward_for_multi_clip_items():
     rng = np.random.default_rng(0)
     waves = [rng.standard_normal(n).astype(np.float32) for n in (3000, 9000, 4000, 12000)]  # 1, 3, 1, 3 clips
     items = Items(waves, [0, 1, 2, 3])
-    cache = FeatureCache(enc, items, torch.device("cpu"), batch_size=3)
+    cache = FeatureCache.compute(enc, items, torch.device("cpu"), batch_size=3)
     assert cache.counts.tolist() == [1, 3, 1, 3]
     enc.eval()
     indices = torch.tensor([3, 0, 1])
@@ -28,4 +28,4 @@ def test_cached_features_match_forward_for_multi_clip_items():
 def test_a_training_trunk_is_not_cached():
     enc = create_encoder("digits_cnn", width=4, embed_dim=8)
     with pytest.raises(ValueError, match="trunk trains"):
-        FeatureCache(enc, Items([np.zeros((28, 28), np.uint8)], [0]), torch.device("cpu"))
+        FeatureCache.compute(enc, Items([np.zeros((28, 28), np.uint8)], [0]), torch.device("cpu"))

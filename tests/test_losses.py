@@ -130,3 +130,25 @@ def test_gradcheck_label_aware_and_supcon_and_pairwise():
     x, y = torch.randn(6, 3, dtype=torch.float64, requires_grad=True), torch.randn(6, 3, dtype=torch.float64)
     same = torch.tensor([1, 0, 1, 0, 1, 0])
     assert torch.autograd.gradcheck(lambda p: pairwise_cosine_loss(p, y, same), (x,))
+
+
+@pytest.mark.parametrize("loss_name", ["info_nce", "label_aware_info_nce"])
+def test_local_rows_average_to_the_full_loss_and_gradient(loss_name):
+    # data-parallel local loss: each of 3 "ranks" scores its 4 rows against all 12 columns
+    torch.manual_seed(0)
+    a = F.normalize(torch.randn(12, 8, dtype=torch.float64), dim=-1).requires_grad_()
+    b = F.normalize(torch.randn(12, 8, dtype=torch.float64), dim=-1).requires_grad_()
+    labels = torch.tensor([0, 1, 2, 0, 3, 1, 2, 2, 0, 3, 1, 0])
+
+    def loss(rows=None):
+        if loss_name == "info_nce":
+            return info_nce(a, b, 10.0, rows=rows)
+        return label_aware_info_nce(a, b, labels, labels, 10.0, rows=rows)
+
+    full = loss()
+    full_grads = torch.autograd.grad(full, (a, b))
+    local = sum(loss(slice(r * 4, (r + 1) * 4)) for r in range(3)) / 3
+    local_grads = torch.autograd.grad(local, (a, b))
+    torch.testing.assert_close(local, full, atol=1e-12, rtol=0)
+    for got, expected in zip(local_grads, full_grads, strict=True):
+        torch.testing.assert_close(got, expected, atol=1e-12, rtol=0)

@@ -18,6 +18,8 @@ from ..errors import ConfigError
 # name -> "module:function" (relative to this package)
 BENCHMARKS: dict[str, str] = {
     "retrieval": "retrieval:bench_retrieval",
+    "ddp": "ddp:bench_ddp",
+    "gpu": "gpu:bench_gpu",
 }
 
 

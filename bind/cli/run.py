@@ -1,10 +1,15 @@
-"""``bindkit run RECIPE [key.sub=value ...]``: train a recipe's stages, save the model, evaluate it."""
+"""``bindkit run RECIPE [key.sub=value ...]``: train a recipe's stages, save the model, evaluate it.
+
+``--nproc N`` trains data-parallel on N processes of this machine (``torchrun --standalone``; one
+GPU each on CUDA, gloo on CPU); ``torchrun --nproc_per_node N -m bind run RECIPE`` does the same.
+"""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
+from ..errors import ConfigError
 from ..registry import load_plugins
 
 
@@ -15,18 +20,31 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="run directory (default: runs/RECIPE_NAME)")
     p.add_argument("--plugin", action="append", default=[], metavar="MODULE", help="import MODULE to register encoders")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--nproc", type=int, default=1, metavar="N", help="data-parallel processes on this machine")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    import os
+
+    from ..distributed import launch
     from ..evaluate import format_results
     from ..recipe import load_recipe
     from ..trainer import run_recipe
 
     load_plugins(args.plugin)
-    recipe = load_recipe(args.recipe, args.overrides)
+    recipe = load_recipe(args.recipe, args.overrides)  # fail here, before any process starts
     out = Path(args.out or Path("runs") / Path(args.recipe).stem)
+    if args.nproc < 1:
+        raise ConfigError(f"--nproc: expected a number of processes >= 1, got {args.nproc}")
+    if args.nproc > 1:
+        flags = [flag for flag, on in (("--debug", args.debug), ("--verbose", args.verbose)) if on]
+        argv = [*flags, "run", args.recipe, *args.overrides, "--out", str(out)]
+        argv += [f"--plugin={module}" for module in args.plugin] + (["--no-progress"] if args.no_progress else [])
+        return launch(args.nproc, argv)
     results = run_recipe(recipe, out, show_progress=not args.no_progress)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
     print(format_results(results, recipe.eval.prompt_modality))
     print(f"run directory: {out}  (model.safetensors, config.json, metrics.jsonl, eval.json)")
     return 0

@@ -35,17 +35,35 @@ def split_key(key: Key) -> tuple[int, int]:
 
 
 class EpochSampler(Sampler):
-    """Shuffled ``(epoch, index)`` keys; each pass over the data is the next epoch, seeded by ``(seed, epoch)``."""
+    """Shuffled ``(epoch, index)`` keys; each pass over the data is the next epoch, seeded by ``(seed, epoch)``.
 
-    def __init__(self, size: int, seed: int) -> None:
+    In data-parallel training every rank draws the same permutation and takes its own contiguous
+    ``batch_size`` slice of each global batch of ``batch_size * world_size`` keys (the role of
+    ``DistributedSampler``), so the ranks' batches, concatenated in rank order, are exactly the
+    batch one process would draw; an incomplete last global batch is dropped.
+    """
+
+    def __init__(self, size: int, seed: int, batch_size: int = 1, rank: int = 0, world_size: int = 1) -> None:
+        if world_size > 1 and size < batch_size * world_size:
+            raise DataError(
+                f"{size} items cannot fill one global batch of {batch_size} x {world_size} ranks; "
+                "use a smaller batch_size or fewer processes"
+            )
         self.size, self.seed, self.epoch = size, seed, 0
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
 
     def __len__(self) -> int:
-        return self.size
+        if self.world_size == 1:
+            return self.size
+        return self.size // (self.batch_size * self.world_size) * self.batch_size
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         epoch, self.epoch = self.epoch, self.epoch + 1
         order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
+        if self.world_size > 1:
+            global_batch = self.batch_size * self.world_size
+            batches = order[: self.size // global_batch * global_batch].view(-1, self.world_size, self.batch_size)
+            order = batches[:, self.rank].reshape(-1)
         return ((epoch, int(i)) for i in order)
 
 
