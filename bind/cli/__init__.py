@@ -36,7 +36,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # argparse stops filling a nargs="*" positional at the first option, so `run R --out D a=b` and
+    # `bench gpu --json a=b` would leave `a=b` over: key=value words after options belong to it too
+    field = next((name for name in ("overrides", "options") if hasattr(args, name)), None)
+    if extra and field and all("=" in word and not word.startswith("-") for word in extra):
+        getattr(args, field).extend(extra)
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     _quiet_transformers(args.verbose)
     try:
