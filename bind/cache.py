@@ -47,6 +47,7 @@ class FeatureCache:
         self.device = torch.device(device)  # where gathered features go
         self.offsets = torch.cat([torch.zeros(1, dtype=torch.long), self.counts.cumsum(0)])
         self.single_clip = bool((self.counts == 1).all())
+        self.bad: list[tuple[str, str]] = []  # (item name, error) of items skipped while building
 
     @classmethod
     def compute(
@@ -55,17 +56,19 @@ class FeatureCache:
         """Run the frozen trunk over every item once."""
         if not encoder.trunk_frozen:
             raise ValueError(f"the {encoder.modality!r} trunk trains, so its features cannot be cached")
+        dataset = Preprocessed(items, encoder.preprocess, skip_bad=True)  # a bad item gets its neighbour's features
         loader = DataLoader(
-            Preprocessed(items, encoder.preprocess),
+            dataset,
             batch_size=batch_size,
             num_workers=num_workers,
-            collate_fn=lambda b: encoder.collate([x for x, _ in b]),
+            collate_fn=lambda b: (encoder.collate([x for x, _ in b]), dataset.drain_bad()),
         )
-        features, counts = [], []
+        features, counts, bad = [], [], []
         was_training = encoder.training
         encoder.eval()
         with torch.no_grad():
-            for batch in loader:
+            for batch, bad_items in loader:
+                bad += bad_items
                 batch = move_to(batch, device)
                 if isinstance(batch, ClipBatch):
                     features.append(encoder.forward_features(batch.clips))
@@ -75,7 +78,9 @@ class FeatureCache:
                     features.append(out)
                     counts.append(torch.ones(len(out), dtype=torch.long))
         encoder.train(was_training)
-        return cls(torch.cat(features).float(), torch.cat(counts), device)
+        cache = cls(torch.cat(features).float(), torch.cat(counts), device)
+        cache.bad = bad
+        return cache
 
     @classmethod
     def build(
@@ -112,6 +117,7 @@ class FeatureCache:
         np.save(tmp / "features.npy", self.features.cpu().numpy())
         np.save(tmp / "counts.npy", self.counts.numpy())
         meta = {"key": key, "items": len(self.counts), "clips": len(self.features), "dim": self.features.shape[1]}
+        meta["bad"] = self.bad
         (tmp / "meta.json").write_text(json.dumps(meta))
         try:
             os.replace(tmp, path)
@@ -125,9 +131,12 @@ class FeatureCache:
             # "c" (copy-on-write): torch needs a writable array; nothing is ever written back to the file
             features = torch.from_numpy(np.load(path / "features.npy", mmap_mode="c"))
             counts = torch.from_numpy(np.load(path / "counts.npy"))
+            bad = json.loads((path / "meta.json").read_text()).get("bad", [])
         except (OSError, ValueError) as err:
             raise DataError(f"{path}: feature cache is unreadable ({err}); delete the folder to rebuild it") from err
-        return cls(features, counts, device)
+        cache = cls(features, counts, device)
+        cache.bad = [tuple(b) for b in bad]
+        return cache
 
     def __len__(self) -> int:
         return len(self.counts)
@@ -160,14 +169,22 @@ def cache_key(encoder: ModalityEncoder, items: Items) -> str:
 
 
 class Indexed(torch.utils.data.Dataset):
-    """``(index, label)`` for each item: what a loader yields for a modality whose features are cached."""
+    """``(index, label)`` for each item: what a loader yields for a modality whose features are cached.
+
+    Bad items were met (and recorded) when the cache was built, so none are left here."""
 
     def __init__(self, items: Items) -> None:
         self.items = items
+        self.bad: list[tuple[str, str]] = []  # always empty
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, key: Key) -> tuple[int, int]:
-        index = split_key(key)[1]
+    def load(self, epoch: int, index: int) -> tuple[int, int]:
         return index, int(self.items.labels[index])
+
+    def __getitem__(self, key: Key) -> tuple[int, int]:
+        return self.load(*split_key(key))
+
+    def drain_bad(self) -> list[tuple[str, str]]:
+        return []

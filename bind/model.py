@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +26,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .encoder import ModalityEncoder
-from .errors import ConfigError, DataError, UnknownEncoderError
-from .registry import create_encoder, load_plugins
+from .errors import ConfigError, DataError, UnknownEncoderError, did_you_mean
+from .registry import create_encoder, get_encoder_info, list_encoders, load_plugins
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
@@ -46,8 +46,8 @@ class BindModel(nn.Module):
         dims = {m: e.embed_dim for m, e in encoders.items()}
         if len(set(dims.values())) != 1:
             raise ConfigError(
-                f"all encoders must share one embed_dim to live in one space; got {dims}. Set the same "
-                "embed_dim for every encoder"
+                f"all encoders must share one embed_dim to live in one space; got {dims}. Build every encoder "
+                "with the same embed_dim (a recipe sets it once, with the top-level embed_dim key)"
             )
         for modality, encoder in encoders.items():
             if encoder.modality != modality:
@@ -63,7 +63,10 @@ class BindModel(nn.Module):
 
     def __getitem__(self, modality: str) -> ModalityEncoder:
         if modality not in self.encoders:
-            raise ConfigError(f"this model has no {modality!r} encoder; it has: {', '.join(self.encoders)}")
+            raise ConfigError(
+                f"this model has no {modality!r} encoder; {did_you_mean(modality, self.encoders)}"
+                f"it has: {', '.join(self.encoders)}"
+            )
         return self.encoders[modality]  # type: ignore[return-value]
 
     def forward(self, modality: str, batch: Any) -> Tensor:
@@ -97,6 +100,8 @@ class BindModel(nn.Module):
                 for m, e in self.encoders.items()
             },
             "shared_trunks": dict(self.shared_trunks),
+            # so that loading without the plugin can say which --plugin registers a missing encoder
+            "encoder_modules": _encoder_modules(self.encoders.values()),
         }
 
     def save_pretrained(self, directory: str | os.PathLike[str]) -> Path:
@@ -122,13 +127,10 @@ class BindModel(nn.Module):
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], root: Path | None = None) -> BindModel:
-        """Build (untrained) encoders from a config as written by :meth:`config`."""
-        version = config.get("format_version")
-        if not isinstance(version, int) or version > FORMAT_VERSION:
-            raise ConfigError(
-                f"model format_version {version!r} is not supported by this bindkit (reads up to {FORMAT_VERSION}); "
-                "upgrade bindkit"
-            )
+        """Build (untrained) encoders from a config as written by :meth:`config` (``root``: its directory)."""
+        where = str(root / CONFIG_NAME) if root is not None else "model config"
+        _check_config(config, where)
+        modules = config.get("encoder_modules") or {}  # absent in configs written before it was recorded
         encoders = {}
         for modality, spec in config["encoders"].items():
             kwargs = dict(spec.get("kwargs", {}))
@@ -137,9 +139,15 @@ class BindModel(nn.Module):
             try:
                 encoder = create_encoder(spec["name"], **kwargs)
             except UnknownEncoderError as err:
+                missing = err.name or spec["name"]
+                what = (
+                    f"encoder {missing!r} is not registered"
+                    if missing == spec["name"]
+                    else f"encoder {spec['name']!r} needs encoder {missing!r}, which is not registered"
+                )
                 raise UnknownEncoderError(
-                    f"{err} (the saved {modality!r} encoder needs it: load the plugin that registers "
-                    f"{spec['name']!r} with --plugin MODULE or bind.load_plugins(['MODULE']) first)"
+                    f"{where}: the {modality!r} {what}; {_plugin_hint(modules.get(missing))}",
+                    name=missing,
                 ) from None
             encoder.freeze(spec.get("freeze", "none"), spec.get("unfreeze_last_blocks", 0))
             encoders[modality] = encoder
@@ -155,17 +163,88 @@ class BindModel(nn.Module):
         """Rebuild a model saved by :meth:`save_pretrained`."""
         directory = Path(directory)
         config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+        if not directory.is_dir():
+            raise DataError(f"{directory}: no such directory; expected a model directory written by `bindkit run`")
         for path in (config_path, weights_path):
             if not path.is_file():
-                raise DataError(f"{path} is missing: {directory} is not a complete bindkit model directory")
+                raise DataError(
+                    f"{path} is missing: {directory} is not a complete bindkit model directory; `bindkit run` "
+                    f"(BindModel.save_pretrained) writes {CONFIG_NAME} and {WEIGHTS_NAME} when training ends: "
+                    "pass a finished run, or run it again"
+                )
         load_plugins(list(plugins))
         try:
             config = json.loads(config_path.read_text())
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"{config_path} is not valid JSON: {err}") from err
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ConfigError(
+                f"{config_path} is not valid JSON ({err}); it is written by `bindkit run`: restore it from the run"
+            ) from err
         model = cls.from_config(config, root=directory)
         _load_weights(model, weights_path, map_location)
         return model
+
+
+def _check_config(config: Any, where: str) -> None:
+    """Raise :class:`ConfigError` naming the key when ``config`` is not a model config this bindkit reads."""
+    if not isinstance(config, Mapping):
+        raise ConfigError(f"{where}: expected a JSON object (a bindkit model config), got {type(config).__name__}")
+    version = config.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise ConfigError(
+            f"{where}: format_version: expected an integer, got {version!r}; the file was not written by bindkit"
+        )
+    if version > FORMAT_VERSION:
+        raise ConfigError(
+            f"{where}: model format_version {version} is not supported by this bindkit (reads up to "
+            f"{FORMAT_VERSION}): a newer bindkit wrote it; upgrade bindkit (`pip install -U bindkit`) to load it"
+        )
+    encoders = config.get("encoders")
+    if not isinstance(encoders, Mapping) or not encoders:
+        raise ConfigError(f"{where}: encoders: expected a mapping of modality -> encoder spec, got {encoders!r}")
+    for modality, spec in encoders.items():
+        if not isinstance(spec, Mapping) or not isinstance(spec.get("name"), str):
+            raise ConfigError(f"{where}: encoders.{modality}.name: expected an encoder name, got {spec!r}")
+        if not isinstance(spec.get("kwargs", {}), Mapping):
+            raise ConfigError(f"{where}: encoders.{modality}.kwargs: expected a mapping, got {spec['kwargs']!r}")
+    if not isinstance(config.get("anchor_modality"), str):
+        raise ConfigError(f"{where}: anchor_modality: expected a modality name, got {config.get('anchor_modality')!r}")
+
+
+def _encoder_modules(encoders: Iterable[ModalityEncoder]) -> dict[str, str]:
+    """Registry name -> module that registered it, for these encoders and encoders they hold (video frames)."""
+    modules: dict[str, str] = {}
+    seen: set[int] = set()
+    registered = set(list_encoders())
+    stack = list(encoders)
+    while stack:
+        encoder = stack.pop()
+        if id(encoder) in seen:
+            continue
+        seen.add(id(encoder))
+        name = encoder.build_args.get("name")
+        if name in registered:  # an encoder not built by the registry cannot be saved: save_pretrained says so
+            modules[name] = get_encoder_info(name).module
+        # a held encoder may be a plain attribute rather than a submodule (VideoFramesEncoder.frame_encoder)
+        stack += [m for m in (*encoder.modules(), *vars(encoder).values()) if isinstance(m, ModalityEncoder)]
+    return dict(sorted(modules.items()))
+
+
+def _plugin_hint(module: str | None) -> str:
+    """What to do about an encoder that a saved model needs and the registry lacks."""
+    if not module:  # configs written before encoder_modules, or a name nested in another encoder's arguments
+        return (
+            "load the module that registers it with --plugin MODULE (Python: bind.load_plugins(['MODULE'])); "
+            "`bindkit encoders` lists the registered ones"
+        )
+    if module == "encoders" or module.startswith("encoders."):
+        return (
+            f"it is built into the bindkit that saved the model ({module}) but not into this one: "
+            "install the same or a newer bindkit"
+        )
+    return (
+        f"it is registered by module {module!r}: load it with --plugin {module} "
+        f"(Python: bind.load_plugins([{module!r}]))"
+    )
 
 
 def _tensor_key(t: Tensor) -> tuple[Any, ...]:
@@ -192,7 +271,9 @@ def _load_weights(model: nn.Module, path: Path, device: str) -> None:
     try:
         saved = load_file(str(path), device=device)
     except Exception as err:  # safetensors raises its own error types for truncated or foreign files
-        raise DataError(f"{path}: not a readable safetensors file ({err})") from err
+        raise DataError(
+            f"{path}: not a readable safetensors file ({err}); it is truncated or corrupt: restore it, or run again"
+        ) from err
     expected = _unique_tensors(model.state_dict())
     missing = sorted(set(expected) - set(saved))
     unexpected = sorted(set(saved) - set(model.state_dict()))

@@ -110,6 +110,13 @@ class Recipe:
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     channels_last: bool = False  # CUDA conv towers: NHWC memory format (faster convolutions with bf16)
     compile: bool = False  # torch.compile each trainable tower (slower start, faster steps on GPU)
+    checkpoint_every: int | None = (
+        200  # optimizer steps between checkpoints (also at each epoch end); null: epochs only
+    )
+    keep_checkpoints: int = 2  # newest checkpoints kept in RUN_DIR/checkpoints
+    on_bad_item: Literal["skip", "fail"] = "skip"  # skip: a corrupt item is replaced by the next one and counted
+    max_bad_fraction: float = 0.01  # stop when more than this share of a training set is bad
+    max_nonfinite_steps: int = 5  # NaN/inf losses are skipped; this many in a row stop the run
     eval: EvalSpec = field(default_factory=EvalSpec)
     source: str = "<recipe>"  # where it was loaded from (set by load_recipe)
 
@@ -278,10 +285,18 @@ def _check_semantics(r: Recipe) -> None:
                 check_data_spec(data_spec, r.data_root, _join(where, key))
     if not r.stages:
         raise ConfigError(f"{src}: stages: at least one stage is needed")
+    for key in ("checkpoint_every", "keep_checkpoints", "max_nonfinite_steps"):
+        value = getattr(r, key)
+        if value is not None and value < 1:
+            raise ConfigError(f"{src}: {key}: expected a positive number, got {value}")
+    if not 0 <= r.max_bad_fraction <= 1:
+        raise ConfigError(f"{src}: max_bad_fraction: expected a share between 0 and 1, got {r.max_bad_fraction}")
     for i, stage in enumerate(r.stages):
         where = f"{src}: stages[{i}] ({stage.name})"
         if (stage.epochs is None) == (stage.steps is None):
             raise ConfigError(f"{where}: give exactly one of epochs or steps")
+        if stage.log_every < 1:
+            raise ConfigError(f"{where}.log_every: expected a positive number of steps, got {stage.log_every}")
         if stage.chunk_size is not None and stage.chunk_size < 1:
             raise ConfigError(
                 f"{where}.chunk_size: expected a positive number of items (or null), got {stage.chunk_size}"

@@ -18,7 +18,6 @@ entry-point group ``bindkit.encoders`` of the package's metadata, which is loade
 
 from __future__ import annotations
 
-import difflib
 import fnmatch
 import importlib
 import inspect
@@ -30,7 +29,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .encoder import ModalityEncoder
-from .errors import ConfigError, UnknownEncoderError
+from .errors import ConfigError, UnknownEncoderError, did_you_mean
 
 log = logging.getLogger(__name__)
 
@@ -127,11 +126,10 @@ def get_encoder_info(name: str) -> EncoderInfo:
     """The :class:`EncoderInfo` for ``name``; unknown names raise with the closest matches."""
     load_plugins()
     if name not in _REGISTRY:
-        close = difflib.get_close_matches(name, _REGISTRY, n=3, cutoff=0.5)
-        hint = f"did you mean {', '.join(repr(c) for c in close)}? " if close else ""
         raise UnknownEncoderError(
-            f"unknown encoder {name!r}; {hint}`bindkit encoders` lists the registered ones, "
-            "and `--plugin MODULE` (or a recipe's `plugins:`) loads encoders from your own module"
+            f"unknown encoder {name!r}; {did_you_mean(name, _REGISTRY)}`bindkit encoders` lists the registered ones, "
+            "and `--plugin MODULE` (or a recipe's `plugins:`) loads encoders from your own module",
+            name=name,
         )
     return _REGISTRY[name]
 

@@ -15,6 +15,8 @@ import json
 import logging
 import math
 import random
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
@@ -28,6 +30,14 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .cache import FeatureCache, Indexed
+from .checkpoint import (
+    Checkpoint,
+    clean_partial,
+    latest_checkpoint,
+    load_training_state,
+    load_weights,
+    save_checkpoint,
+)
 from .data import Items, build_dataset
 from .data.augment import build_augment
 from .data.pairs import AnchorPairs, EpochSampler, Preprocessed
@@ -42,7 +52,7 @@ from .distributed import (
     mean_over_ranks,
 )
 from .encoder import move_to
-from .errors import ConfigError
+from .errors import ConfigError, DataError, Interrupted, TrainingError
 from .evaluate import embed_eval_splits, evaluate_model
 from .gradcache import ChunkedEmbedding, batch_size_of
 from .losses import info_nce, label_aware_info_nce, pairwise_cosine_loss, supcon_loss
@@ -160,6 +170,12 @@ class StageRunner:
                 self.caches[modality] = FeatureCache.build(
                     model[modality], train_sets[modality], device, recipe.cache_dir, recipe.num_workers, dist
                 )
+        # bad items (name -> error) met in this stage; their share of the stage's items is capped
+        self.bad_items: dict[str, str] = {}
+        self.stage_items = sum(len(train_sets[m]) for m in self.modalities)
+        for modality, cache in self.caches.items():
+            self.note_bad_items(modality, cache.bad)
+        self.nonfinite_steps = 0
         self.loaders: dict[str, DataLoader] = {}
         if stage.kind == "pretrain":
             self.loaders[stage.modality] = self._loader(
@@ -186,6 +202,27 @@ class StageRunner:
         self.autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
         self.towers = {m: self._tower(m) for m in self.modalities}
 
+    def note_bad_items(self, modality: str, bad: list[tuple[str, str]]) -> None:
+        """Count items that could not be read; fail at once with ``on_bad_item: fail`` or past the share."""
+        for name, message in bad:
+            if self.recipe.on_bad_item == "fail":
+                raise DataError(f"{name}: {message} ({modality} item; on_bad_item: fail stops at the first bad item)")
+            if name not in self.bad_items:
+                log.warning("skipping bad %s item %s: %s", modality, name, message)
+            self.bad_items[name] = message
+        if len(self.bad_items) > self.recipe.max_bad_fraction * self.stage_items:
+            listed = "\n".join(f"  {name}: {message}" for name, message in list(self.bad_items.items())[:20])
+            raise DataError(
+                f"stage {self.stage.name!r}: {len(self.bad_items)} of {self.stage_items} items are bad, more than "
+                f"max_bad_fraction={self.recipe.max_bad_fraction}; fix or remove them:\n{listed}"
+            )
+
+    def seek(self, steps_done: int) -> None:
+        """Position every loader as it stands after ``steps_done`` optimizer steps (resuming mid-stage)."""
+        for loader in self.loaders.values():
+            consumed = steps_done * self.stage.optimizer.grad_accum_steps
+            loader.sampler.resume_at(consumed // len(loader), consumed % len(loader))
+
     def _tower(self, modality: str) -> Callable[[Any], torch.Tensor]:
         """What embeds one batch of ``modality`` (item indices when its features are cached)."""
         encoder = self.model[modality]
@@ -205,9 +242,8 @@ class StageRunner:
     def _dataset(self, modality: str, train_sets: dict[str, Items]) -> Any:
         if modality in self.caches:
             return Indexed(train_sets[modality])
-        return Preprocessed(
-            train_sets[modality], self.model[modality].preprocess, self._augment(modality), self.recipe.seed
-        )
+        encoder = self.model[modality]
+        return Preprocessed(train_sets[modality], encoder.preprocess, self._augment(modality), self.recipe.seed, True)
 
     def _collate_fn(self, modality: str):
         return torch.tensor if modality in self.caches else self.model[modality].collate
@@ -225,6 +261,7 @@ class StageRunner:
         )
 
     def _loader(self, dataset: Any, batch_size: int, collate) -> DataLoader:
+        """Batches of ``collate(items)``, plus the bad items met on the way (drained in the worker that met them)."""
         workers, world = self.recipe.num_workers, self.dist.world_size
         if batch_size % world:
             raise ConfigError(f"stage {self.stage.name!r}: batch size {batch_size} is not divisible by {world} ranks")
@@ -234,7 +271,9 @@ class StageRunner:
             batch_size=local_batch,
             sampler=EpochSampler(len(dataset), self.recipe.seed, local_batch, self.dist.rank, world),
             drop_last=True,
-            collate_fn=collate,
+            collate_fn=lambda batch: (*collate(batch), dataset.drain_bad()),
+            # its own generator: a new pass must not draw from the global RNG, or a resumed run would differ
+            generator=torch.Generator().manual_seed(self.recipe.seed),
             num_workers=workers,
             persistent_workers=workers > 0,  # workers live across epochs: the sampler's keys carry the epoch
             pin_memory=self.device.type == "cuda",
@@ -267,7 +306,8 @@ class StageRunner:
         rank's rows only (against all columns)."""
         stage, replays = self.stage, []
         if stage.kind == "pretrain":
-            x, labels = next(iterators[stage.modality])
+            x, labels, bad = next(iterators[stage.modality])
+            self.note_bad_items(stage.modality, bad)
             z, labels = self._embed(stage.modality, x, replays), gather_with_grad(labels.to(self.device))
             if stage.loss == "supcon":
                 loss = supcon_loss(z, labels, stage.temperature)
@@ -276,7 +316,8 @@ class StageRunner:
             return loss, {stage.modality: loss.item()}, len(labels), replays
         total, parts, samples = 0.0, {}, 0
         for modality, pair in stage.pairs.items():
-            anchor_x, x, labels = next(iterators[modality])
+            anchor_x, x, labels, bad = next(iterators[modality])
+            self.note_bad_items(modality, bad)
             za = self._embed(self.recipe.anchor_modality, anchor_x, replays)
             zm = self._embed(modality, x, replays)
             labels = gather_with_grad(labels.to(self.device))
@@ -311,25 +352,52 @@ class StageRunner:
             return sum(pair.weight * parts[m] for m, pair in self.stage.pairs.items()), parts, samples
         return loss.item(), parts, samples
 
-    def run(self, metrics: MetricsLog | None, checkpoint_dir: Path, show_progress: bool = True) -> None:
-        """Train the stage's steps; ``metrics`` and checkpoints only on the main rank."""
+    def run(
+        self,
+        metrics: MetricsLog | None,
+        checkpoints: CheckpointWriter | None = None,
+        show_progress: bool = True,
+        start_step: int = 0,
+        stop: StopFlag | None = None,
+    ) -> None:
+        """Train steps ``start_step + 1 .. total_steps``; metrics and checkpoints on the main rank only."""
         stage, optim = self.stage, self.stage.optimizer
         self.model.train()
         iterators = {m: endless(loader) for m, loader in self.loaders.items()}
         show = show_progress and self.dist.is_main
-        bar = tqdm(range(self.total_steps), desc=stage.name, disable=not show, dynamic_ncols=True)
-        window_start, window_samples = time.perf_counter(), 0
+        bar = tqdm(
+            range(start_step, self.total_steps),
+            desc=stage.name,
+            disable=not show,
+            dynamic_ncols=True,
+            initial=start_step,
+            total=self.total_steps,
+        )
+        window_start, window_samples, nonfinite_in_a_row = time.perf_counter(), 0, 0
         for step in bar:
+            done = step + 1
             loss, parts, samples = self.backward(iterators)
             window_samples += samples
             grad_norm = None
             if optim.grad_clip:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, optim.grad_clip))
-            self.optimizer.step()
-            self.scheduler.step()
+            if math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm)):
+                self.optimizer.step()
+                self.scheduler.step()
+                clamp_logit_scales(self.model)
+                nonfinite_in_a_row = 0
+            else:  # skip the update: one bad batch must not poison the weights
+                self.nonfinite_steps += 1
+                nonfinite_in_a_row += 1
+                log.warning("stage %s step %d: non-finite loss or gradient, step skipped", stage.name, done)
+                if nonfinite_in_a_row >= self.recipe.max_nonfinite_steps:
+                    last = checkpoints.last if checkpoints else None
+                    raise TrainingError(
+                        f"stage {stage.name!r}: the loss or gradient was NaN/inf for {nonfinite_in_a_row} steps in a "
+                        f"row (last at step {done}); last checkpoint: {last or 'none'}. Lower the learning rate, "
+                        "check the inputs, or raise max_nonfinite_steps"
+                    )
             self.optimizer.zero_grad(set_to_none=True)
-            clamp_logit_scales(self.model)
-            done = step + 1
             if metrics is not None and (done % stage.log_every == 0 or done == self.total_steps):
                 rate = window_samples / max(time.perf_counter() - window_start, 1e-9)
                 window_start, window_samples = time.perf_counter(), 0
@@ -341,16 +409,84 @@ class StageRunner:
                     "lr": self.scheduler.get_last_lr()[0],
                     "samples_per_s": round(rate, 1),
                     "grad_norm": grad_norm,
+                    "bad_items": len(self.bad_items),
+                    "nonfinite_steps": self.nonfinite_steps,
                 }
                 metrics.write(record)
-                bar.set_postfix(loss=f"{loss:.3f}", samples_s=f"{rate:.0f}")
-            if self.dist.is_main and (done % self.steps_per_epoch == 0 or done == self.total_steps):
-                save_checkpoint(
-                    self.model,
-                    checkpoint_dir,
-                    {"stage": stage.name, "step": done, "epoch": done / self.steps_per_epoch},
-                )
+                postfix = {"loss": f"{loss:.3f}", "samples_s": f"{rate:.0f}"}
+                if self.bad_items:
+                    postfix["bad"] = len(self.bad_items)
+                if self.nonfinite_steps:
+                    postfix["nan_skipped"] = self.nonfinite_steps
+                bar.set_postfix(postfix)
+            stopping = stop is not None and stop.requested(self.dist, self.device)
+            every = self.recipe.checkpoint_every
+            due = (every and done % every == 0) or done % self.steps_per_epoch == 0 or done == self.total_steps
+            if checkpoints is not None and (due or stopping):
+                checkpoints.save(self, done)
+            if stopping:
+                bar.close()
+                raise Interrupted(stop.signal_name, stage.name, done, checkpoints.last if checkpoints else None)
         bar.close()
+
+    def counters(self) -> dict[str, Any]:
+        return {"bad_items": self.bad_items, "nonfinite_steps": self.nonfinite_steps}
+
+    def restore_counters(self, state: dict[str, Any]) -> None:
+        self.bad_items.update(state.get("bad_items", {}))
+        self.nonfinite_steps = state.get("nonfinite_steps", 0)
+
+
+class CheckpointWriter:
+    """Writes the checkpoints of one run (main rank only), remembering the newest."""
+
+    def __init__(self, directory: Path, recipe: Recipe, stage_index: int) -> None:
+        self.directory, self.recipe, self.stage_index = directory, recipe, stage_index
+        self.last: Path | None = None
+
+    def save(self, runner: StageRunner, step: int) -> None:
+        extra = {"stage": runner.stage.name, "total_steps": runner.total_steps, "recipe": recipe_to_dict(self.recipe)}
+        self.last = save_checkpoint(
+            self.directory,
+            runner.model,
+            runner.optimizer,
+            runner.scheduler,
+            self.stage_index,
+            step,
+            {**extra, **runner.counters()},
+            keep=self.recipe.keep_checkpoints,
+        )
+
+
+class StopFlag:
+    """SIGTERM and SIGINT set a flag instead of killing the process: the loop checkpoints, then stops."""
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopFlag:
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signal_name is not None:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.signal_name = signal.Signals(signum).name
+
+    def requested(self, dist: Dist, device: torch.device) -> bool:
+        """Whether to stop after this step; with several ranks, any rank's signal stops all at the same step."""
+        flag = float(self.signal_name is not None)
+        if dist.enabled:
+            flag = mean_over_ranks(flag, device)
+            self.signal_name = self.signal_name or ("SIGTERM" if flag else None)
+        return flag > 0
 
 
 def clamp_logit_scales(model: BindModel) -> None:
@@ -361,22 +497,21 @@ def clamp_logit_scales(model: BindModel) -> None:
                 encoder.log_logit_scale.clamp_(0.0, math.log(encoder.max_logit_scale))
 
 
-def save_checkpoint(model: BindModel, directory: Path, state: dict[str, Any]) -> None:
-    model.save_pretrained(directory)
-    atomic_write(directory / "trainer_state.json", json.dumps(state).encode())
-
-
 # ---- the whole recipe -------------------------------------------------------------------------------
-def run_recipe(recipe: Recipe, out_dir: str | Path, show_progress: bool = True) -> dict[str, Any]:
+def run_recipe(recipe: Recipe, out_dir: str | Path, show_progress: bool = True, resume: bool = False) -> dict[str, Any]:
     """Train every stage of ``recipe``, save the model into ``out_dir`` and evaluate it.
 
+    ``resume`` continues from the newest checkpoint in ``out_dir/checkpoints`` with the same weights,
+    optimizer, scheduler, random states and data position, so the run ends as if never stopped.
     Under torchrun (``WORLD_SIZE`` > 1) every process runs this; rank 0 writes the run directory.
     """
     out_dir = Path(out_dir)
+    checkpoint_dir = out_dir / "checkpoints"
     device = resolve_device(recipe.device)
     dist = init_distributed(device.type)
     if dist.enabled and device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
+    resume_from = _checkpoint_to_resume(recipe, checkpoint_dir) if resume else None
     if dist.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
@@ -388,21 +523,62 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, show_progress: bool = True) 
     if recipe.channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     broadcast_parameters(model)
+    if resume_from is not None:
+        load_weights(resume_from, model)
     metrics = MetricsLog(out_dir / "metrics.jsonl", recipe.tensorboard) if dist.is_main else None
     train_sets = {
         m: build_dataset(s.train_data, recipe.data_root)
         for m, s in recipe.modalities.items()
         if s.train_data is not None
     }
-    for stage in recipe.stages:
-        log.info("stage %s (%s)", stage.name, stage.kind)
-        runner = StageRunner(model, recipe, stage, device, train_sets, dist)
-        runner.run(metrics, out_dir / "checkpoint", show_progress)
+    with StopFlag() as stop:
+        for index, stage in enumerate(recipe.stages):
+            if resume_from is not None and index < resume_from.stage_index:
+                continue  # finished before the checkpoint; its result is in the weights
+            log.info("stage %s (%s)", stage.name, stage.kind)
+            runner = StageRunner(model, recipe, stage, device, train_sets, dist)
+            start = 0
+            if resume_from is not None and index == resume_from.stage_index:
+                runner.restore_counters(load_training_state(resume_from, runner.optimizer, runner.scheduler))
+                start = resume_from.step
+                runner.seek(start)
+                if metrics is not None:
+                    metrics.write({"stage": stage.name, "event": "resumed", "from_step": start})
+                log.info("resuming stage %s at step %d from %s", stage.name, start, resume_from.path)
+            writer = CheckpointWriter(checkpoint_dir, recipe, index) if dist.is_main else None
+            runner.run(metrics, writer, show_progress, start_step=start, stop=stop)
     model.eval()
+    if dist.is_main:  # saved before evaluating: a failing evaluation loses no training
+        model.save_pretrained(out_dir)
     results = evaluate_model(model, recipe, device, embed_eval_splits(model, recipe, device, dist))
     if dist.is_main:
-        model.save_pretrained(out_dir)
         metrics.write({"stage": "eval", **results})
         atomic_write(out_dir / "eval.json", json.dumps(results, indent=2).encode())
     barrier()
     return results
+
+
+def _checkpoint_to_resume(recipe: Recipe, directory: Path) -> Checkpoint:
+    """The newest complete checkpoint, checked against the recipe it must continue."""
+    clean_partial(directory)
+    checkpoint = latest_checkpoint(directory)
+    if checkpoint is None:
+        raise ConfigError(f"--resume: no checkpoint in {directory}; run without --resume to start from scratch")
+    saved = checkpoint.state.get("recipe", {})
+    current = json.loads(json.dumps(recipe_to_dict(recipe)))
+    harmless = {
+        "source",
+        "data_root",
+        "num_workers",
+        "cache_dir",
+        "tensorboard",
+        "checkpoint_every",
+        "keep_checkpoints",
+    }
+    changed = sorted(k for k in (set(saved) | set(current)) - harmless if saved.get(k) != current.get(k))
+    if changed:
+        raise ConfigError(
+            f"--resume: the recipe differs from the one {checkpoint.path} was trained with (keys: {', '.join(changed)});"
+            " resume with the same recipe and overrides, or start a new run directory"
+        )
+    return checkpoint

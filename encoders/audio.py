@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, Literal
 
@@ -48,10 +49,13 @@ def load_audio(item: Any, sample_rate: int) -> Tensor:
 
         load_audio("stereo_44k.wav", 8000).shape   # (round(seconds * 8000),): mono, resampled
     """
+    max_channels = MAX_CHANNELS
     if isinstance(item, (str, os.PathLike)):
         what = f"audio file {os.fspath(item)!r}"
         if not Path(item).is_file():
             raise InputError(f"{what} does not exist; expected a path to a WAV or FLAC file")
+        if Path(item).stat().st_size == 0:
+            raise InputError(f"{what} is empty (0 bytes); expected a WAV or FLAC file: re-export or re-download it")
         try:
             data, rate = sf.read(item, dtype="float32", always_2d=True)  # (samples, channels)
         except (sf.SoundFileError, RuntimeError, TypeError, ValueError) as err:
@@ -59,12 +63,19 @@ def load_audio(item: Any, sample_rate: int) -> Tensor:
                 f"{what} could not be decoded ({err}); expected a WAV or FLAC file readable by libsndfile: "
                 "check that it is not truncated or convert it (e.g. `ffmpeg -i IN OUT.wav`)"
             ) from None
+        missing = _wav_bytes_missing(Path(item))
+        if missing:  # libsndfile reads a cut-off WAV up to the cut without a word
+            raise InputError(
+                f"{what} is truncated: its header promises {missing} more bytes of samples than the file holds; "
+                "re-export or re-download it (`ffmpeg -i IN OUT.wav` keeps the part that is there)"
+            )
         wave = torch.from_numpy(np.ascontiguousarray(data.T))
+        max_channels = wave.shape[0]  # a file says how many channels it has: any number is mixed down
     elif isinstance(item, tuple) and len(item) == 2:
         what = "(waveform, sample_rate) item"
         wave, rate = _as_tensor(item[0], what), item[1]
-        if not isinstance(rate, (int, float, np.integer, np.floating)) or rate <= 0:
-            raise InputError(f"{what}: sample_rate must be a positive number, got {rate!r}")
+        if not isinstance(rate, (int, float, np.integer, np.floating)) or not 1 <= rate < math.inf:
+            raise InputError(f"{what}: sample_rate must be a positive number of Hz (at least 1), got {rate!r}")
     elif isinstance(item, (np.ndarray, Tensor)):
         what, wave, rate = "audio array", _as_tensor(item, "audio array"), sample_rate
     else:
@@ -74,10 +85,10 @@ def load_audio(item: Any, sample_rate: int) -> Tensor:
         )
     if wave.ndim == 1:
         wave = wave[None]
-    if wave.ndim != 2 or wave.shape[0] > MAX_CHANNELS:
+    if wave.ndim != 2 or wave.shape[0] > max_channels:
         raise InputError(
             f"{what} has shape {tuple(wave.shape)}; expected (samples,) or (channels, samples) with at most "
-            f"{MAX_CHANNELS} channels (transpose soundfile's (samples, channels) output with .T)"
+            f"{max_channels} channels (transpose soundfile's (samples, channels) output with .T)"
         )
     if wave.shape[1] == 0:
         raise InputError(f"{what} is empty (0 samples); expected at least one sample of audio")
@@ -85,8 +96,30 @@ def load_audio(item: Any, sample_rate: int) -> Tensor:
         raise InputError(f"{what} contains NaN or infinite samples; expected finite values")
     wave = wave.mean(0)
     if round(rate) != sample_rate:
-        wave = AF.resample(wave, int(round(rate)), sample_rate)
+        # torchaudio's kernel grows with both rates divided by their gcd: 44101 -> 8000 Hz would build a 1.4 GB
+        # kernel. A ratio with a denominator <= 1000 is exact for the usual rates (44100 -> 8000 is 80/441) and
+        # within 0.05% (under a cent of pitch) for odd ones such as 44101.
+        ratio = Fraction(sample_rate, int(round(rate))).limit_denominator(1000)
+        if ratio != 1:
+            wave = AF.resample(wave, ratio.denominator, ratio.numerator)
     return wave
+
+
+def _wav_bytes_missing(path: Path) -> int:
+    """Bytes a RIFF/WAVE file's ``data`` chunk declares beyond the end of the file (0: complete or not a WAV)."""
+    with open(path, "rb") as f:
+        header = f.read(12)
+        if header[:4] != b"RIFF" or header[8:12] != b"WAVE":
+            return 0
+        size, position = os.fstat(f.fileno()).st_size, 12
+        while position + 8 <= size:
+            f.seek(position)
+            chunk, length = f.read(4), int.from_bytes(f.read(4), "little")
+            if chunk == b"data":
+                # streaming writers leave the length 0 or 0xFFFFFFFF: unknown, not truncated
+                return max(0, length - (size - position - 8)) if 0 < length < 0xFFFFFFFF else 0
+            position += 8 + length + (length & 1)  # chunks are padded to an even length
+    return 0
 
 
 def _as_tensor(data: Any, what: str) -> Tensor:

@@ -83,10 +83,12 @@ def _read_file(path: Path) -> np.ndarray:
     where = f"image file {str(path)!r}"
     if not path.is_file():
         raise InputError(f"{where} does not exist; expected a PNG/JPEG (or other PIL-readable) file")
+    if path.stat().st_size == 0:
+        raise InputError(f"{where} is empty (0 bytes); expected a PNG or JPEG file: re-export or re-download it")
     try:
         with Image.open(path) as img:
             return _pil_to_array(ImageOps.exif_transpose(img))  # phones store rotation in EXIF, not pixels
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as err:
         raise InputError(
             f"{where} is empty, corrupt or not an image PIL can read ({type(err).__name__}: {err}); "
             "expected a PNG or JPEG file"

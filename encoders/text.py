@@ -86,7 +86,9 @@ class HFTextEncoder(ModalityEncoder):
         if not isinstance(item, str):
             raise InputError(f"text encoder expects a string, got {type(item).__name__}: {str(item)[:60]!r}")
         if not item.strip():
-            raise InputError(f"text is empty or only whitespace ({item!r}); expected at least one word")
+            raise InputError(
+                f"text is empty or only whitespace ({item!r}); expected at least one word: drop the item or write one"
+            )
         tokens = self.tokenizer(item, truncation=True, max_length=self.max_length)
         return {key: torch.tensor(tokens[key], dtype=torch.long) for key in ("input_ids", "attention_mask")}
 

@@ -51,6 +51,8 @@ def read_video(path: str | os.PathLike[str]) -> np.ndarray:
     what = f"video file {os.fspath(path)!r}"
     if not Path(path).is_file():
         raise InputError(f"{what} does not exist; expected a video file (mp4, webm, avi, ...)")
+    if Path(path).stat().st_size == 0:
+        raise InputError(f"{what} is empty (0 bytes); expected a video file (mp4, webm, avi, ...): re-export it")
     try:
         with av.open(os.fspath(path)) as container:
             streams = container.streams.video

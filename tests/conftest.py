@@ -31,7 +31,7 @@ def raw_examples(modality: str, n: int = 3, seed: int = 0) -> list:
     raise KeyError(modality)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def data_root() -> Path:
     if not (DATA_ROOT / "mnist").is_dir():
         pytest.skip(f"real data not found at {DATA_ROOT}")

@@ -62,7 +62,7 @@ def test_smoke_digits_run_writes_a_complete_loadable_run(tmp_path, data_root):
         "model.safetensors",
         "metrics.jsonl",
         "eval.json",
-        "checkpoint",
+        "checkpoints",
     }
     saved = json.loads((tmp_path / "eval.json").read_text())
     assert saved == json.loads(json.dumps(results))

@@ -51,11 +51,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     except BindError as err:
         if args.debug:
             raise
-        print(f"bindkit {args.verb}: error: {err}", file=sys.stderr)
+        print(f"bindkit {args.verb}: error: {_one_line(str(err))}", file=sys.stderr)
+        sys.exit(getattr(err, "exit_code", 2))
+    except OSError as err:  # a path the user gave (--out in a missing folder, no permission): name it
+        if args.debug or not err.filename:
+            raise
+        print(f"bindkit {args.verb}: error: {err.filename}: {err.strerror}; check the path", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)
     sys.exit(code or 0)
+
+
+def _one_line(message: str) -> str:
+    """Messages that quote a parser (YAML errors) span several lines; stderr gets one."""
+    return "; ".join(line.strip() for line in message.splitlines() if line.strip())
 
 
 def _quiet_transformers(verbose: bool) -> None:

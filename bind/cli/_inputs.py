@@ -18,19 +18,30 @@ def read_inputs(modality: str, inputs: list[str]) -> list[str]:
     for arg in inputs:
         if modality == "text":
             if arg.startswith("@"):
-                path = Path(arg[1:])
-                if not path.is_file():
-                    raise DataError(f"{path}: text file not found (from {arg!r}; @FILE reads one text per line)")
-                items.extend(line for line in path.read_text().splitlines() if line.strip())
+                items.extend(_read_lines(Path(arg[1:]), arg))
             else:
                 items.append(arg)
         else:
             if not Path(arg).is_file():
-                raise DataError(f"{arg}: file not found (expected a {modality} file path)")
+                problem = "a folder, not a file" if Path(arg).is_dir() else "file not found"
+                raise DataError(f"{arg}: {problem}; expected the path of an existing {modality} file")
             items.append(arg)
     if not items:
-        raise InputError(f"no {modality} inputs given")
+        raise InputError(f"no {modality} inputs given; pass at least one file path (text: a string or @FILE)")
     return items
+
+
+def _read_lines(path: Path, arg: str) -> list[str]:
+    """The non-blank lines of an ``@FILE`` argument."""
+    if not path.is_file():
+        raise DataError(f"{path}: text file not found (from {arg!r}; @FILE reads one text per line)")
+    try:
+        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except UnicodeDecodeError as err:
+        raise InputError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8") from None
+    if not lines:
+        raise InputError(f"{path}: no text in it (from {arg!r}); expected one text per line")
+    return lines
 
 
 def embed_inputs(model: BindModel, modality: str, items: list[str], batch_size: int = 64) -> np.ndarray:

@@ -7,7 +7,8 @@ import json
 
 import torch
 
-from ..registry import create_encoder, get_encoder_info, list_encoders, load_plugins
+from ..errors import ConfigError, did_you_mean
+from ..registry import create_encoder, get_encoder_info, list_encoders, list_modalities, load_plugins
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -32,6 +33,11 @@ def _count_parameters(name: str) -> int | None:
 
 def run(args: argparse.Namespace) -> int:
     load_plugins(args.plugin)
+    if args.modality and args.modality not in list_modalities():
+        raise ConfigError(
+            f"--modality: no encoder is registered for {args.modality!r}; "
+            f"{did_you_mean(args.modality, list_modalities())}known: {', '.join(list_modalities())}"
+        )
     rows = []
     for name in list_encoders(args.pattern, modality=args.modality):
         info = get_encoder_info(name)

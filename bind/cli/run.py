@@ -21,6 +21,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--plugin", action="append", default=[], metavar="MODULE", help="import MODULE to register encoders")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--nproc", type=int, default=1, metavar="N", help="data-parallel processes on this machine")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the run directory")
     p.set_defaults(func=run)
 
 
@@ -40,9 +41,10 @@ def run(args: argparse.Namespace) -> int:
     if args.nproc > 1:
         flags = [flag for flag, on in (("--debug", args.debug), ("--verbose", args.verbose)) if on]
         argv = [*flags, "run", args.recipe, *args.overrides, "--out", str(out)]
-        argv += [f"--plugin={module}" for module in args.plugin] + (["--no-progress"] if args.no_progress else [])
+        argv += [f"--plugin={module}" for module in args.plugin]
+        argv += [flag for flag, on in (("--no-progress", args.no_progress), ("--resume", args.resume)) if on]
         return launch(args.nproc, argv)
-    results = run_recipe(recipe, out, show_progress=not args.no_progress)
+    results = run_recipe(recipe, out, show_progress=not args.no_progress, resume=args.resume)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     print(format_results(results, recipe.eval.prompt_modality))

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from ..errors import DataError
+from ..errors import BindError, DataError
 from . import Items
 
 
@@ -51,6 +51,11 @@ class EpochSampler(Sampler):
             )
         self.size, self.seed, self.epoch = size, seed, 0
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.skip = 0  # keys to skip at the start of the next pass (resuming mid-epoch)
+
+    def resume_at(self, epoch: int, batches_done: int) -> None:
+        """Make the next pass epoch ``epoch``, starting after its first ``batches_done`` batches."""
+        self.epoch, self.skip = epoch, batches_done * self.batch_size
 
     def __len__(self) -> int:
         if self.world_size == 1:
@@ -64,30 +69,82 @@ class EpochSampler(Sampler):
             global_batch = self.batch_size * self.world_size
             batches = order[: self.size // global_batch * global_batch].view(-1, self.world_size, self.batch_size)
             order = batches[:, self.rank].reshape(-1)
+        order, self.skip = order[self.skip :], 0
         return ((epoch, int(i)) for i in order)
 
 
-class Preprocessed(Dataset):
-    """``(preprocess(augment(item)), label)`` for each item of an :class:`Items`."""
+BAD_ITEM_ERRORS = (BindError, OSError, ValueError)  # what reading one item may raise: skip it, not the run
+MAX_SKIP = 64  # consecutive bad items tried before giving up on a neighbourhood of the data
 
-    def __init__(self, items: Items, preprocess: Callable[[Any], Any], augment: Any = None, seed: int = 0) -> None:
-        self.items, self.preprocess, self.augment, self.seed = items, preprocess, augment, seed
+
+class BadItem(Exception):
+    """One item could not be read or preprocessed (internal: the dataset replaces it and records it)."""
+
+    def __init__(self, name: str, message: str) -> None:
+        super().__init__(f"{name}: {message}")
+        self.name, self.message = name, message
+
+
+class Preprocessed(Dataset):
+    """``(preprocess(augment(item)), label)`` for each item of an :class:`Items`.
+
+    With ``skip_bad`` an item that cannot be read (corrupt file, NaN array, empty text) is replaced
+    by the next good item and recorded in :attr:`bad`, which the loader's collate function drains
+    into the batch so the trainer can count and report it (the count survives DataLoader workers).
+    Without it the error propagates (evaluation: a skipped item would change the labels).
+    """
+
+    def __init__(
+        self, items: Items, preprocess: Callable[[Any], Any], augment: Any = None, seed: int = 0, skip_bad: bool = False
+    ) -> None:
+        self.items, self.preprocess, self.augment, self.seed, self.skip_bad = items, preprocess, augment, seed, skip_bad
+        self.bad: list[tuple[str, str]] = []
 
     def __len__(self) -> int:
         return len(self.items)
 
+    def load(self, epoch: int, index: int) -> tuple[Any, int]:
+        """One item, or :class:`BadItem` when it cannot be read."""
+        try:
+            item = self.items[index]
+            if self.augment is None:
+                return self.preprocess(item), int(self.items.labels[index])
+            g = item_generator(self.seed, epoch, index)
+            x = self.preprocess(self.augment.augment_raw(item, g))
+            return self.augment.augment_tensor(x, g), int(self.items.labels[index])
+        except BAD_ITEM_ERRORS as err:
+            raise BadItem(self.items.names[index], str(err)) from err
+
     def __getitem__(self, key: Key) -> tuple[Any, int]:
         epoch, index = split_key(key)
-        item = self.items[index]
-        if self.augment is None:
-            return self.preprocess(item), int(self.items.labels[index])
-        g = item_generator(self.seed, epoch, index)
-        x = self.preprocess(self.augment.augment_raw(item, g))
-        return self.augment.augment_tensor(x, g), int(self.items.labels[index])
+        if not self.skip_bad:
+            try:
+                return self.load(epoch, index)
+            except BadItem as err:
+                raise err.__cause__ from None
+        return skip_bad_items(lambda i: self.load(epoch, i), index, len(self), self.bad)
+
+    def drain_bad(self) -> list[tuple[str, str]]:
+        bad, self.bad = self.bad, []
+        return bad
+
+
+def skip_bad_items(load: Callable[[int], Any], index: int, size: int, bad: list[tuple[str, str]]) -> Any:
+    """``load(index)``, or of the next index that loads, recording each bad one in ``bad``."""
+    for step in range(min(MAX_SKIP, size)):
+        try:
+            return load((index + step) % size)
+        except BadItem as err:
+            bad.append((err.name, err.message))
+    raise DataError(f"{MAX_SKIP} items in a row from {bad[-1][0]} could not be read; the last error: {bad[-1][1]}")
 
 
 class AnchorPairs(Dataset):
-    """``(anchor_tensor, other_tensor, label)``: each item of ``other`` with an anchor item."""
+    """``(anchor_tensor, other_tensor, label)``: each item of ``other`` with an anchor item.
+
+    A bad item on either side is skipped as in :class:`Preprocessed`: by label, another item of
+    the same class stands in; by row, the whole pair moves to the next row (rows must stay paired).
+    """
 
     def __init__(self, anchor: Preprocessed, other: Preprocessed, pairing: str = "label", seed: int = 0) -> None:
         self.anchor, self.other, self.pairing, self.seed = anchor, other, pairing, seed
@@ -110,10 +167,21 @@ class AnchorPairs(Dataset):
 
     def __getitem__(self, key: Key) -> tuple[Any, Any, int]:
         epoch, index = split_key(key)
-        x, label = self.other[(epoch, index)]
         if self.pairing == "row":
-            return self.anchor[(epoch, index)][0], x, label
+
+            def load_pair(i: int) -> tuple[Any, Any, int]:
+                x, label = self.other.load(epoch, i)
+                return self.anchor.load(epoch, i)[0], x, label
+
+            return skip_bad_items(load_pair, index, len(self), self.other.bad)
+        x, label = skip_bad_items(lambda i: self.other.load(epoch, i), index, len(self.other), self.other.bad)
         candidates = self.by_label[label]
         g = item_generator(self.seed + 1, epoch, index)
-        j = int(candidates[torch.randint(len(candidates), (), generator=g)])
-        return self.anchor[(epoch, j)][0], x, label
+        start = int(torch.randint(len(candidates), (), generator=g))
+        anchor_x, _ = skip_bad_items(
+            lambda k: self.anchor.load(epoch, int(candidates[k])), start, len(candidates), self.anchor.bad
+        )
+        return anchor_x, x, label
+
+    def drain_bad(self) -> list[tuple[str, str]]:
+        return self.anchor.drain_bad() + self.other.drain_bad()
