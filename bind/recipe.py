@@ -233,12 +233,13 @@ def set_override(data: dict[str, Any], dotted: str, source: str = "command line"
             node = node[key]
 
 
-def parse_recipe(data: Any, source: str = "<recipe>") -> Recipe:
+def parse_recipe(data: Any, source: str = "<recipe>", check_data: bool = True) -> Recipe:
+    """Validate a recipe mapping; ``check_data=False`` skips the data paths (a run used on another machine)."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: a recipe is a YAML mapping at top level, got {type(data).__name__}")
     recipe = _build(Recipe, data, f"{source}: ")
     recipe.source = source
-    _check_semantics(recipe)
+    _check_semantics(recipe, check_data)
     return recipe
 
 
@@ -256,7 +257,7 @@ def load_recipe(path: str | os.PathLike[str], overrides: list[str] = ()) -> Reci
     return parse_recipe(data, str(path))
 
 
-def _check_semantics(r: Recipe) -> None:
+def _check_semantics(r: Recipe, check_data: bool = True) -> None:
     """Cross-key checks: names that must exist elsewhere in the recipe or in the registry."""
     from .data import check_data_spec  # data imports recipe types; import here to keep the cycle out
 
@@ -281,7 +282,7 @@ def _check_semantics(r: Recipe) -> None:
             raise ConfigError(f"{where}.share_frame_encoder_with: no modality {spec.share_frame_encoder_with!r}")
         for key in ("train_data", "eval_data"):
             data_spec = getattr(spec, key)
-            if data_spec is not None:
+            if data_spec is not None and check_data:
                 check_data_spec(data_spec, r.data_root, _join(where, key))
     if not r.stages:
         raise ConfigError(f"{src}: stages: at least one stage is needed")

@@ -423,3 +423,15 @@ def test_cli_shows_the_traceback_only_with_debug(run_dir, tmp_path):
     assert_one_clear_error(plain.returncode, plain.stderr, str(corrupt), "expected a PNG or JPEG file")
     assert debug.returncode != 0
     assert "Traceback" in debug.stderr and "bind.errors.InputError" in debug.stderr and str(corrupt) in debug.stderr
+
+
+def test_a_run_moved_to_a_machine_without_its_data_still_loads_and_eval_names_the_missing_data(tmp_path, capsys):
+    run = make_run(tmp_path / "run")
+    (run / "pairs.csv").unlink()  # the training manifest is gone: a copied run directory
+    model, _ = load_run(run)  # embedding and retrieval need only the model
+    assert model.embed("image", [np.zeros((28, 28), np.uint8)]).shape == (1, 16)
+    recipe = yaml.safe_load((run / "recipe.yaml").read_text())
+    recipe["modalities"]["image"]["eval_data"] = recipe["modalities"]["image"]["train_data"]
+    (run / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    code, err = bindkit_in_process(capsys, "eval", run)
+    assert_one_clear_error(code, err, "modalities.image.eval_data", "pairs.csv not found")
