@@ -20,8 +20,11 @@ from __future__ import annotations
 
 import fnmatch
 import importlib
+import importlib.util
 import inspect
 import logging
+import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
@@ -89,13 +92,7 @@ def load_plugins(modules: list[str] | tuple[str, ...] = ()) -> None:
     """Import modules that register encoders, then the built-ins and the ``bindkit.encoders`` entry points."""
     global _plugins_loaded
     for module in modules:
-        try:
-            importlib.import_module(module)
-        except ImportError as err:
-            raise ConfigError(
-                f"plugin module {module!r} could not be imported ({err}); "
-                "check the name and that it is importable (installed, or on PYTHONPATH)"
-            ) from err
+        _import_plugin(module)
     if _plugins_loaded:
         return
     _plugins_loaded = True
@@ -107,6 +104,28 @@ def load_plugins(modules: list[str] | tuple[str, ...] = ()) -> None:
             ep.load()
         except Exception as err:  # a broken third-party plugin must not take bindkit down
             log.warning("entry point %r (%s) of group %s failed to load: %s", ep.name, ep.value, ENTRY_POINT_GROUP, err)
+
+
+def _import_plugin(module: str) -> None:
+    """Import a plugin by module name (also from the current folder, as ``python -m`` would) or by ``.py`` path."""
+    if module.endswith(".py"):
+        path = Path(module).expanduser().resolve()
+        if not path.is_file():
+            raise ConfigError(f"plugin file {module!r} not found; pass a .py file or an importable module name")
+        module, spec = path.stem, importlib.util.spec_from_file_location(path.stem, path)
+        if module not in sys.modules:  # by name from now on, so saved runs and worker processes find it
+            sys.modules[module] = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(sys.modules[module])
+        return
+    try:
+        if importlib.util.find_spec(module.split(".")[0]) is None and os.getcwd() not in sys.path:
+            sys.path.append(os.getcwd())  # my_sensor.py next to the recipe: importable as `my_sensor`
+        importlib.import_module(module)
+    except ImportError as err:
+        raise ConfigError(
+            f"plugin module {module!r} could not be imported ({err}); "
+            "check the name and that it is importable (installed, on PYTHONPATH, in the current folder, or a .py path)"
+        ) from err
 
 
 def list_encoders(pattern: str = "*", modality: str | None = None) -> list[str]:
