@@ -233,6 +233,9 @@ class ModalityEncoder(nn.Module):
             trainable = [self.head, *blocks[len(blocks) - unfreeze_last_blocks :]]
             for p in (p for module in trainable for p in module.parameters()):
                 p.requires_grad_(True)
+            for name, p in self.trunk.named_parameters():  # LoRA adapters (bind/lora.py) are what a frozen trunk trains
+                if ".lora_" in name:
+                    p.requires_grad_(True)
         self.frozen_part, self.unfreeze_last_blocks = part, unfreeze_last_blocks
         return self.train(self.training)
 

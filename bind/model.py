@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from .encoder import ModalityEncoder
 from .errors import ConfigError, DataError, UnknownEncoderError, did_you_mean
+from .lora import ADAPTER_DIR, apply_lora_from_config, lora_config, save_adapter
 from .registry import create_encoder, get_encoder_info, list_encoders, load_plugins
 
 FORMAT_VERSION = 1
@@ -96,7 +97,12 @@ class BindModel(nn.Module):
             "anchor_modality": self.anchor_modality,
             "embed_dim": self.embed_dim,
             "encoders": {
-                m: {**e.build_args, "freeze": e.frozen_part, "unfreeze_last_blocks": e.unfreeze_last_blocks}
+                m: {
+                    **e.build_args,
+                    "freeze": e.frozen_part,
+                    "unfreeze_last_blocks": e.unfreeze_last_blocks,
+                    **({"lora": lora_config(e)} if lora_config(e) else {}),  # re-applied before the weights load
+                }
                 for m, e in self.encoders.items()
             },
             "shared_trunks": dict(self.shared_trunks),
@@ -119,6 +125,8 @@ class BindModel(nn.Module):
             if overrides:
                 config["encoders"][modality]["kwargs"] = {**encoder.build_args["kwargs"], **overrides}
                 config["encoders"][modality]["assets"] = True
+            if "lora" in config["encoders"][modality]:  # also in peft's format; the reload reads model.safetensors
+                save_adapter(encoder, directory / "assets" / modality / ADAPTER_DIR)
         atomic_write(directory / CONFIG_NAME, json.dumps(config, indent=2).encode())
         tmp = directory / (WEIGHTS_NAME + ".tmp")
         save_file(_unique_tensors(self.state_dict()), str(tmp), metadata={"format": "pt"})
@@ -150,6 +158,8 @@ class BindModel(nn.Module):
                     name=missing,
                 ) from None
             encoder.freeze(spec.get("freeze", "none"), spec.get("unfreeze_last_blocks", 0))
+            if spec.get("lora") is not None:  # before the weights load, so the adapter weights have a place
+                apply_lora_from_config(encoder, spec["lora"], f"{where}: encoders.{modality}.lora")
             encoders[modality] = encoder
         model = cls(encoders, config["anchor_modality"])
         for modality, source in config.get("shared_trunks", {}).items():

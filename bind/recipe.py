@@ -38,12 +38,24 @@ class DataSpec:
 
 
 @dataclass
+class LoraSpec:
+    """Low-rank adapters on the trunk (bind/lora.py): they and the head train, the trunk's weights do not."""
+
+    rank: int = 8  # adapter rank: higher adapts more, trains more parameters (rank * (in + out) per layer)
+    alpha: float = 16  # the update is scaled by alpha / rank
+    dropout: float = 0.0  # dropout on the adapters' input, training only
+    target_modules: list[str] | None = None  # layer names or dotted endings; null: per tower (BERT: query, value)
+
+
+@dataclass
 class ModalitySpec:
     encoder: str  # registry name, see `bindkit encoders`
     args: dict[str, Any] = field(default_factory=dict)  # factory keyword arguments (embed_dim comes from the recipe)
     freeze: Literal["none", "trunk", "all"] = "none"
     unfreeze_last_blocks: int = 0
+    lora: LoraSpec | None = None  # train LoRA adapters instead of the trunk (freeze none acts as trunk); null: no LoRA
     share_frame_encoder_with: str | None = None  # video: tie the frame encoder to this modality's encoder
+    init_from: str | None = None  # start the trunk from this modality's trunk (e.g. image) when it first trains
     train_data: DataSpec | None = None
     eval_data: DataSpec | None = None
 
@@ -141,11 +153,15 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     if tp is Any:
         return value
     if origin in (Union, types.UnionType):
+        errors = []
         for arg in args:
             try:
                 return _convert(value, arg, where)
-            except ConfigError:
-                continue
+            except ConfigError as err:
+                errors.append((arg, err))
+        for arg, err in errors:  # a mapping meant for a dataclass: its own error (unknown key, bad type) says more
+            if dataclasses.is_dataclass(arg) and isinstance(value, dict):
+                raise err
         raise _type_error(value, tp, where)
     if tp is type(None):
         if value is None:
@@ -280,6 +296,19 @@ def _check_semantics(r: Recipe, check_data: bool = True) -> None:
             raise ConfigError(f"{where}.args: {err}") from None
         if spec.share_frame_encoder_with and spec.share_frame_encoder_with not in r.modalities:
             raise ConfigError(f"{where}.share_frame_encoder_with: no modality {spec.share_frame_encoder_with!r}")
+        if spec.lora is not None:  # target_modules are checked against the built tower (bind.lora.apply_lora)
+            lora = spec.lora
+            if lora.rank < 1:
+                raise ConfigError(f"{where}.lora.rank: expected a positive integer, got {lora.rank}")
+            if lora.alpha <= 0:
+                raise ConfigError(f"{where}.lora.alpha: expected a positive number, got {lora.alpha}")
+            if not 0 <= lora.dropout < 1:
+                raise ConfigError(f"{where}.lora.dropout: expected a probability in [0, 1), got {lora.dropout}")
+            if lora.target_modules is not None and not lora.target_modules:
+                raise ConfigError(f"{where}.lora.target_modules: expected layer names, or null for the tower's default")
+        if spec.init_from is not None and (spec.init_from not in r.modalities or spec.init_from == m):
+            others = ", ".join(x for x in r.modalities if x != m)
+            raise ConfigError(f"{where}.init_from: expected another modality ({others}), got {spec.init_from!r}")
         for key in ("train_data", "eval_data"):
             data_spec = getattr(spec, key)
             if data_spec is not None and check_data:

@@ -55,6 +55,7 @@ from .encoder import move_to
 from .errors import ConfigError, DataError, Interrupted, TrainingError
 from .evaluate import embed_eval_splits, evaluate_model
 from .gradcache import ChunkedEmbedding, batch_size_of
+from .init import init_from_encoder
 from .losses import info_nce, label_aware_info_nce, pairwise_cosine_loss, supcon_loss
 from .model import BindModel, atomic_write
 from .recipe import OptimSpec, Recipe, StageSpec, recipe_to_dict
@@ -83,6 +84,14 @@ def build_model(recipe: Recipe) -> BindModel:
     for modality, spec in recipe.modalities.items():
         encoder = create_encoder(spec.encoder, embed_dim=recipe.embed_dim, **spec.args)
         encoder.freeze(spec.freeze, spec.unfreeze_last_blocks)
+        if spec.lora is not None:  # after freeze: the adapters, the head and any unfrozen blocks train
+            from .lora import apply_lora  # imported here: this change is confined to build_model
+
+            lora = spec.lora
+            try:
+                apply_lora(encoder, lora.rank, lora.alpha, lora.dropout, lora.target_modules)
+            except ConfigError as err:
+                raise ConfigError(f"{recipe.source}: modalities.{modality}.{err}") from None
         encoders[modality] = encoder
     model = BindModel(encoders, recipe.anchor_modality)
     for modality, spec in recipe.modalities.items():
@@ -531,11 +540,20 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, show_progress: bool = True, 
         for m, s in recipe.modalities.items()
         if s.train_data is not None
     }
+    # modalities whose trunk was already started from another's (init_from): before the checkpoint, all that trained
+    initialised = set()
+    if resume_from is not None:
+        initialised = {m for stage in recipe.stages[: resume_from.stage_index + 1] for m in _trained_in(stage)}
     with StopFlag() as stop:
         for index, stage in enumerate(recipe.stages):
             if resume_from is not None and index < resume_from.stage_index:
                 continue  # finished before the checkpoint; its result is in the weights
             log.info("stage %s (%s)", stage.name, stage.kind)
+            for modality in _trained_in(stage) - initialised:
+                source = recipe.modalities[modality].init_from
+                if source is not None:
+                    init_from_encoder(model[modality], model[source])
+                initialised.add(modality)
             runner = StageRunner(model, recipe, stage, device, train_sets, dist)
             start = 0
             if resume_from is not None and index == resume_from.stage_index:
@@ -556,6 +574,11 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, show_progress: bool = True, 
         atomic_write(out_dir / "eval.json", json.dumps(results, indent=2).encode())
     barrier()
     return results
+
+
+def _trained_in(stage: StageSpec) -> set[str]:
+    """The modalities a stage trains (the anchor of a bind stage is frozen)."""
+    return {stage.modality} if stage.kind == "pretrain" else set(stage.pairs)
 
 
 def _checkpoint_to_resume(recipe: Recipe, directory: Path) -> Checkpoint:

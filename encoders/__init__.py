@@ -4,4 +4,4 @@ Each module registers its factories with :func:`bind.register_encoder`, the same
 third-party plugin uses; nothing in ``bind/`` names a modality.
 """
 
-from . import audio, image, text, video  # noqa: F401  (imported for registration)
+from . import audio, depth, image, imu, text, thermal, video  # noqa: F401  (imported for registration)

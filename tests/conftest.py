@@ -26,6 +26,10 @@ def raw_examples(modality: str, n: int = 3, seed: int = 0) -> list:
         return [rng.standard_normal(4000 + 1000 * i).astype(np.float32) * 0.1 for i in range(n)]
     if modality == "video":
         return [rng.integers(0, 256, (5, 28, 28, 3), dtype=np.uint8) for _ in range(n)]
+    if modality == "depth":  # metres
+        return [rng.uniform(0.5, 8.0, (24, 32 + 4 * i)).astype(np.float32) for i in range(n)]
+    if modality == "thermal":  # raw 16-bit counts
+        return [rng.integers(7000, 9000, (24, 32 + 4 * i), dtype=np.uint16) for i in range(n)]
     if modality == "imu":
         return [rng.standard_normal((6, 50)).astype(np.float32) for _ in range(n)]
     raise KeyError(modality)
