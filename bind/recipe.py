@@ -35,6 +35,8 @@ class DataSpec:
     split: str = "train"
     args: dict[str, Any] = field(default_factory=dict)  # builder keyword arguments
     augment: dict[str, Any] = field(default_factory=dict)  # augmentation knobs (training only)
+    stream: bool = False  # source shards: stream the tars (shuffle buffer, split over ranks and workers)
+    shuffle_buffer: int = 1000  # stream: samples held for shuffling
 
 
 @dataclass
@@ -309,6 +311,12 @@ def _check_semantics(r: Recipe, check_data: bool = True) -> None:
         if spec.init_from is not None and (spec.init_from not in r.modalities or spec.init_from == m):
             others = ", ".join(x for x in r.modalities if x != m)
             raise ConfigError(f"{where}.init_from: expected another modality ({others}), got {spec.init_from!r}")
+        if spec.eval_data is not None and spec.eval_data.stream:
+            raise ConfigError(f"{where}.eval_data.stream: evaluation reads by index; drop stream there")
+        if spec.train_data is not None and spec.train_data.stream and spec.train_data.source != "shards":
+            raise ConfigError(
+                f"{where}.train_data.stream: only source 'shards' streams, got {spec.train_data.source!r}"
+            )
         for key in ("train_data", "eval_data"):
             data_spec = getattr(spec, key)
             if data_spec is not None and check_data:
@@ -354,6 +362,16 @@ def _check_semantics(r: Recipe, check_data: bool = True) -> None:
                 for needed in (m, r.anchor_modality):
                     if r.modalities[needed].train_data is None:
                         raise ConfigError(f"{src}: modalities.{needed}.train_data is needed by stage {stage.name!r}")
+                data, anchor_data = r.modalities[m].train_data, r.modalities[r.anchor_modality].train_data
+                if data.stream and (
+                    pair.pairing != "row"
+                    or anchor_data.source != "shards"
+                    or anchor_data.args.get("path") != data.args.get("path")
+                ):
+                    raise ConfigError(
+                        f"{where}.pairs.{m}: streamed shards pair by row with the anchor's column of the same shards: "
+                        f"set pairing: row and the anchor's train_data to source: shards with path {data.args.get('path')!r}"
+                    )
         for m in stage.freeze:
             if m not in r.modalities:
                 raise ConfigError(f"{where}.freeze.{m}: no such modality")

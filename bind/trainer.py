@@ -38,9 +38,10 @@ from .checkpoint import (
     load_weights,
     save_checkpoint,
 )
-from .data import Items, build_dataset
+from .data import Items, build_dataset, resolve_data_root
 from .data.augment import build_augment
 from .data.pairs import AnchorPairs, EpochSampler, Preprocessed
+from .data.shards import ShardPairs, ShardPreprocessed, ShardStream, collate_with_bad
 from .distributed import (
     SINGLE_PROCESS,
     Dist,
@@ -174,8 +175,9 @@ class StageRunner:
                 model[modality].freeze(part)
         # frozen trunks whose inputs are not augmented: compute their features once (bind/cache.py)
         self.caches: dict[str, FeatureCache] = {}
+        streamed = any(recipe.modalities[m].train_data.stream for m in self.modalities)  # no item indices to cache by
         for modality in self.modalities:
-            if recipe.feature_cache and model[modality].trunk_frozen and not self._augment(modality):
+            if recipe.feature_cache and not streamed and model[modality].trunk_frozen and not self._augment(modality):
                 self.caches[modality] = FeatureCache.build(
                     model[modality], train_sets[modality], device, recipe.cache_dir, recipe.num_workers, dist
                 )
@@ -186,16 +188,26 @@ class StageRunner:
             self.note_bad_items(modality, cache.bad)
         self.nonfinite_steps = 0
         self.loaders: dict[str, DataLoader] = {}
+        self.epoch_steps: dict[str, int] = {}  # batches per epoch of each loader
         if stage.kind == "pretrain":
-            self.loaders[stage.modality] = self._loader(
-                self._dataset(stage.modality, train_sets), stage.batch_size, self._collate_single(stage.modality)
-            )
+            collate = self._collate_single(stage.modality)
+            if recipe.modalities[stage.modality].train_data.stream:
+                stream = self._stream(stage.modality)
+                self.loaders[stage.modality] = self._stream_loader(stage.modality, stream, stage.batch_size, collate)
+            else:
+                dataset = self._dataset(stage.modality, train_sets)
+                self.loaders[stage.modality] = self._loader(stage.modality, dataset, stage.batch_size, collate)
         else:
             anchor_set = self._dataset(anchor, train_sets)
             for modality, pair in stage.pairs.items():
-                pairs = AnchorPairs(anchor_set, self._dataset(modality, train_sets), pair.pairing, recipe.seed)
-                self.loaders[modality] = self._loader(pairs, pair.batch_size, self._collate_pair(modality))
-        self.steps_per_epoch = max(len(loader) for loader in self.loaders.values())
+                if recipe.modalities[modality].train_data.stream:
+                    stream = self._stream(modality, recipe.modalities[anchor].train_data.args["column"])
+                    loader = self._stream_loader(modality, stream, pair.batch_size, self._collate_pair(modality))
+                else:
+                    pairs = AnchorPairs(anchor_set, self._dataset(modality, train_sets), pair.pairing, recipe.seed)
+                    loader = self._loader(modality, pairs, pair.batch_size, self._collate_pair(modality))
+                self.loaders[modality] = loader
+        self.steps_per_epoch = max(self.epoch_steps.values())
         self.total_steps = stage.steps or max(1, math.ceil(stage.epochs * self.steps_per_epoch))
         params = list({id(p): p for m in self.modalities for p in model[m].parameters() if p.requires_grad}.values())
         if not params:
@@ -228,9 +240,16 @@ class StageRunner:
 
     def seek(self, steps_done: int) -> None:
         """Position every loader as it stands after ``steps_done`` optimizer steps (resuming mid-stage)."""
-        for loader in self.loaders.values():
-            consumed = steps_done * self.stage.optimizer.grad_accum_steps
-            loader.sampler.resume_at(consumed // len(loader), consumed % len(loader))
+        consumed = steps_done * self.stage.optimizer.grad_accum_steps
+        for modality, loader in self.loaders.items():
+            epoch, batches = divmod(consumed, self.epoch_steps[modality])
+            if isinstance(loader.dataset, ShardStream):  # a stream cannot seek: its epoch restarts
+                log.warning(
+                    "%s: streamed shards resume at the start of epoch %d, not at batch %d", modality, epoch, batches
+                )
+                loader.dataset.set_epoch(epoch)
+            else:
+                loader.sampler.resume_at(epoch, batches)
 
     def _tower(self, modality: str) -> Callable[[Any], torch.Tensor]:
         """What embeds one batch of ``modality`` (item indices when its features are cached)."""
@@ -269,12 +288,50 @@ class StageRunner:
             torch.tensor([b[2] for b in batch]),
         )
 
-    def _loader(self, dataset: Any, batch_size: int, collate) -> DataLoader:
-        """Batches of ``collate(items)``, plus the bad items met on the way (drained in the worker that met them)."""
-        workers, world = self.recipe.num_workers, self.dist.world_size
+    def _local_batch(self, batch_size: int, size: int) -> int:
+        world = self.dist.world_size
         if batch_size % world:
             raise ConfigError(f"stage {self.stage.name!r}: batch size {batch_size} is not divisible by {world} ranks")
-        local_batch = min(batch_size, len(dataset)) // world  # each rank's slice of the global batch
+        return min(batch_size, size) // world  # each rank's slice of the global batch
+
+    def _stream(self, modality: str, anchor_column: str | None = None) -> ShardStream:
+        """This rank's share of ``modality``'s training shards; with ``anchor_column``, paired with the anchor's."""
+        spec = self.recipe.modalities[modality].train_data
+        path = Path(spec.args["path"])
+        path = path if path.is_absolute() else resolve_data_root(self.recipe.data_root) / path
+        options = {
+            "augment": self._augment(modality),
+            "shuffle_buffer": spec.shuffle_buffer,
+            "seed": self.recipe.seed,
+            "rank": self.dist.rank,
+            "world_size": self.dist.world_size,
+        }
+        preprocess = self.model[modality].preprocess
+        if anchor_column is None:
+            return ShardPreprocessed(path, spec.args["column"], preprocess, **options)
+        anchor_preprocess = self.model[self.recipe.anchor_modality].preprocess
+        return ShardPairs(path, anchor_column, spec.args["column"], anchor_preprocess, preprocess, **options)
+
+    def _stream_loader(self, modality: str, stream: Any, batch_size: int, collate) -> DataLoader:
+        """Batches from a shard stream; an epoch is the shards' sample count over the global batch, on every rank."""
+        local_batch = self._local_batch(batch_size, stream.index.samples)
+        self.epoch_steps[modality] = max(1, stream.index.samples // (local_batch * self.dist.world_size))
+        workers = self.recipe.num_workers
+        return DataLoader(
+            stream,
+            batch_size=local_batch,
+            drop_last=True,
+            collate_fn=collate_with_bad(collate),
+            num_workers=workers,
+            persistent_workers=workers > 0,  # each pass of a persistent worker is the stream's next epoch
+            pin_memory=self.device.type == "cuda",
+        )
+
+    def _loader(self, modality: str, dataset: Any, batch_size: int, collate) -> DataLoader:
+        """Batches of ``collate(items)``, plus the bad items met on the way (drained in the worker that met them)."""
+        workers, world = self.recipe.num_workers, self.dist.world_size
+        local_batch = self._local_batch(batch_size, len(dataset))
+        self.epoch_steps[modality] = len(dataset) // (local_batch * world)
         return DataLoader(
             dataset,
             batch_size=local_batch,

@@ -27,6 +27,7 @@ BENCHMARKS: dict[str, str] = {
     "cache": "cache:bench_cache",
     "gradcache": "gradcache:bench_gradcache",
     "gpu": "gpu:bench_gpu",
+    "data": "data:bench_data",
 }
 
 

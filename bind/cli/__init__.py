@@ -19,9 +19,11 @@ from . import evaluation as eval_verb
 from . import plot as plot_verb
 from . import retrieve as retrieve_verb
 from . import run as run_verb
+from . import shard as shard_verb
 from . import validate as validate_verb
 
 VERBS = [encoders_verb, validate_verb, run_verb, eval_verb, embed_verb, retrieve_verb, bench_verb, plot_verb]
+VERBS.append(shard_verb)  # bindkit shard (bind/cli/shard.py)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -104,4 +104,4 @@ def build_dataset(spec: Any, root: str | None) -> Items:
     return DATASETS[spec.source](resolve_data_root(root), spec.split, **spec.args)
 
 
-from . import digits, manifest  # noqa: E402,F401  (built-in builders register themselves)
+from . import digits, manifest, shards  # noqa: E402,F401  (built-in builders register themselves)
