@@ -24,7 +24,8 @@ from bind.checkpoint import list_checkpoints
 from bind.data import build_dataset
 from bind.errors import ConfigError, DataError, TrainingError
 from bind.recipe import parse_recipe
-from bind.trainer import StageRunner, build_model, run_recipe, seed_everything
+from bind.stage import StageRunner
+from bind.trainer import build_model, run_recipe, seed_everything
 
 STEPS = (5, 6)  # pretrain, bind
 

@@ -11,7 +11,8 @@ import torch
 
 from bind.model import BindModel
 from bind.recipe import OptimSpec, load_recipe
-from bind.trainer import param_groups, run_recipe, warmup_cosine
+from bind.stage import param_groups, warmup_cosine
+from bind.trainer import run_recipe
 
 DIGITS = Path(__file__).parents[1] / "recipes" / "digits.yaml"
 

@@ -18,7 +18,8 @@ import torch
 
 from ..data import build_dataset
 from ..recipe import load_recipe
-from ..trainer import StageRunner, build_model, endless, seed_everything
+from ..stage import StageRunner, endless
+from ..trainer import build_model, seed_everything
 
 DIGITS = Path(__file__).parents[2] / "recipes" / "digits.yaml"
 

@@ -60,7 +60,8 @@ def step_gradients(recipe_data: dict[str, Any], dist: Dist = SINGLE_PROCESS) -> 
     """The loss and the (rank-averaged) gradient of every trained parameter after one step's backward."""
     from ..data import build_dataset
     from ..recipe import parse_recipe
-    from ..trainer import StageRunner, build_model, endless, seed_everything
+    from ..stage import StageRunner, endless
+    from ..trainer import build_model, seed_everything
 
     recipe = parse_recipe(recipe_data, "<ddp check>")
     seed_everything(recipe.seed)
