@@ -220,7 +220,8 @@ class StageRunner:
         if modality in self.caches:
             return Indexed(train_sets[modality])
         encoder = self.model[modality]
-        return Preprocessed(train_sets[modality], encoder.preprocess, self._augment(modality), self.recipe.seed, True)
+        augment, seed = self._augment(modality), self.recipe.seed
+        return Preprocessed(train_sets[modality], encoder.preprocess, augment, seed, skip_bad=True)
 
     def _collate_fn(self, modality: str):
         return torch.tensor if modality in self.caches else self.model[modality].collate
