@@ -62,6 +62,7 @@ class FeatureCache:
             batch_size=batch_size,
             num_workers=num_workers,
             collate_fn=lambda b: (encoder.collate([x for x, _ in b]), dataset.drain_bad()),
+            generator=torch.Generator(),  # not the global RNG: building the cache or reading it leaves that alone
         )
         features, counts, bad = [], [], []
         was_training = encoder.training

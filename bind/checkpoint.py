@@ -72,9 +72,10 @@ def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Every random state a training step reads: tensors for safetensors, the rest for JSON."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     tensors = {"torch": torch.get_rng_state(), "numpy_keys": torch.from_numpy(keys.astype(np.int64))}
-    if torch.cuda.is_available():
-        for i, state in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"cuda{i}"] = state
+    if (
+        torch.cuda.is_available()
+    ):  # this process's device: under torchrun every rank's advances in lockstep with rank 0's
+        tensors["cuda"] = torch.cuda.get_rng_state()
     version, internal, py_gauss = random.getstate()
     meta = {"numpy": [kind, pos, has_gauss, gauss], "python": [version, list(internal), py_gauss]}
     return tensors, meta
@@ -82,9 +83,8 @@ def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
 
 def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
     torch.set_rng_state(tensors["torch"])
-    cuda = [tensors[f"cuda{i}"] for i in range(torch.cuda.device_count()) if f"cuda{i}" in tensors]
-    if cuda:
-        torch.cuda.set_rng_state_all(cuda)
+    if "cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["cuda"])  # into the current device (each rank's own)
     kind, pos, has_gauss, gauss = meta["numpy"]
     np.random.set_state((kind, tensors["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, gauss))
     version, internal, py_gauss = meta["python"]
@@ -142,15 +142,18 @@ def save_checkpoint(
         }
         (tmp / "trainer_state.json").write_text(json.dumps(state))
         _fsync_tree(tmp)
-        if final.exists():  # the same step written again (a resumed run): replace it
-            shutil.rmtree(final)
+        if final.exists():  # the same step written again (a resumed run): hide the old one in one rename first
+            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old.", dir=directory))
+            os.replace(final, old / final.name)
+            shutil.rmtree(old, ignore_errors=True)
         os.replace(tmp, final)
         _fsync_dir(directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     for old in list_checkpoints(directory)[:-keep]:
-        shutil.rmtree(old.path, ignore_errors=True)
+        if old.path != final:
+            shutil.rmtree(old.path, ignore_errors=True)
     return final
 
 

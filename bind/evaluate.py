@@ -32,6 +32,7 @@ def embed_items(
         batch_size=batch_size,
         num_workers=num_workers,
         collate_fn=lambda b: encoder.collate([x for x, _ in b]),
+        generator=torch.Generator(),  # leaves the global RNG as it was (exact resume)
     )
     return torch.cat([encoder(move_to(batch, device)).float().cpu() for batch in loader])
 

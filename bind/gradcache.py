@@ -13,7 +13,7 @@ Limited Setup"; sentence-transformers' Cached* losses):
 Peak memory is then one chunk's activations plus the loss, whatever the batch size; the price is
 one extra forward pass. Gradients equal the unchunked ones (``tests/test_gradcache.py``), except
 for layers whose output depends on the rest of the batch: BatchNorm in training mode sees
-chunk statistics instead of batch statistics.
+chunk statistics instead of batch statistics (and its running statistics are updated by both passes).
 
 Example::
 

@@ -36,6 +36,7 @@ from .distributed import (
     SINGLE_PROCESS,
     Dist,
     all_reduce_gradients,
+    barrier,
     gather_with_grad,
     mean_over_ranks,
 )
@@ -73,7 +74,15 @@ def warmup_cosine(optim: OptimSpec, total_steps: int):
 def endless(loader: DataLoader) -> Iterator[Any]:
     """Batches forever; the loader's EpochSampler makes each pass a new epoch of shuffling and augmentation."""
     while True:
-        yield from loader
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch
+        if empty:  # e.g. streamed shards whose workers each hold less than one batch: never loop on nothing
+            raise DataError(
+                f"a pass over the {type(loader.dataset).__name__} data gave no full batch of {loader.batch_size}; "
+                "use a smaller batch_size, fewer num_workers, or more (or larger) shards"
+            )
 
 
 class MetricsLog:
@@ -118,10 +127,15 @@ class StageRunner:
         anchor = recipe.anchor_modality
         self.modalities = [stage.modality] if stage.kind == "pretrain" else [anchor, *stage.pairs]
         for modality in self.modalities:  # the stage's freeze overrides the modality's; the anchor binds frozen
+            spec, encoder = recipe.modalities[modality], model[modality]
             default = "all" if stage.kind == "bind" and modality == anchor else None
             part = stage.freeze.get(modality, default)
             if part is not None:
-                model[modality].freeze(part)
+                encoder.freeze(part)
+            else:  # an earlier stage may have overridden it: back to the modality's own, as a resumed run has it
+                own = "trunk" if spec.lora is not None and spec.freeze == "none" else spec.freeze  # bind/lora.py
+                if (encoder.frozen_part, encoder.unfreeze_last_blocks) != (own, spec.unfreeze_last_blocks):
+                    encoder.freeze(own, spec.unfreeze_last_blocks)
         # frozen trunks whose inputs are not augmented: compute their features once (bind/cache.py)
         self.caches: dict[str, FeatureCache] = {}
         streamed = any(recipe.modalities[m].train_data.stream for m in self.modalities)  # no item indices to cache by
@@ -156,7 +170,8 @@ class StageRunner:
                     pairs = AnchorPairs(anchor_set, self._dataset(modality, train_sets), pair.pairing, recipe.seed)
                     loader = self._loader(modality, pairs, pair.batch_size, self._collate_pair(modality))
                 self.loaders[modality] = loader
-        self.steps_per_epoch = max(self.epoch_steps.values())
+        # optimizer steps per pass over the largest training set (each step takes grad_accum_steps batches)
+        self.steps_per_epoch = max(1, max(self.epoch_steps.values()) // stage.optimizer.grad_accum_steps)
         self.total_steps = stage.steps or max(1, math.ceil(stage.epochs * self.steps_per_epoch))
         params = list({id(p): p for m in self.modalities for p in model[m].parameters() if p.requires_grad}.values())
         if not params:
@@ -272,6 +287,7 @@ class StageRunner:
             batch_size=local_batch,
             drop_last=True,
             collate_fn=collate_with_bad(collate),
+            generator=torch.Generator().manual_seed(self.recipe.seed),  # not the global RNG
             num_workers=workers,
             persistent_workers=workers > 0,  # each pass of a persistent worker is the stream's next epoch
             pin_memory=self.device.type == "cuda",
@@ -354,8 +370,9 @@ class StageRunner:
     def backward(self, iterators: dict[str, Iterator[Any]]) -> tuple[float, dict[str, float], int]:
         """Forward and backward of one optimizer step (all its micro-batches); gradients averaged over ranks.
 
-        Returns the loss (of the last micro-batch, over the global batch), its parts and the samples seen."""
-        accum, samples = self.stage.optimizer.grad_accum_steps, 0
+        Returns the loss (the mean over micro-batches, of the global batch: NaN if any was), its parts
+        (last micro-batch) and the samples seen."""
+        accum, samples, total = self.stage.optimizer.grad_accum_steps, 0, 0.0
         for _ in range(accum):
             with self.autocast():
                 loss, parts, n, replays = self.loss(iterators)
@@ -363,10 +380,12 @@ class StageRunner:
             for replay in replays:  # GradCache: the loss's gradient, now through the towers
                 replay.backward()
             samples += n
+            if self.stage.kind == "bind":  # each part is already the global batch's loss
+                total += sum(pair.weight * parts[m] for m, pair in self.stage.pairs.items()) / accum
+            else:
+                total += loss.item() / accum
         all_reduce_gradients(self.params)
-        if self.stage.kind == "bind":  # each part is already the global batch's loss
-            return sum(pair.weight * parts[m] for m, pair in self.stage.pairs.items()), parts, samples
-        return loss.item(), parts, samples
+        return total, parts, samples
 
     def run(
         self,
@@ -394,10 +413,9 @@ class StageRunner:
             done = step + 1
             loss, parts, samples = self.backward(iterators)
             window_samples += samples
-            grad_norm = None
-            if optim.grad_clip:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, optim.grad_clip))
-            if math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm)):
+            # the norm also when not clipping (max inf: no change): a NaN gradient must be caught either way
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, optim.grad_clip or math.inf))
+            if math.isfinite(loss) and math.isfinite(grad_norm):
                 self.optimizer.step()
                 self.scheduler.step()
                 clamp_logit_scales(self.model)
@@ -441,6 +459,7 @@ class StageRunner:
             if checkpoints is not None and (due or stopping):
                 checkpoints.save(self, done)
             if stopping:
+                barrier()  # no rank exits (and has torchrun stop the others) before rank 0's checkpoint is written
                 bar.close()
                 raise Interrupted(stop.signal_name, stage.name, done, checkpoints.last if checkpoints else None)
         bar.close()
@@ -479,6 +498,7 @@ class StopFlag:
 
     def __init__(self) -> None:
         self.signal_name: str | None = None
+        self.count = 0
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopFlag:
@@ -492,9 +512,12 @@ class StopFlag:
             signal.signal(sig, handler)
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.signal_name is not None:  # a second signal: stop now
+        # torchrun and terminals repeat a signal (Ctrl-C reaches every process, then torchrun forwards it):
+        # the second one must not break the checkpoint being written; a third stops at once
+        self.count += 1
+        if self.count >= 3:
             raise KeyboardInterrupt
-        self.signal_name = signal.Signals(signum).name
+        self.signal_name = self.signal_name or signal.Signals(signum).name
 
     def requested(self, dist: Dist, device: torch.device) -> bool:
         """Whether to stop after this step; with several ranks, any rank's signal stops all at the same step."""

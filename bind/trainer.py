@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from .checkpoint import (
     Checkpoint,
     clean_partial,
     latest_checkpoint,
+    list_checkpoints,
     load_training_state,
     load_weights,
 )
@@ -99,6 +101,14 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, show_progress: bool = True, 
     if dist.enabled and device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
     resume_from = _checkpoint_to_resume(recipe, checkpoint_dir) if resume else None
+    if not resume and list_checkpoints(checkpoint_dir):
+        if not (out_dir / "model.safetensors").is_file():
+            raise ConfigError(
+                f"{checkpoint_dir} holds the checkpoints of an unfinished run: continue it with --resume, "
+                "or give another --out (or delete that folder) to start over"
+            )
+        if dist.is_main:  # a finished run is being replaced: its checkpoints would mix with the new ones
+            shutil.rmtree(checkpoint_dir)
     if dist.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))

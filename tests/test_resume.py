@@ -101,6 +101,8 @@ def test_sigkill_at_a_random_step_then_resume_gives_the_same_weights(uninterrupt
     process.send_signal(signal.SIGKILL)  # no handler, no cleanup: as a crash or an OOM kill
     assert process.wait() == -signal.SIGKILL
     assert not (run / "model.safetensors").exists()
+    again = finish(bindkit(str(recipe), "--out", str(run)))  # without --resume: refused, nothing lost
+    assert again.returncode == 2 and "checkpoints of an unfinished run: continue it with --resume" in again.stderr
     done = finish(bindkit(str(recipe), "--out", str(run), "--resume"))
     assert done.returncode == 0, done.stderr[-3000:]
     assert_same_weights(run, whole)

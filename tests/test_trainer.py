@@ -95,3 +95,13 @@ def test_same_seed_same_weights_on_cpu(tmp_path, data_root):
         weights.append(BindModel.from_pretrained(tmp_path / name).state_dict())
     for key in weights[0]:
         assert torch.equal(weights[0][key], weights[1][key]), key
+
+
+def test_a_loader_that_gives_no_full_batch_is_an_error_not_an_endless_loop():
+    from torch.utils.data import DataLoader
+
+    from bind.errors import DataError
+    from bind.stage import endless
+
+    with pytest.raises(DataError, match="gave no full batch of 4"):
+        next(endless(DataLoader(list(range(3)), batch_size=4, drop_last=True)))

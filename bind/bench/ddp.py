@@ -100,7 +100,13 @@ def compare_with_single_process(recipe_data: dict[str, Any], nproc: int = 2) -> 
 
     single_loss, single = step_gradients(recipe_data)
     with tempfile.TemporaryDirectory() as tmp:
-        torch.multiprocessing.spawn(_worker, args=(nproc, _free_port(), recipe_data, tmp), nprocs=nproc)
+        for attempt in range(3):  # the free port we picked can be taken before rank 0 binds it: pick again
+            try:
+                torch.multiprocessing.spawn(_worker, args=(nproc, _free_port(), recipe_data, tmp), nprocs=nproc)
+                break
+            except torch.multiprocessing.ProcessException:
+                if attempt == 2:
+                    raise
         multi = load_file(str(Path(tmp) / "grads.safetensors"))
         with safe_open(str(Path(tmp) / "grads.safetensors"), "pt") as f:
             multi_loss = float(f.metadata()["loss"])
