@@ -49,6 +49,7 @@ class Dist:
 
 
 SINGLE_PROCESS = Dist()
+_created = False  # whether this module started the process group (and so may end it)
 
 
 def init_distributed(device_type: str) -> Dist:
@@ -57,17 +58,22 @@ def init_distributed(device_type: str) -> Dist:
     if world_size == 1:
         return Dist()
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    global _created
     if not dist.is_initialized():
         if device_type == "cuda":
             torch.cuda.set_device(local_rank)
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+        _created = True
     log.info("rank %d of %d (backend %s)", rank, world_size, dist.get_backend())
     return Dist(rank, world_size, local_rank)
 
 
 def shutdown_distributed() -> None:
-    if dist.is_initialized():
+    """Leave the process group, if :func:`init_distributed` created it (a caller's own group stays)."""
+    global _created
+    if _created and dist.is_initialized():
         dist.destroy_process_group()
+    _created = False
 
 
 class _GatherWithGrad(torch.autograd.Function):

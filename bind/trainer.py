@@ -38,6 +38,7 @@ from .distributed import (
     barrier,
     broadcast_parameters,
     init_distributed,
+    shutdown_distributed,
 )
 from .errors import ConfigError
 from .evaluate import embed_eval_splits, evaluate_model
@@ -160,7 +161,8 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, show_progress: bool = True, 
     if dist.is_main:
         metrics.write({"stage": "eval", **results})
         atomic_write(out_dir / "eval.json", json.dumps(results, indent=2).encode())
-    barrier()
+    barrier()  # rank 0 hosts the process group's store: everyone is done before anyone leaves
+    shutdown_distributed()
     return results
 
 

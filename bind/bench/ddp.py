@@ -19,7 +19,14 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..distributed import SINGLE_PROCESS, Dist, broadcast_parameters, init_distributed, shutdown_distributed
+from ..distributed import (
+    SINGLE_PROCESS,
+    Dist,
+    barrier,
+    broadcast_parameters,
+    init_distributed,
+    shutdown_distributed,
+)
 
 
 def check_recipe(data_root: str | None, batch_size: int, local_loss: bool, chunk_size: int | None) -> dict[str, Any]:
@@ -84,6 +91,7 @@ def _worker(rank: int, world_size: int, port: int, recipe_data: dict[str, Any], 
         loss, grads = step_gradients(recipe_data, dist)
         if dist.is_main:
             save_file(grads, str(Path(out) / "grads.safetensors"), metadata={"loss": repr(loss)})
+        barrier()  # rank 0 hosts the store: nobody leaves while another still talks to it
     finally:
         shutdown_distributed()
 
@@ -104,7 +112,7 @@ def compare_with_single_process(recipe_data: dict[str, Any], nproc: int = 2) -> 
             try:
                 torch.multiprocessing.spawn(_worker, args=(nproc, _free_port(), recipe_data, tmp), nprocs=nproc)
                 break
-            except torch.multiprocessing.ProcessException:
+            except (torch.multiprocessing.ProcessRaisedException, torch.multiprocessing.ProcessExitedException):
                 if attempt == 2:
                     raise
         multi = load_file(str(Path(tmp) / "grads.safetensors"))
