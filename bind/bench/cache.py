@@ -14,12 +14,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ..data import build_dataset
 from ..recipe import load_recipe
 from ..stage import StageRunner, endless
-from ..trainer import build_model, seed_everything
+from ..trainer import build_model, resolve_device, seed_everything
 
 DIGITS = Path(__file__).parents[2] / "recipes" / "digits.yaml"
 
@@ -46,8 +44,7 @@ def bench_cache(
     spec = load_recipe(recipe, overrides)
     stage = next(s for s in spec.stages if s.kind == "bind")
     stage.pairs = {m: stage.pairs[m] for m in pairs}
-    device = torch.device("cpu") if spec.device == "auto" and not torch.cuda.is_available() else None
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(spec.device)
     train_sets = {m: build_dataset(s.train_data, spec.data_root) for m, s in spec.modalities.items() if s.train_data}
     result: dict[str, Any] = {"recipe": str(recipe), "pairs": list(pairs), "device": device.type}
     with tempfile.TemporaryDirectory() as cache_dir:
