@@ -1,5 +1,8 @@
 """bindkit: bind many modality encoders into one embedding space."""
 
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _version
+
 from .encoder import Batch, ClipBatch, ModalityEncoder, find_blocks, move_to
 from .errors import BindError, ConfigError, DataError, InputError, UnknownEncoderError
 from .registry import (
@@ -11,6 +14,11 @@ from .registry import (
     load_plugins,
     register_encoder,
 )
+
+try:
+    __version__ = _version("bindkit")
+except PackageNotFoundError:  # a source tree on PYTHONPATH, not installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "Batch",

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
 from .data import Items
 from .data.pairs import Key, Preprocessed, split_key
@@ -51,7 +52,13 @@ class FeatureCache:
 
     @classmethod
     def compute(
-        cls, encoder: ModalityEncoder, items: Items, device: torch.device, batch_size: int = 256, num_workers: int = 0
+        cls,
+        encoder: ModalityEncoder,
+        items: Items,
+        device: torch.device,
+        batch_size: int = 256,
+        num_workers: int = 0,
+        show_progress: bool = False,
     ) -> FeatureCache:
         """Run the frozen trunk over every item once."""
         if not encoder.trunk_frozen:
@@ -68,7 +75,8 @@ class FeatureCache:
         was_training = encoder.training
         encoder.eval()
         with torch.no_grad():
-            for batch, bad_items in loader:
+            bar = tqdm(loader, desc=f"cache {encoder.modality} features", unit="batch", disable=not show_progress)
+            for batch, bad_items in bar:
                 bad += bad_items
                 batch = move_to(batch, device)
                 if isinstance(batch, ClipBatch):
@@ -92,6 +100,7 @@ class FeatureCache:
         cache_dir: str | os.PathLike[str] | None = None,
         num_workers: int = 0,
         dist: Dist = SINGLE_PROCESS,
+        show_progress: bool = False,
     ) -> FeatureCache:
         """In memory without ``cache_dir``; with it, reuse ``cache_dir/<modality>-<key>/`` or write it.
 
@@ -101,12 +110,12 @@ class FeatureCache:
         """
         if cache_dir is None:
             log.info("caching %s trunk features in memory", encoder.modality)
-            return cls.compute(encoder, items, device, num_workers=num_workers)
+            return cls.compute(encoder, items, device, num_workers=num_workers, show_progress=show_progress)
         key = cache_key(encoder, items)
         path = Path(cache_dir).expanduser() / f"{encoder.modality}-{key[:20]}"
         if not (path / "meta.json").is_file() and dist.is_main:
             log.info("caching %s trunk features in %s", encoder.modality, path)
-            cls.compute(encoder, items, device, num_workers=num_workers).save(path, key)
+            cls.compute(encoder, items, device, num_workers=num_workers, show_progress=show_progress).save(path, key)
         barrier()
         log.info("using cached %s trunk features from %s", encoder.modality, path)
         return cls.load(path, device)

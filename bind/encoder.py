@@ -96,7 +96,15 @@ class ModalityEncoder(nn.Module):
         head: projection kind, "linear", "mlp" or "identity".
         logit_scale: initial 1 / temperature used when this modality meets the anchor.
         learnable_logit_scale: train the logit scale (clamped to ``max_logit_scale``) or keep it fixed.
+
+    ``takes_text``: True for encoders whose raw items are strings (the command line then passes its
+    arguments as the texts themselves rather than as file paths). ``file_suffixes``: the file types
+    ``preprocess`` reads (lower case, with the dot), so that a folder given on the command line
+    yields only those; None takes every file.
     """
+
+    takes_text: bool = False
+    file_suffixes: tuple[str, ...] | None = None
 
     def __init__(
         self,

@@ -13,17 +13,25 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
 from .data import Items, build_dataset
 from .data.pairs import Preprocessed
 from .distributed import SINGLE_PROCESS, Dist
 from .encoder import move_to
+from .errors import DataError
 from .model import BindModel
 
 
 @torch.no_grad()
 def embed_items(
-    model: BindModel, modality: str, items: Items, device: torch.device, batch_size: int = 256, num_workers: int = 0
+    model: BindModel,
+    modality: str,
+    items: Items,
+    device: torch.device,
+    batch_size: int = 256,
+    num_workers: int = 0,
+    show_progress: bool = False,
 ) -> Tensor:
     """(N, D) embeddings of a dataset's items, in order."""
     encoder = model[modality]
@@ -34,7 +42,34 @@ def embed_items(
         collate_fn=lambda b: encoder.collate([x for x, _ in b]),
         generator=torch.Generator(),  # leaves the global RNG as it was (exact resume)
     )
-    return torch.cat([encoder(move_to(batch, device)).float().cpu() for batch in loader])
+    bar = tqdm(loader, desc=f"eval: embed {modality}", unit="batch", disable=not show_progress, leave=False)
+    return torch.cat([encoder(move_to(batch, device)).float().cpu() for batch in bar])
+
+
+def align_labels(items: Items, class_names: list[str] | None, where: str) -> Items:
+    """``items`` with labels renumbered to the model's ``class_names`` (what label i meant in training).
+
+    A label matches a class by name, or by number when it is an integer ("7" is class 7). Items without
+    class names, or a model without them, keep their labels.
+    """
+    if not class_names or not items.class_names or list(items.class_names) == list(class_names):
+        return items
+    index = {name: i for i, name in enumerate(class_names)}
+    mapping = []
+    for name in items.class_names:
+        name = str(name)
+        if name in index:
+            mapping.append(index[name])
+        elif name.lstrip("-").isdigit() and 0 <= int(name) < len(class_names):
+            mapping.append(int(name))
+        else:
+            shown = ", ".join(class_names[:12]) + (", ..." if len(class_names) > 12 else "")
+            raise DataError(
+                f"{where}: label {name!r} is not a class of the model (its classes: {shown}); "
+                f"use those names, or their numbers 0..{len(class_names) - 1}"
+            )
+    labels = torch.tensor(mapping, dtype=torch.long)[items.labels]
+    return Items(lambda i: items[i], labels, items.names, class_names)
 
 
 def class_prototypes(embeddings: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
@@ -86,11 +121,17 @@ def class_match_retrieval(
 
 
 def embed_items_distributed(
-    model: BindModel, modality: str, items: Items, device: torch.device, dist: Dist, num_workers: int = 0
+    model: BindModel,
+    modality: str,
+    items: Items,
+    device: torch.device,
+    dist: Dist,
+    num_workers: int = 0,
+    show_progress: bool = False,
 ) -> Tensor:
     """:func:`embed_items` with the items split over ranks in contiguous shards, gathered back in order."""
     if not dist.enabled:
-        return embed_items(model, modality, items, device, num_workers=num_workers)
+        return embed_items(model, modality, items, device, num_workers=num_workers, show_progress=show_progress)
     bounds = [len(items) * r // dist.world_size for r in range(dist.world_size + 1)]
     shard = items.subset(range(bounds[dist.rank], bounds[dist.rank + 1]))
     mine = embed_items(model, modality, shard, device, num_workers=num_workers) if len(shard) else None
@@ -100,7 +141,7 @@ def embed_items_distributed(
 
 
 def embed_eval_splits(
-    model: BindModel, recipe: Any, device: torch.device, dist: Dist = SINGLE_PROCESS
+    model: BindModel, recipe: Any, device: torch.device, dist: Dist = SINGLE_PROCESS, show_progress: bool = False
 ) -> dict[str, tuple[Tensor, Items]]:
     """Embeddings and items of every modality's eval split (capped at ``eval.max_items``, spread over the split).
 
@@ -110,11 +151,14 @@ def embed_eval_splits(
         if mspec.eval_data is None:
             continue
         items = build_dataset(mspec.eval_data, recipe.data_root)
+        items = align_labels(items, model.class_names, f"modalities.{modality}.eval_data")
         cap = recipe.eval.max_items
         if cap is not None and len(items) > cap:
             step = len(items) / cap  # every class stays represented
             items = items.subset([int(i * step) for i in range(cap)])
-        embeddings = embed_items_distributed(model, modality, items, device, dist, recipe.num_workers)
+        embeddings = embed_items_distributed(
+            model, modality, items, device, dist, recipe.num_workers, show_progress and dist.is_main
+        )
         out[modality] = (embeddings, items)
     return out
 

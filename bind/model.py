@@ -10,8 +10,8 @@ Example::
     model = BindModel({"image": create_encoder("digits_cnn"), "audio": create_encoder("audio_cnn")},
                       anchor_modality="image")
     model.save_pretrained("runs/demo")
-    model = BindModel.from_pretrained("runs/demo")
-    z = model.embed("audio", ["seven.wav"])     # (1, D), unit norm
+    model = BindModel.from_pretrained("runs/demo")     # also a run directory written by `bindkit run`
+    z = model.encode("audio", ["seven.wav"])           # numpy (1, D), unit-norm rows
 """
 
 from __future__ import annotations
@@ -22,8 +22,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from .encoder import ModalityEncoder
 from .errors import ConfigError, DataError, UnknownEncoderError, did_you_mean
@@ -57,6 +60,7 @@ class BindModel(nn.Module):
         self.anchor_modality = anchor_modality
         self.embed_dim = next(iter(dims.values()))
         self.shared_trunks: dict[str, str] = {}  # modality -> modality whose trunk it shares
+        self.class_names: list[str] | None = None  # what label i meant in training (saved in config.json)
 
     @property
     def modalities(self) -> list[str]:
@@ -65,8 +69,7 @@ class BindModel(nn.Module):
     def __getitem__(self, modality: str) -> ModalityEncoder:
         if modality not in self.encoders:
             raise ConfigError(
-                f"this model has no {modality!r} encoder; {did_you_mean(modality, self.encoders)}"
-                f"it has: {', '.join(self.encoders)}"
+                f"no modality {modality!r}; {did_you_mean(modality, self.encoders)}the model has: {', '.join(self.encoders)}"
             )
         return self.encoders[modality]  # type: ignore[return-value]
 
@@ -77,6 +80,40 @@ class BindModel(nn.Module):
     def embed(self, modality: str, inputs: Sequence[Any], batch_size: int = 64) -> Tensor:
         """Raw inputs (paths, strings, arrays or tensors) -> (N, embed_dim) unit-norm embeddings, no grad."""
         return self[modality].embed(inputs, batch_size=batch_size)
+
+    def encode(
+        self,
+        modality: str,
+        inputs: Any,
+        batch_size: int = 64,
+        show_progress_bar: bool | None = None,
+        convert_to_numpy: bool = True,
+        device: str | torch.device | None = None,
+    ) -> np.ndarray | Tensor:
+        """Embed raw inputs, as sentence-transformers' ``encode`` does: unit-norm rows in input order, no grad.
+
+        ``inputs``: a list of raw items (file paths, strings, arrays), or one path or string, which gives one
+        row as a 1-D result. ``show_progress_bar``: None shows it for more than one batch. ``device``: where
+        to run (default: where the model is). Returns a float32 numpy array, or a tensor when
+        ``convert_to_numpy`` is False. The model is put in eval mode.
+        """
+        if batch_size < 1:
+            raise ConfigError(f"batch_size: expected a positive number of items, got {batch_size}")
+        encoder = self[modality]
+        single = isinstance(inputs, (str, os.PathLike))
+        items = [inputs] if single else list(inputs)
+        if device is not None:
+            self.to(device)
+        self.eval()
+        show = len(items) > batch_size if show_progress_bar is None else show_progress_bar
+        out = []
+        with torch.no_grad():
+            starts = range(0, len(items), batch_size)
+            for start in tqdm(starts, desc=f"encode {modality}", unit="batch", disable=not show):
+                out.append(encoder.embed(items[start : start + batch_size], batch_size=batch_size).float().cpu())
+        z = torch.cat(out) if out else torch.empty(0, self.embed_dim)
+        z = z[0] if single else z
+        return z.numpy() if convert_to_numpy else z
 
     def share_trunk(self, modality: str, source: str, mode: str = "share") -> None:
         """Start ``modality``'s frame encoder from ``source``'s encoder (video from image, ImageBind-style).
@@ -106,6 +143,7 @@ class BindModel(nn.Module):
                 for m, e in self.encoders.items()
             },
             "shared_trunks": dict(self.shared_trunks),
+            "class_names": self.class_names,
             # so that loading without the plugin can say which --plugin registers a missing encoder
             "encoder_modules": _encoder_modules(self.encoders.values()),
         }
@@ -164,6 +202,12 @@ class BindModel(nn.Module):
         model = cls(encoders, config["anchor_modality"])
         for modality, source in config.get("shared_trunks", {}).items():
             model.share_trunk(modality, source, "share")
+        class_names = config.get("class_names")
+        if class_names is not None and not (
+            isinstance(class_names, list) and all(isinstance(c, str) for c in class_names)
+        ):
+            raise ConfigError(f"{where}: class_names: expected a list of strings or null, got {class_names!r}")
+        model.class_names = class_names
         return model
 
     @classmethod

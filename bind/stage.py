@@ -122,6 +122,7 @@ class StageRunner:
         device: torch.device,
         train_sets: dict[str, Items],
         dist: Dist = SINGLE_PROCESS,
+        show_progress: bool = False,
     ):
         self.model, self.recipe, self.stage, self.device, self.dist = model, recipe, stage, device, dist
         anchor = recipe.anchor_modality
@@ -142,7 +143,13 @@ class StageRunner:
         for modality in self.modalities:
             if recipe.feature_cache and not streamed and model[modality].trunk_frozen and not self._augment(modality):
                 self.caches[modality] = FeatureCache.build(
-                    model[modality], train_sets[modality], device, recipe.cache_dir, recipe.num_workers, dist
+                    model[modality],
+                    train_sets[modality],
+                    device,
+                    recipe.cache_dir,
+                    recipe.num_workers,
+                    dist,
+                    show_progress=show_progress and dist.is_main,
                 )
         # bad items (name -> error) met in this stage; their share of the stage's items is capped
         self.bad_items: dict[str, str] = {}
@@ -409,10 +416,14 @@ class StageRunner:
             total=self.total_steps,
         )
         window_start, window_samples, nonfinite_in_a_row = time.perf_counter(), 0, 0
+        postfix: dict[str, Any] = {}
         for step in bar:
             done = step + 1
             loss, parts, samples = self.backward(iterators)
             window_samples += samples
+            if show:  # the loss from the first step on; the throughput at each log step
+                postfix["loss"] = f"{loss:.3f}"
+                bar.set_postfix(postfix, refresh=False)
             # the norm also when not clipping (max inf: no change): a NaN gradient must be caught either way
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, optim.grad_clip or math.inf))
             if math.isfinite(loss) and math.isfinite(grad_norm):
@@ -447,7 +458,7 @@ class StageRunner:
                     "nonfinite_steps": self.nonfinite_steps,
                 }
                 metrics.write(record)
-                postfix = {"loss": f"{loss:.3f}", "samples_s": f"{rate:.0f}"}
+                postfix.update({"loss": f"{loss:.3f}", "samples_s": f"{rate:.0f}"})
                 if self.bad_items:
                     postfix["bad"] = len(self.bad_items)
                 if self.nonfinite_steps:

@@ -143,7 +143,7 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, show_progress: bool = True, 
                 if source is not None:
                     init_from_encoder(model[modality], model[source])
                 initialised.add(modality)
-            runner = StageRunner(model, recipe, stage, device, train_sets, dist)
+            runner = StageRunner(model, recipe, stage, device, train_sets, dist, show_progress)
             start = 0
             if resume_from is not None and index == resume_from.stage_index:
                 runner.restore_counters(load_training_state(resume_from, runner.optimizer, runner.scheduler))
@@ -155,15 +155,25 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, show_progress: bool = True, 
             writer = CheckpointWriter(checkpoint_dir, recipe, index) if dist.is_main else None
             runner.run(metrics, writer, show_progress, start_step=start, stop=stop)
     model.eval()
+    model.class_names = _class_names(recipe, train_sets)
     if dist.is_main:  # saved before evaluating: a failing evaluation loses no training
         model.save_pretrained(out_dir)
-    results = evaluate_model(model, recipe, device, embed_eval_splits(model, recipe, device, dist))
+    results = evaluate_model(model, recipe, device, embed_eval_splits(model, recipe, device, dist, show_progress))
     if dist.is_main:
         metrics.write({"stage": "eval", **results})
         atomic_write(out_dir / "eval.json", json.dumps(results, indent=2).encode())
     barrier()  # rank 0 hosts the process group's store: everyone is done before anyone leaves
     shutdown_distributed()
     return results
+
+
+def _class_names(recipe: Recipe, train_sets: dict[str, Any]) -> list[str] | None:
+    """What label i meant in training (the anchor's data first), saved with the model for evaluating other data."""
+    for modality in sorted(train_sets, key=lambda m: m != recipe.anchor_modality):
+        names = train_sets[modality].class_names
+        if names:
+            return [str(n) for n in names]
+    return None
 
 
 def _trained_in(stage: StageSpec) -> set[str]:

@@ -42,6 +42,9 @@ NormKind = Literal["utterance", "utterance_bins", "fixed", "none"]
 MAX_CHANNELS = 16  # more "channels" than this means a (samples, channels) array was passed
 
 
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".aiff", ".aif", ".mp3")  # what libsndfile decodes
+
+
 def load_audio(item: Any, sample_rate: int) -> Tensor:
     """Raw audio item -> mono float32 waveform ``(samples,)`` at ``sample_rate``.
 
@@ -268,6 +271,8 @@ class AudioFrontend:
 class SpectrogramEncoder(ModalityEncoder):
     """Audio encoder whose trunk takes ``(B, 1, n_mels, frames)`` features from an :class:`AudioFrontend`."""
 
+    file_suffixes = AUDIO_SUFFIXES
+
     def __init__(
         self,
         trunk: nn.Module,
@@ -437,6 +442,8 @@ def audio_vit(
 
 class ASTEncoder(ModalityEncoder):
     """A Hugging Face Audio Spectrogram Transformer with its feature extractor."""
+
+    file_suffixes = AUDIO_SUFFIXES
 
     def __init__(
         self,

@@ -44,7 +44,7 @@ from bind import ConfigError, InputError, ModalityEncoder, register_encoder
 from bind.encoder import HeadKind
 
 # the tiny ViT is tv_vit_b_16's, so a test can start one from the other with init_from_encoder
-from .image import _VIT_TINY, _conv_block
+from .image import _VIT_TINY, IMAGE_SUFFIXES, _conv_block
 
 DepthMode = Literal["metric", "disparity"]
 # ImageBind's SUN RGB-D conversion (omnivore): disparity = baseline * focal / depth with the Kinect v1 baseline
@@ -165,6 +165,8 @@ class MapEncoder(ModalityEncoder):
     """A single-channel map encoder: ``to_unit(item)`` gives ``(H, W)`` in [0, 1] (NaN: missing); then resize,
     ``(x - 0.5) / 0.5`` and missing -> 0. Shared by the depth and thermal encoders.
     """
+
+    file_suffixes = (".npy", *IMAGE_SUFFIXES)  # arrays, or 8/16-bit images
 
     def __init__(
         self,

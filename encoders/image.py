@@ -38,6 +38,9 @@ MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
 LUMA = (0.299, 0.587, 0.114)  # ITU-R 601, the weights PIL's convert("L") uses
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm", ".pnm")
+
+
 def load_image(item: Any, channels: int = 3) -> Tensor:
     """One raw image -> float tensor (channels, H, W) in [0, 1], on the CPU.
 
@@ -148,6 +151,8 @@ class ImageEncoder(ModalityEncoder):
             as torchvision's ImageNet evaluation does.
         block_names: submodule names (under this encoder) returned by :meth:`trunk_blocks`.
     """
+
+    file_suffixes = IMAGE_SUFFIXES
 
     def __init__(
         self,
@@ -379,6 +384,8 @@ def tv_vit_b_16(
 
 class HFCLIPVisionEncoder(ModalityEncoder):
     """Hugging Face ``CLIPVisionModelWithProjection``; features are its projected ``image_embeds``."""
+
+    file_suffixes = IMAGE_SUFFIXES
 
     def __init__(self, model: nn.Module, processor: Any, embed_dim: int | None, **kwargs: Any) -> None:
         trunk_dim = model.config.projection_dim

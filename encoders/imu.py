@@ -190,6 +190,8 @@ class IMUTransformer(nn.Module):
 class IMUEncoder(ModalityEncoder):
     """IMU series -> normalised windows ``(num_windows, 6, window)`` -> a trunk on ``(B, 6, window)``."""
 
+    file_suffixes = (".npy", ".csv")
+
     def __init__(
         self,
         trunk: nn.Module,

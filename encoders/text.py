@@ -46,6 +46,8 @@ class HFTextEncoder(ModalityEncoder):
             rebuilds from the package and exports nothing.
     """
 
+    takes_text = True
+
     def __init__(
         self,
         model: nn.Module,

@@ -41,6 +41,9 @@ CODECS = {
 }
 
 
+VIDEO_SUFFIXES = (".mp4", ".m4v", ".mkv", ".mov", ".avi", ".webm", ".mpg", ".mpeg", ".gif")  # what PyAV decodes
+
+
 def read_video(path: str | os.PathLike[str]) -> np.ndarray:
     """Decode every frame of a file's first video stream to uint8 RGB ``(T, H, W, 3)``.
 
@@ -175,6 +178,8 @@ def _stack(samples: list[Any]) -> Tensor | dict[str, Tensor]:
 
 class VideoFramesEncoder(ModalityEncoder):
     """An image encoder's preprocess and trunk per frame, then temporal pooling and the video head."""
+
+    file_suffixes = VIDEO_SUFFIXES
 
     def __init__(
         self,
@@ -333,6 +338,8 @@ def frames_to_unit_float(frames: np.ndarray, what: str = "video") -> Tensor:
 
 class VideoMAEEncoder(ModalityEncoder):
     """A Hugging Face VideoMAE model with its image processor; features are the mean of the last hidden state."""
+
+    file_suffixes = VIDEO_SUFFIXES
 
     def __init__(
         self,

@@ -11,6 +11,31 @@ import torch
 
 DATA_ROOT = Path(os.environ.get("BINDKIT_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
+DIGITS = Path(__file__).parents[1] / "recipes" / "digits.yaml"
+
+SMOKE = [
+    "num_workers=0",
+    "embed_dim=16",
+    "modalities.image.args.width=4",
+    "modalities.audio.args.width=4",
+    "modalities.audio.args.depth=2",
+    "modalities.video.args.frame_encoder_kwargs.width=4",
+    "modalities.image.train_data.args.limit=256",
+    "modalities.audio.train_data.args.limit=64",
+    "modalities.video.train_data.args.limit=64",
+    "eval.max_items=40",
+    "stages.0.epochs=null",
+    "stages.0.steps=2",
+    "stages.0.batch_size=64",
+    "stages.1.epochs=null",
+    "stages.1.steps=2",
+    "stages.1.batch_size=32",
+    "stages.2.steps=3",
+    "stages.2.pairs.audio.batch_size=16",
+    "stages.2.pairs.video.batch_size=8",
+    "stages.2.pairs.text.batch_size=16",
+]
+
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
@@ -40,3 +65,16 @@ def data_root() -> Path:
     if not (DATA_ROOT / "mnist").is_dir():
         pytest.skip(f"real data not found at {DATA_ROOT}")
     return DATA_ROOT
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """A smoke-size run of the digits recipe (seconds), trained once per test session."""
+    from bind.recipe import load_recipe
+    from bind.trainer import run_recipe
+
+    if not (DATA_ROOT / "mnist").is_dir():
+        pytest.skip(f"real data not found at {DATA_ROOT}")
+    out = tmp_path_factory.mktemp("run")
+    run_recipe(load_recipe(DIGITS, [*SMOKE, f"data_root={DATA_ROOT}"]), out, show_progress=False)
+    return out

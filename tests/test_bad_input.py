@@ -201,7 +201,7 @@ def test_unknown_encoder_and_modality_names_suggest_close_matches():
     with pytest.raises(UnknownEncoderError, match="unknown encoder 'digit_cnn'; did you mean 'digits_cnn'"):
         create_encoder("digit_cnn")
     model = BindModel({"image": create_encoder("digits_cnn", width=4, embed_dim=8)}, anchor_modality="image")
-    with pytest.raises(ConfigError, match="no 'imgae' encoder; did you mean 'image'\\? it has: image"):
+    with pytest.raises(ConfigError, match="no modality 'imgae'; did you mean 'image'\\? the model has: image"):
         model.embed("imgae", [])
     with pytest.raises(ConfigError, match="anchor_modality 'audio' has no encoder"):
         BindModel({"image": create_encoder("digits_cnn", width=4, embed_dim=8)}, anchor_modality="audio")
@@ -220,7 +220,7 @@ def test_missing_data_paths_name_the_path(tmp_path):
     with pytest.raises(DataError, match=f"train_data: {tmp_path / 'nowhere.csv'} not found.*point data_root"):
         load_recipe(tmp_path / "recipe.yaml")
     with pytest.raises(DataError, match="gone.wav: file not found; expected the path of an existing audio file"):
-        read_inputs("audio", [str(tmp_path / "gone.wav")])
+        read_inputs(BindModel({"audio": audio_encoder()}, "audio"), "audio", [str(tmp_path / "gone.wav")])
     with pytest.raises(InputError, match="gone.png' does not exist"):
         load_image(tmp_path / "gone.png")
 
@@ -384,7 +384,7 @@ def test_cli_embed_on_a_corrupt_file_is_one_clear_line(run_dir, tmp_path, capsys
     code, err = bindkit_in_process(capsys, "embed", run_dir, "--modality", "audio", "--out", out, sound)
     assert_one_clear_error(code, err, str(out), "No such file or directory")
     code, err = bindkit_in_process(capsys, "embed", run_dir, "--modality", "audoi", "--out", out, sound)
-    assert_one_clear_error(code, err, "no 'audoi' encoder; did you mean 'audio'?")
+    assert_one_clear_error(code, err, "no modality 'audoi'; did you mean 'audio'? the model has:")
 
 
 def test_cli_eval_on_an_incomplete_run_directory_is_one_clear_line(tmp_path, capsys):

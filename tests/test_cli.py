@@ -61,3 +61,20 @@ def test_missing_data_root_says_what_to_put_where(tmp_path):
     assert out.returncode == 2
     assert f"{tmp_path}/mnist/images-idx3-ubyte.gz not found" in out.stderr
     assert "BINDKIT_DATA" in out.stderr
+
+
+def test_every_option_has_help_and_no_docstring_markup():
+    import argparse
+
+    from bind.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert {"run", "eval", "embed", "retrieve", "doctor"} <= set(sub.choices)
+    for name, verb in sub.choices.items():
+        text = verb.format_help()
+        for markup in ("``", ":func:", ":class:", ":meth:"):
+            assert markup not in text, f"bindkit {name} --help shows {markup!r}"
+        for action in verb._actions:
+            if not isinstance(action, argparse._HelpAction):
+                assert action.help, f"bindkit {name}: {action.option_strings or action.dest} has no help line"

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from test_trainer import DIGITS, SMOKE
+from conftest import DIGITS, SMOKE
 
 from bind.losses import info_nce
 from bind.recipe import load_recipe

@@ -88,9 +88,23 @@ def test_manifest_columns_labels_and_splits(tmp_path, name):
     image = build_dataset(DataSpec("manifest", "train", {"path": name, "column": "image"}), str(tmp_path))
     assert list(text) == ["a dog", "a cat"]
     assert image[0] == str((tmp_path / "a.txt").resolve())
-    assert text.labels.tolist() == [0, 1]
+    assert text.class_names == ["cat", "dog"]  # sorted over the whole file, not in order of appearance
+    assert text.labels.tolist() == [1, 0]
+    # the eval split starts with a dog: it must still be class 1, as in train
+    assert manifest(tmp_path, "eval", name, "text").labels.tolist() == [1]
+    assert manifest(tmp_path, "*", name, "text").labels.tolist() == [1, 0, 1]
     with pytest.raises(DataError, match="no column 'audio'; columns are image, text, label, split"):
         manifest(tmp_path, "train", name, "audio")
+    with pytest.raises(DataError, match="no rows of split 'test'; its splits are eval, train"):
+        manifest(tmp_path, "test", name, "text")
+
+
+def test_manifest_integer_labels_sort_as_numbers(tmp_path):
+    rows = "".join(f"t{n},{label}\n" for n, label in enumerate([10, 9, 2, 10]))
+    (tmp_path / "m.csv").write_text("text,label\n" + rows)
+    items = manifest(tmp_path, "train", "m.csv", "text")
+    assert items.class_names == ["2", "9", "10"]
+    assert items.labels.tolist() == [2, 1, 0, 2]
 
 
 def test_label_pairing_always_pairs_the_same_class(data_root):

@@ -10,12 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_trainer import DIGITS, SMOKE
 
 from bind import ConfigError
-from bind.recipe import load_recipe
 from bind.retrieval import SearchIndex, exact_search
-from bind.trainer import run_recipe
 
 REPO = Path(__file__).parents[1]
 
@@ -55,17 +52,6 @@ def test_index_save_load_and_faiss_agree_with_exact(tmp_path):
     assert [[n for n, _ in row] for row in got] == [[n for n, _ in row] for row in exact]
     with pytest.raises(ConfigError, match="3 gallery names for 200"):
         SearchIndex(gallery, names[:3])
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory) -> Path:
-    from conftest import DATA_ROOT
-
-    if not (DATA_ROOT / "mnist").is_dir():
-        pytest.skip("real data not found")
-    out = tmp_path_factory.mktemp("run")
-    run_recipe(load_recipe(DIGITS, [*SMOKE, f"data_root={DATA_ROOT}"]), out, show_progress=False)
-    return out
 
 
 def bindkit(*args: str) -> subprocess.CompletedProcess:

@@ -4,40 +4,15 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import DIGITS, SMOKE
 
 from bind.model import BindModel
 from bind.recipe import OptimSpec, load_recipe
 from bind.stage import param_groups, warmup_cosine
 from bind.trainer import run_recipe
-
-DIGITS = Path(__file__).parents[1] / "recipes" / "digits.yaml"
-
-SMOKE = [
-    "num_workers=0",
-    "embed_dim=16",
-    "modalities.image.args.width=4",
-    "modalities.audio.args.width=4",
-    "modalities.audio.args.depth=2",
-    "modalities.video.args.frame_encoder_kwargs.width=4",
-    "modalities.image.train_data.args.limit=256",
-    "modalities.audio.train_data.args.limit=64",
-    "modalities.video.train_data.args.limit=64",
-    "eval.max_items=40",
-    "stages.0.epochs=null",
-    "stages.0.steps=2",
-    "stages.0.batch_size=64",
-    "stages.1.epochs=null",
-    "stages.1.steps=2",
-    "stages.1.batch_size=32",
-    "stages.2.steps=3",
-    "stages.2.pairs.audio.batch_size=16",
-    "stages.2.pairs.video.batch_size=8",
-    "stages.2.pairs.text.batch_size=16",
-]
 
 
 def test_warmup_then_cosine():

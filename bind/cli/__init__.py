@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from collections.abc import Sequence
 
+from .. import __version__
 from ..errors import BindError
 from . import bench as bench_verb
+from . import doctor as doctor_verb
 from . import embed as embed_verb
 from . import encoders as encoders_verb
 from . import evaluation as eval_verb
@@ -23,17 +26,29 @@ from . import shard as shard_verb
 from . import validate as validate_verb
 
 VERBS = [encoders_verb, validate_verb, run_verb, eval_verb, embed_verb, retrieve_verb, bench_verb, plot_verb]
-VERBS.append(shard_verb)  # bindkit shard (bind/cli/shard.py)
+VERBS += [shard_verb, doctor_verb]
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bindkit", description="Bind modality encoders into one embedding space.")
+    parser.add_argument("--version", action="version", version=f"bindkit {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="COMMAND")
     for verb in VERBS:
         verb.add_parser(sub)
+    for verb_parser in sub.choices.values():  # module docstrings double as help: keep their lines, drop markup
+        verb_parser.formatter_class = argparse.RawDescriptionHelpFormatter
+        verb_parser.description = plain_text(verb_parser.description)
     return parser
+
+
+def plain_text(text: str | None) -> str | None:
+    """Docstring markup (``code``, :func:`name`) as plain text for a terminal."""
+    if text is None:
+        return None
+    text = re.sub(r":(?:func|class|meth|mod|attr):`~?([^`]+)`", r"\1", text)
+    return text.replace("``", "")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -1,56 +1,135 @@
-"""Turning command-line INPUT arguments into raw items, shared by ``embed`` and ``retrieve``."""
+"""Turning command-line INPUT arguments into raw items, shared by ``embed``, ``retrieve`` and ``eval``."""
 
 from __future__ import annotations
 
+import glob
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from ..errors import DataError, InputError
+from ..errors import ConfigError, DataError, InputError
 from ..model import BindModel
 
+GLOB_CHARS = set("*?[")
+INPUTS_HELP = (
+    "text: the strings themselves; other modalities: files, folders (the files of that modality in them), "
+    "globs ('wavs/*.wav'); "
+    "any modality: @LIST.txt, one item per line (file paths relative to the list's folder)"
+)
 
-def read_inputs(modality: str, inputs: list[str]) -> list[str]:
-    """Text: the strings themselves, ``@file.txt`` one per line. Other modalities: existing file paths."""
+
+def read_inputs(model: BindModel, modality: str, inputs: list[str]) -> list[str]:
+    """Raw items of ``modality`` from INPUT arguments, in the order given (folders and globs sorted).
+
+    Text items are the strings themselves (``@file.txt``: one text per line); what other modalities
+    take is a file: a path, a folder (its files, not hidden ones), a glob, or ``@list.txt`` of paths.
+    """
+    check_modality(model, modality)
+    is_text = bool(getattr(model[modality], "takes_text", False))
     items: list[str] = []
     for arg in inputs:
-        if modality == "text":
-            if arg.startswith("@"):
-                items.extend(_read_lines(Path(arg[1:]), arg))
+        if arg.startswith("@"):
+            lines = _read_lines(Path(arg[1:]), arg)
+            if is_text:
+                items.extend(lines)
             else:
-                items.append(arg)
-        else:
-            if not Path(arg).is_file():
-                problem = "a folder, not a file" if Path(arg).is_dir() else "file not found"
-                raise DataError(f"{arg}: {problem}; expected the path of an existing {modality} file")
+                base = Path(arg[1:]).parent
+                items.extend(
+                    _existing_file(str(base / line), modality, f"line {n} of {arg[1:]}")
+                    for n, line in enumerate(lines, 1)
+                )
+        elif is_text:
             items.append(arg)
+        else:
+            items.extend(_expand(arg, modality, model[modality].file_suffixes))
     if not items:
         raise InputError(f"no {modality} inputs given; pass at least one file path (text: a string or @FILE)")
     return items
 
 
+def check_modality(model: BindModel, modality: str) -> None:
+    """A one-line error for a modality the model does not have (``--modality txt``)."""
+    model[modality]  # raises "no modality 'txt'; did you mean 'text'? the model has: ..."
+
+
+def _expand(arg: str, modality: str, suffixes: tuple[str, ...] | None) -> list[str]:
+    path = Path(arg)
+    if path.is_dir():
+        files = sorted(
+            str(p)
+            for p in path.iterdir()
+            if p.is_file() and not p.name.startswith(".") and (suffixes is None or p.suffix.lower() in suffixes)
+        )
+        if not files:
+            kinds = f" ({', '.join(suffixes)})" if suffixes else ""
+            raise DataError(f"{arg}: the folder holds no {modality} files{kinds}")
+        return files
+    if path.is_file():
+        return [arg]
+    if GLOB_CHARS & set(arg):
+        files = sorted(p for p in glob.glob(arg, recursive=True) if Path(p).is_file())
+        if not files:
+            raise DataError(f"{arg}: no file matches this pattern; expected {modality} files")
+        return files
+    return [_existing_file(arg, modality, "")]
+
+
+def _existing_file(arg: str, modality: str, where: str) -> str:
+    if not Path(arg).is_file():
+        problem = "a folder, not a file" if Path(arg).is_dir() else "file not found"
+        at = f" ({where})" if where else ""
+        raise DataError(f"{arg}{at}: {problem}; expected the path of an existing {modality} file")
+    return arg
+
+
 def _read_lines(path: Path, arg: str) -> list[str]:
     """The non-blank lines of an ``@FILE`` argument."""
     if not path.is_file():
-        raise DataError(f"{path}: text file not found (from {arg!r}; @FILE reads one text per line)")
+        raise DataError(f"{path}: list file not found (from {arg!r}; @FILE reads one item per line)")
     try:
-        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     except UnicodeDecodeError as err:
         raise InputError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8") from None
     if not lines:
-        raise InputError(f"{path}: no text in it (from {arg!r}); expected one text per line")
+        raise InputError(f"{path}: no items in it (from {arg!r}); expected one item per line")
     return lines
 
 
-def embed_inputs(model: BindModel, modality: str, items: list[str], batch_size: int = 64) -> np.ndarray:
+def check_batch_size(batch_size: int) -> int:
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size: expected a positive number of items, got {batch_size}")
+    return batch_size
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` (CUDA when there is one), ``cpu``, ``cuda`` or ``cuda:N``, checked."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device: expected auto, cpu, cuda or cuda:N, got {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: no CUDA device is available here; use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device: expected auto, cpu, cuda or cuda:N, got {name!r}")
+    return device
+
+
+def embed_inputs(
+    model: BindModel, modality: str, items: list[str], batch_size: int = 64, show_progress: bool = True
+) -> np.ndarray:
     """(N, D) float32 unit-norm rows in input order, with a progress bar for long inputs."""
-    encoder = model[modality]
-    out = []
-    with torch.no_grad():
-        for start in tqdm(
-            range(0, len(items), batch_size), desc=f"embed {modality}", disable=len(items) <= batch_size, unit="batch"
-        ):
-            out.append(encoder.embed(items[start : start + batch_size], batch_size=batch_size).float().cpu())
-    return torch.cat(out).numpy()
+    show = None if show_progress else False  # None: a bar when there is more than one batch
+    return model.encode(modality, items, batch_size=check_batch_size(batch_size), show_progress_bar=show)
+
+
+def names_path(npy: str | Path) -> Path:
+    """``gallery.npy`` -> ``gallery.names.txt``: the item of each row, written by ``bindkit embed``."""
+    npy = Path(npy)
+    return npy.with_name((npy.name[: -len(".npy")] if npy.name.endswith(".npy") else npy.name) + ".names.txt")
+
+
+def write_names(path: Path, names: list[str]) -> None:
+    path.write_text("".join(name.replace("\r", " ").replace("\n", " ") + "\n" for name in names), encoding="utf-8")

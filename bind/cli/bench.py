@@ -18,7 +18,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     from ..bench import BENCHMARKS
 
     p = sub.add_parser("bench", help="run a benchmark", description=__doc__)
-    p.add_argument("name", choices=sorted(BENCHMARKS))
+    p.add_argument("name", choices=sorted(BENCHMARKS), help="which benchmark: " + ", ".join(sorted(BENCHMARKS)))
     p.add_argument("options", nargs="*", metavar="key=value", help="benchmark keyword arguments")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--gallery-size", type=int, help="retrieval: gallery rows (default 1,000,000)")

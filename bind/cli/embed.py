@@ -1,35 +1,43 @@
-"""``bindkit embed RUN_DIR --modality M --out FILE.npy INPUT...``: embed files or texts with a trained run."""
+"""bindkit embed RUN_DIR --modality M --out FILE.npy INPUT...: embed files or texts with a trained run.
+
+Writes FILE.npy (float32, one unit-norm row per item, in input order) and FILE.names.txt beside it
+(the item of each row, one per line), which bindkit retrieve --gallery-embeddings reads.
+"""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import numpy as np
 
 from ..registry import load_plugins
-from ._inputs import embed_inputs, read_inputs
+from ._inputs import INPUTS_HELP, check_batch_size, embed_inputs, names_path, read_inputs, resolve_device, write_names
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("embed", help="embed inputs with a trained run", description=__doc__)
-    p.add_argument("run_dir")
-    p.add_argument(
-        "inputs", nargs="+", metavar="INPUT", help="file paths; for text the strings (@file.txt: one per line)"
-    )
-    p.add_argument("--modality", required=True)
+    p.add_argument("run_dir", help="a run directory written by bindkit run, e.g. runs/digits")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help=INPUTS_HELP)
+    p.add_argument("--modality", required=True, help="the modality of the inputs, e.g. text, image, audio")
     p.add_argument("--out", required=True, help="output .npy: float32 (N, D), unit-norm rows, input order")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--plugin", action="append", default=[], metavar="MODULE")
+    p.add_argument("--batch-size", type=int, default=64, help="items embedded at once (default: 64)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    p.add_argument("--plugin", action="append", default=[], metavar="MODULE", help="import MODULE to register encoders")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from ..runs import load_run
 
+    check_batch_size(args.batch_size)
+    device = resolve_device(args.device)
     load_plugins(args.plugin)
     model, _ = load_run(args.run_dir, args.plugin)
-    items = read_inputs(args.modality, args.inputs)
-    embeddings = embed_inputs(model, args.modality, items, args.batch_size)
-    np.save(args.out, embeddings)
-    print(f"{args.out}: {embeddings.shape[0]} x {embeddings.shape[1]} float32 ({args.modality})")
+    items = read_inputs(model, args.modality, args.inputs)
+    embeddings = embed_inputs(model.to(device), args.modality, items, args.batch_size)
+    out = Path(args.out)
+    np.save(out, embeddings)
+    write_names(names_path(out), items)
+    print(f"{out}: {embeddings.shape[0]} x {embeddings.shape[1]} float32 ({args.modality}); names in {names_path(out)}")
     return 0

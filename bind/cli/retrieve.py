@@ -1,4 +1,8 @@
-"""``bindkit retrieve RUN_DIR``: the top K gallery items of one modality for queries of another."""
+"""bindkit retrieve RUN_DIR: the top K gallery items of one modality for queries of another.
+
+The gallery is embedded now (--gallery INPUT...) or was embedded before by bindkit embed
+(--gallery-embeddings FILE.npy, whose names are read from FILE.names.txt beside it).
+"""
 
 from __future__ import annotations
 
@@ -10,23 +14,35 @@ import numpy as np
 
 from ..errors import ConfigError, DataError
 from ..registry import load_plugins
-from ._inputs import embed_inputs, read_inputs
+from ._inputs import (
+    INPUTS_HELP,
+    check_batch_size,
+    check_modality,
+    embed_inputs,
+    names_path,
+    read_inputs,
+    resolve_device,
+)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("retrieve", help="cross-modal search with a trained run", description=__doc__)
-    p.add_argument("run_dir")
-    p.add_argument("--query-modality", required=True)
-    p.add_argument("--query", nargs="+", required=True, metavar="INPUT")
-    p.add_argument("--gallery-modality", required=True)
+    p.add_argument("run_dir", help="a run directory written by bindkit run, e.g. runs/digits")
+    p.add_argument("--query-modality", required=True, help="the modality of the queries, e.g. audio")
+    p.add_argument("--query", nargs="+", required=True, metavar="INPUT", help="queries; " + INPUTS_HELP)
+    p.add_argument("--gallery-modality", required=True, help="the modality of the gallery, e.g. text")
     gallery = p.add_mutually_exclusive_group(required=True)
-    gallery.add_argument("--gallery", nargs="+", metavar="INPUT", help="gallery inputs to embed now")
+    gallery.add_argument("--gallery", nargs="+", metavar="INPUT", help="gallery inputs to embed now (as --query)")
     gallery.add_argument("--gallery-embeddings", metavar="FILE.npy", help="gallery embedded before (bindkit embed)")
-    p.add_argument("--gallery-names", metavar="FILE.txt", help="one name per gallery row (with --gallery-embeddings)")
-    p.add_argument("--top-k", type=int, default=5)
-    p.add_argument("--backend", choices=["exact", "faiss"], default="exact")
+    p.add_argument(
+        "--gallery-names", metavar="FILE.txt", help="one name per gallery row (default: FILE.names.txt beside the .npy)"
+    )
+    p.add_argument("--top-k", type=int, default=5, help="results per query (default: 5)")
+    p.add_argument("--backend", choices=["exact", "faiss"], default="exact", help="search backend (default: exact)")
+    p.add_argument("--batch-size", type=int, default=64, help="items embedded at once (default: 64)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--json", action="store_true", help="print a JSON list of {query, results: [{item, score}]}")
-    p.add_argument("--plugin", action="append", default=[], metavar="MODULE")
+    p.add_argument("--plugin", action="append", default=[], metavar="MODULE", help="import MODULE to register encoders")
     p.set_defaults(func=run)
 
 
@@ -34,16 +50,25 @@ def run(args: argparse.Namespace) -> int:
     from ..retrieval import SearchIndex
     from ..runs import load_run
 
+    check_batch_size(args.batch_size)
+    if args.top_k < 1:
+        raise ConfigError(f"--top-k: expected a positive number of results, got {args.top_k}")
+    device = resolve_device(args.device)
     load_plugins(args.plugin)
     model, _ = load_run(args.run_dir, args.plugin)
+    model.to(device)
+    check_modality(model, args.gallery_modality)
+    queries = read_inputs(model, args.query_modality, args.query)
     if args.gallery:
-        names = read_inputs(args.gallery_modality, args.gallery)
-        gallery = embed_inputs(model, args.gallery_modality, names)
+        names = read_inputs(model, args.gallery_modality, args.gallery)
+        gallery = embed_inputs(model, args.gallery_modality, names, args.batch_size)
     else:
-        gallery, names = _load_gallery(args.gallery_embeddings, args.gallery_names, model.embed_dim)
-    queries = read_inputs(args.query_modality, args.query)
+        names_file = args.gallery_names or (
+            str(names_path(args.gallery_embeddings)) if names_path(args.gallery_embeddings).is_file() else None
+        )
+        gallery, names = _load_gallery(args.gallery_embeddings, names_file, model.embed_dim)
     index = SearchIndex(gallery, names, backend=args.backend)
-    results = index.search(embed_inputs(model, args.query_modality, queries), k=args.top_k)
+    results = index.search(embed_inputs(model, args.query_modality, queries, args.batch_size), k=args.top_k)
     if args.json:
         rows = [
             {"query": q, "results": [{"item": n, "score": round(s, 6)} for n, s in hits]}
@@ -58,17 +83,17 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_gallery(path: str, names_path: str | None, embed_dim: int) -> tuple[np.ndarray, list[str]]:
+def _load_gallery(path: str, names_file: str | None, embed_dim: int) -> tuple[np.ndarray, list[str]]:
     if not Path(path).is_file():
         raise DataError(f"{path}: gallery embeddings not found (make them with `bindkit embed`)")
     gallery = np.load(path, mmap_mode="r")
     if gallery.ndim != 2 or gallery.shape[1] != embed_dim:
         raise ConfigError(f"{path}: expected (N, {embed_dim}) embeddings from this run, got shape {gallery.shape}")
-    if names_path is None:
+    if names_file is None:
         return gallery, [str(i) for i in range(len(gallery))]
-    if not Path(names_path).is_file():
-        raise DataError(f"{names_path}: gallery names file not found")
-    names = Path(names_path).read_text().splitlines()
+    if not Path(names_file).is_file():
+        raise DataError(f"{names_file}: gallery names file not found")
+    names = Path(names_file).read_text(encoding="utf-8").splitlines()
     if len(names) != len(gallery):
-        raise ConfigError(f"{names_path}: {len(names)} names for {len(gallery)} gallery rows in {path}")
+        raise ConfigError(f"{names_file}: {len(names)} names for {len(gallery)} gallery rows in {path}")
     return gallery, names

@@ -9,9 +9,9 @@ from ..registry import load_plugins
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("validate", help="check a recipe without training", description=__doc__)
-    p.add_argument("recipe")
-    p.add_argument("overrides", nargs="*", metavar="key.sub=value")
-    p.add_argument("--plugin", action="append", default=[], metavar="MODULE")
+    p.add_argument("recipe", help="recipe YAML file, e.g. recipes/digits.yaml")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override recipe keys (values are YAML)")
+    p.add_argument("--plugin", action="append", default=[], metavar="MODULE", help="import MODULE to register encoders")
     p.set_defaults(func=run)
 
 

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, did_you_mean
 
 DEFAULT_DATA_ROOT = Path("../shared/data")
 
@@ -88,15 +88,27 @@ def check_data_spec(spec: Any, root: str | None, where: str) -> None:
             f"{where}.args: {spec.source!r} does not take {', '.join(unknown)}; it takes: "
             f"{', '.join(p for p in params if p not in ('root', 'split'))}"
         )
-    check = getattr(builder, "required_paths", None)
-    if check is not None:
-        base = resolve_data_root(root)
-        for rel in check(**spec.args):
+    splits = getattr(builder, "splits", None)
+    if splits is not None and spec.split not in splits:
+        raise ConfigError(
+            f"{where}.split: {spec.source!r} has splits {', '.join(map(repr, splits))}; got {spec.split!r}; "
+            f"{did_you_mean(spec.split, splits)}".rstrip("; ")
+        )
+    base = resolve_data_root(root)
+    required = getattr(builder, "required_paths", None)
+    if required is not None:
+        for rel in required(**spec.args):
             if not (base / rel).exists():
                 raise DataError(
                     f"{where}: {base / rel} not found. Put the data there, or point data_root (recipe key), "
                     f"`data_root=...` on the command line or $BINDKIT_DATA at the folder that holds {rel}"
                 )
+    check = getattr(builder, "check", None)  # a cheap look inside (a manifest's columns and splits)
+    if check is not None:
+        try:
+            check(base, spec.split, **spec.args)
+        except DataError as err:
+            raise DataError(f"{where}: {err}") from None
 
 
 def build_dataset(spec: Any, root: str | None) -> Items:

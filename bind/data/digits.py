@@ -73,6 +73,7 @@ def mnist(root: Path, split: str, limit: int | None = None) -> Items:
 
 
 mnist.required_paths = lambda **_: ["mnist/images-idx3-ubyte.gz", "mnist/labels-idx1-ubyte.gz"]
+mnist.splits = tuple(MNIST_SPLITS)
 
 _FSDD_NAME = re.compile(r"^(\d)_([a-z]+)_(\d+)\.wav$")
 
@@ -111,6 +112,7 @@ def fsdd(
 
 
 fsdd.required_paths = lambda **_: ["fsdd/recordings"]
+fsdd.splits = ("train", "eval")
 
 
 @register_dataset("digit_captions")
@@ -124,6 +126,9 @@ def digit_captions(root: Path, split: str, templates: list[str] | None = None, n
                 texts.append(template.format(form))
                 labels.append(digit)
     return Items(texts, labels, texts, DIGIT_WORDS)
+
+
+digit_captions.splits = ("train", "eval")
 
 
 def moving_digit(image: np.ndarray, num_frames: int, canvas: int, rng: np.random.Generator) -> np.ndarray:
@@ -161,3 +166,4 @@ def moving_digits(
 
 
 moving_digits.required_paths = mnist.required_paths
+moving_digits.splits = tuple(MNIST_SPLITS)

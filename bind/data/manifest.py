@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -43,17 +44,31 @@ def read_manifest(path: Path) -> list[dict[str, Any]]:
     raise DataError(f"manifest {path}: expected a .csv or .jsonl file")
 
 
+def _split_rows(rows: list[dict[str, Any]], split: str) -> list[dict[str, Any]]:
+    """Rows of ``split`` (``*``: every row); a row without a split belongs to every split."""
+    return [r for r in rows if split == "*" or r.get("split", split) in (split, "", None)]
+
+
 @register_dataset("manifest")
 def manifest(root: Path, split: str, path: str, column: str, kind: str | None = None) -> Items:
-    """One column of a manifest; ``kind`` is "path" (default) or "text" (default for a column named text)."""
+    """One column of a manifest; ``kind`` is "path" (default) or "text" (default for a column named text).
+
+    ``split`` selects rows by the ``split`` column (``*``: all rows). Labels are numbered from the
+    classes of the whole file, every split included, so train and eval agree on what label 3 means.
+    """
     file = Path(path) if Path(path).is_absolute() else root / path
-    rows = read_manifest(file)
-    if rows and column not in rows[0]:
-        raise DataError(f"manifest {file}: no column {column!r}; columns are {', '.join(rows[0])}")
+    all_rows = read_manifest(file)
+    if all_rows and column not in all_rows[0]:
+        raise DataError(f"manifest {file}: no column {column!r}; columns are {', '.join(all_rows[0])}")
     kind = kind or ("text" if column == "text" else "path")
     if kind not in ("path", "text"):
         raise DataError(f"manifest {file}: kind must be 'path' or 'text', got {kind!r}")
-    rows = [r for r in rows if r.get("split", split) in (split, "", None)]
+    rows = _split_rows(all_rows, split)
+    if all_rows and not rows:
+        splits = sorted({str(r.get("split")) for r in all_rows if r.get("split") not in ("", None)})
+        raise DataError(
+            f"manifest {file}: no rows of split {split!r}; its splits are {', '.join(splits)} (or '*': all)"
+        )
     items = []
     for n, row in enumerate(rows):
         value = row[column]
@@ -62,16 +77,33 @@ def manifest(root: Path, split: str, path: str, column: str, kind: str | None = 
         if kind == "path":
             value = str((file.parent / value).resolve())
         items.append(value)
-    labels = _labels(rows, file)
-    return Items(items, labels, [str(r[column]) for r in rows])
+    class_names = manifest_classes(all_rows)
+    return Items(items, labels_of(rows, class_names), [str(r[column]) for r in rows], class_names)
 
 
-def _labels(rows: list[dict[str, Any]], file: Path) -> list[int]:
-    """The ``label`` column mapped to integers in order of appearance, else each row its own class."""
+def manifest_classes(rows: list[dict[str, Any]]) -> list[str] | None:
+    """The ``label`` column's classes over all rows, in a fixed order: numerically if every label is an
+    integer, else alphabetically. ``None`` when there is no label column."""
     if not rows or "label" not in rows[0]:
+        return None
+    names = {str(r["label"]).strip() for r in rows}
+    if all(re.fullmatch(r"-?\d+", n) for n in names):
+        return sorted(names, key=int)
+    return sorted(names)
+
+
+def labels_of(rows: list[dict[str, Any]], class_names: list[str] | None) -> list[int]:
+    """Each row's class index in ``class_names``; without labels each row is its own class."""
+    if class_names is None:
         return list(range(len(rows)))
-    ids: dict[str, int] = {}
-    return [ids.setdefault(str(r["label"]), len(ids)) for r in rows]
+    index = {name: i for i, name in enumerate(class_names)}
+    return [index[str(r["label"]).strip()] for r in rows]
+
+
+def _check_manifest(root: Path, split: str, path: str, column: str, kind: str | None = None) -> None:
+    """What ``bindkit validate`` checks without reading the files: the manifest reads, has the column and the split."""
+    manifest(root, split, path, column, kind)
 
 
 manifest.required_paths = lambda path, **_: [path]
+manifest.check = _check_manifest

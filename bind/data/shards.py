@@ -65,7 +65,7 @@ from webdataset import TarWriter
 
 from ..errors import DataError
 from . import Items, register_dataset
-from .manifest import _labels, read_manifest
+from .manifest import labels_of, manifest_classes, read_manifest
 from .pairs import BAD_ITEM_ERRORS, MAX_SKIP, BadItem, item_generator
 
 log = logging.getLogger(__name__)
@@ -116,7 +116,8 @@ def write_shards(
         if not column or "." in column or "/" in column:
             raise DataError(f"manifest {manifest_path}: column name {column!r} must be non-empty, without '.' or '/'")
     has_label, has_split = "label" in all_rows[0], "split" in all_rows[0] and split is None
-    labels = _labels([r for _, r in rows], manifest_path)
+    class_names = manifest_classes(all_rows)  # every split's classes: shards of train and eval agree
+    labels = labels_of([r for _, r in rows], class_names)
     keys = _keys(rows, len(all_rows), manifest_path)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -168,7 +169,7 @@ def write_shards(
             "samples": len(rows),
             "columns": {c: sorted(e) for c, e in extensions.items()},
             "text_columns": [c for c in columns if c in text_columns],
-            "class_names": list(dict.fromkeys(str(r["label"]) for _, r in rows)) if has_label else None,
+            "class_names": class_names,
             "shards": written,
         }
         (tmp / INDEX).write_text(json.dumps(index, indent=1) + "\n")
