@@ -96,7 +96,7 @@ def load_plugins(modules: list[str] | tuple[str, ...] = ()) -> None:
     if _plugins_loaded:
         return
     _plugins_loaded = True
-    importlib.import_module("encoders")  # built-ins, also when bindkit runs from a source tree
+    import_builtin_encoders()
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         if ep.value == "encoders":
             continue
@@ -104,6 +104,22 @@ def load_plugins(modules: list[str] | tuple[str, ...] = ()) -> None:
             ep.load()
         except Exception as err:  # a broken third-party plugin must not take bindkit down
             log.warning("entry point %r (%s) of group %s failed to load: %s", ep.name, ep.value, ENTRY_POINT_GROUP, err)
+
+
+def import_builtin_encoders() -> None:
+    """Import the ``encoders`` package (also when bindkit runs from a source tree), or say in one line why not.
+
+    A broken install (a torchaudio built for another torch, say) fails here with what to do, instead of
+    a traceback from deep inside an import."""
+    try:
+        importlib.import_module("encoders")
+    except (ImportError, OSError) as err:
+        first = str(err).splitlines()[0] if str(err) else ""
+        raise ConfigError(
+            f"bindkit's built-in encoders failed to import ({type(err).__name__}: {first[:300]}): the installed "
+            "packages do not fit together; `bindkit doctor` shows which, and "
+            "`pip install -c constraints.txt -e .` in the bindkit checkout installs the tested versions"
+        ) from err
 
 
 def _import_plugin(module: str) -> None:

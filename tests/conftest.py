@@ -39,6 +39,17 @@ SMOKE = [
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+def pytest_configure(config) -> None:
+    """A broken install (torchaudio built for another torch) is one clear line, not a collection error per file."""
+    from bind.errors import ConfigError
+    from bind.registry import import_builtin_encoders
+
+    try:
+        import_builtin_encoders()
+    except ConfigError as err:
+        raise pytest.UsageError(str(err)) from None
+
+
 def raw_examples(modality: str, n: int = 3, seed: int = 0) -> list:
     """``n`` raw items of a built-in modality, as a user would pass them to ``embed``."""
     rng = np.random.default_rng(seed)

@@ -7,6 +7,7 @@ of failing the collection of every test module that imports an encoder.
 from __future__ import annotations
 
 import importlib
+import os
 import pkgutil
 import re
 import subprocess
@@ -89,3 +90,36 @@ def test_version_and_doctor():
     assert info["packages"]["torch"] == importlib.import_module("torch").__version__.split("+")[0]
     assert info["torchaudio_library"] == "ok"
     assert set(info["extras"]) == {"faiss", "plot", "umap", "tensorboard"}
+
+
+def test_a_broken_torchaudio_is_one_clear_line(tmp_path):
+    """torchaudio built for another torch fails at import with an undefined symbol: say so, once."""
+    fake = tmp_path / "torchaudio"
+    fake.mkdir()
+    (fake / "__init__.py").write_text(
+        "raise OSError('Could not load this library: libtorchaudio.so: undefined symbol: _ZN3c1010Warning')\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    out = subprocess.run(
+        [sys.executable, "-m", "bind", "encoders"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120
+    )
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+    assert "built-in encoders failed to import (OSError: Could not load this library" in out.stderr
+    assert "bindkit doctor" in out.stderr and "-c constraints.txt" in out.stderr
+    doctor = subprocess.run(
+        [sys.executable, "-m", "bind", "doctor"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120
+    )
+    assert doctor.returncode == 1
+    assert "torchaudio library  broken: OSError: Could not load this library" in doctor.stdout
+    tests = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "tests/test_losses.py"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert tests.returncode != 0
+    assert "built-in encoders failed to import" in tests.stdout + tests.stderr
+    assert "Traceback" not in tests.stdout + tests.stderr
