@@ -31,10 +31,10 @@ LossName = Literal["info_nce", "label_aware_info_nce", "supcon", "pairwise_cosin
 class DataSpec:
     """Where a modality's items come from: a registered dataset builder and its arguments."""
 
-    source: str  # a name in bind.data.DATASETS: mnist, fsdd, digit_captions, moving_digits, manifest
-    split: str = "train"
+    source: str  # dataset builder: mnist, fsdd, digit_captions, moving_digits, manifest, shards, or a plugin's
+    split: str = "train"  # the builder's split (digit datasets: train or eval; manifest: its split column, '*': all)
     args: dict[str, Any] = field(default_factory=dict)  # builder keyword arguments
-    augment: dict[str, Any] = field(default_factory=dict)  # augmentation knobs (training only)
+    augment: dict[str, Any] = field(default_factory=dict)  # augmentation knobs (training only; audio); {}: none
     stream: bool = False  # source shards: stream the tars (shuffle buffer, split over ranks and workers)
     shuffle_buffer: int = 1000  # stream: samples held for shuffling
 
@@ -51,26 +51,30 @@ class LoraSpec:
 
 @dataclass
 class ModalitySpec:
+    """One modality: its encoder, what of it trains, and its data."""
+
     encoder: str  # registry name, see `bindkit encoders`
     args: dict[str, Any] = field(default_factory=dict)  # factory keyword arguments (embed_dim comes from the recipe)
-    freeze: Literal["none", "trunk", "all"] = "none"
-    unfreeze_last_blocks: int = 0
+    freeze: Literal["none", "trunk", "all"] = "none"  # none: all trains; trunk: the head trains; all: nothing trains
+    unfreeze_last_blocks: int = 0  # with freeze trunk: the trunk's last this many blocks train too
     lora: LoraSpec | None = None  # train LoRA adapters instead of the trunk (freeze none acts as trunk); null: no LoRA
     share_frame_encoder_with: str | None = None  # video: tie the frame encoder to this modality's encoder
     init_from: str | None = None  # start the trunk from this modality's trunk (e.g. image) when it first trains
-    train_data: DataSpec | None = None
-    eval_data: DataSpec | None = None
+    train_data: DataSpec | None = None  # training items; needed when a stage trains or pairs this modality
+    eval_data: DataSpec | None = None  # evaluation items (zero-shot, retrieval); null: not evaluated
 
 
 @dataclass
 class OptimSpec:
-    lr: float = 1e-3
+    """AdamW with linear warmup, then cosine decay."""
+
+    lr: float = 1e-3  # peak learning rate, reached after warmup
     weight_decay: float = 0.05  # not applied to norms, biases, logit scales
-    betas: tuple[float, float] = (0.9, 0.98)
-    warmup_steps: int = 0
+    betas: tuple[float, float] = (0.9, 0.98)  # AdamW beta1, beta2
+    warmup_steps: int = 0  # optimizer steps of linear warmup from 0 to lr
     min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
-    grad_clip: float | None = 1.0
-    grad_accum_steps: int = 1
+    grad_clip: float | None = 1.0  # clip the gradient norm to this; null: no clipping
+    grad_accum_steps: int = 1  # batches whose gradients add up to one optimizer step
 
 
 @dataclass
@@ -78,43 +82,49 @@ class PairSpec:
     """One (anchor, modality) pairing inside a binding stage."""
 
     weight: float = 1.0  # this pair's share of the step's loss
-    loss: LossName = "label_aware_info_nce"
-    batch_size: int = 128
+    loss: LossName = "label_aware_info_nce"  # info_nce or label_aware_info_nce (same-class items are no negatives)
+    batch_size: int = 128  # pairs per step, over all processes
     pairing: Literal["label", "row"] = "label"  # label: any anchor item of the same class; row: manifest rows
 
 
 @dataclass
 class StageSpec:
-    name: str
-    kind: Literal["pretrain", "bind"]
+    """One training stage; stages run in order, each with its own optimizer."""
+
+    name: str  # names the stage in logs and metrics.jsonl
+    kind: Literal["pretrain", "bind"]  # pretrain: one modality alone; bind: pair modalities with the frozen anchor
     modality: str | None = None  # pretrain: the specialist's modality
-    loss: LossName = "supcon"  # pretrain loss
+    loss: LossName = "supcon"  # pretrain loss: supcon or pairwise_cosine
     temperature: float = 0.1  # supcon temperature
-    batch_size: int = 256  # pretrain batch size
+    batch_size: int = 256  # pretrain batch size, over all processes
     pairs: dict[str, PairSpec] = field(default_factory=dict)  # bind: modality -> pairing with the anchor
-    freeze: dict[str, Literal["none", "trunk", "all"]] = field(default_factory=dict)  # per-stage overrides
+    freeze: dict[str, Literal["none", "trunk", "all"]] = field(default_factory=dict)  # modality -> freeze, this stage
     epochs: float | None = None  # passes over the largest training set of the stage
     steps: int | None = None  # or a fixed number of optimizer steps
-    optimizer: OptimSpec = field(default_factory=OptimSpec)
-    log_every: int = 20
+    optimizer: OptimSpec = field(default_factory=OptimSpec)  # this stage's optimizer and learning-rate schedule
+    log_every: int = 20  # optimizer steps between lines in metrics.jsonl (and the last step)
     chunk_size: int | None = None  # GradCache: embed in chunks of this many items (memory of one chunk, +1 forward)
     local_loss: bool = False  # multi-process: score this rank's rows against the global batch (N/W x N logits)
 
 
 @dataclass
 class EvalSpec:
+    """Evaluation after training (and by `bindkit eval`)."""
+
     prompt_modality: str = "text"  # zero-shot: class prototypes are the mean of this modality's eval items per class
     max_items: int | None = None  # cap per modality, for quick runs
 
 
 @dataclass
 class Recipe:
-    anchor_modality: str
-    modalities: dict[str, ModalitySpec]
-    stages: list[StageSpec]
-    embed_dim: int = 128
-    seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """A whole recipe: the top-level keys of the YAML file."""
+
+    anchor_modality: str  # the modality whose space the others bind to (frozen in bind stages)
+    modalities: dict[str, ModalitySpec]  # modality name -> its encoder, freezing and data
+    stages: list[StageSpec]  # training stages, run in order
+    embed_dim: int = 128  # size of the shared embedding space (every encoder's output)
+    seed: int = 0  # seeds Python, NumPy and torch, data order and augmentation
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA if available, else CPU
     data_root: str | None = None  # default: $BINDKIT_DATA, else ../shared/data
     num_workers: int = 0  # DataLoader workers; 0 preprocesses in the main process
     plugins: list[str] = field(default_factory=list)  # modules that register encoders or datasets
@@ -124,14 +134,12 @@ class Recipe:
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     channels_last: bool = False  # CUDA conv towers: NHWC memory format (faster convolutions with bf16)
     compile: bool = False  # torch.compile each trainable tower (slower start, faster steps on GPU)
-    checkpoint_every: int | None = (
-        200  # optimizer steps between checkpoints (also at each epoch end); null: epochs only
-    )
+    checkpoint_every: int | None = 200  # optimizer steps between checkpoints (also at epoch ends); null: epochs only
     keep_checkpoints: int = 2  # newest checkpoints kept in RUN_DIR/checkpoints
     on_bad_item: Literal["skip", "fail"] = "skip"  # skip: a corrupt item is replaced by the next one and counted
     max_bad_fraction: float = 0.01  # stop when more than this share of a training set is bad
     max_nonfinite_steps: int = 5  # NaN/inf losses are skipped; this many in a row stop the run
-    eval: EvalSpec = field(default_factory=EvalSpec)
+    eval: EvalSpec = field(default_factory=EvalSpec)  # evaluation settings
     source: str = "<recipe>"  # where it was loaded from (set by load_recipe)
 
 

@@ -19,6 +19,7 @@ from . import doctor as doctor_verb
 from . import embed as embed_verb
 from . import encoders as encoders_verb
 from . import evaluation as eval_verb
+from . import keys as keys_verb
 from . import plot as plot_verb
 from . import retrieve as retrieve_verb
 from . import run as run_verb
@@ -27,6 +28,7 @@ from . import validate as validate_verb
 
 VERBS = [encoders_verb, validate_verb, run_verb, eval_verb, embed_verb, retrieve_verb, bench_verb, plot_verb]
 VERBS += [shard_verb, doctor_verb]
+VERBS += [keys_verb]
 
 
 def build_parser() -> argparse.ArgumentParser:
