@@ -13,6 +13,7 @@ matplotlib and plotly are optional (the ``plot`` extra); they are imported only 
 
 from __future__ import annotations
 
+import colorsys
 import importlib
 import math
 from dataclasses import dataclass
@@ -31,6 +32,44 @@ Method = Literal["pca", "umap"]
 SUFFIX_DIM = {".png": 2, ".html": 3}
 PNG_MARKERS = ["o", "s", "^", "D", "P", "X", "v", "*"]
 HTML_SYMBOLS = ["circle", "diamond", "square", "cross", "x", "circle-open", "diamond-open", "square-open"]
+# Qualitative class palettes, 0-255 RGB: matplotlib's tab10 and tab20 (the Tableau colours), written out here so that
+# both renderers use the same colours and the HTML one does not need matplotlib. See class_colours().
+TAB10 = [
+    (31, 119, 180),  # blue
+    (255, 127, 14),  # orange
+    (44, 160, 44),  # green
+    (214, 39, 40),  # red
+    (148, 103, 189),  # purple
+    (140, 86, 75),  # brown
+    (227, 119, 194),  # pink
+    (127, 127, 127),  # grey
+    (188, 189, 34),  # olive
+    (23, 190, 207),  # cyan
+]
+TAB20 = [
+    (31, 119, 180),
+    (174, 199, 232),
+    (255, 127, 14),
+    (255, 187, 120),
+    (44, 160, 44),
+    (152, 223, 138),
+    (214, 39, 40),
+    (255, 152, 150),
+    (148, 103, 189),
+    (197, 176, 213),
+    (140, 86, 75),
+    (196, 156, 148),
+    (227, 119, 194),
+    (247, 182, 210),
+    (127, 127, 127),
+    (199, 199, 199),
+    (188, 189, 34),
+    (219, 219, 141),
+    (23, 190, 207),
+    (158, 218, 229),
+]
+# marks a modality (not a class) in the legends: no palette above contains black
+MODALITY_LEGEND_COLOUR = "black"
 
 
 @dataclass
@@ -148,14 +187,25 @@ def axis_label(projection: Projection, axis: int) -> str:
 
 
 def class_colours(num_classes: int) -> list[tuple[float, float, float]]:
-    """Distinct RGB colours in [0, 1]: tab10 / tab20 when they suffice, else evenly spaced hues."""
-    from matplotlib import colormaps
+    """One RGB colour in [0, 1] per class, distinct as long as there are colours to go round.
 
-    if num_classes <= 10:
-        return [colormaps["tab10"](i)[:3] for i in range(num_classes)]
-    if num_classes <= 20:
-        return [colormaps["tab20"](i)[:3] for i in range(num_classes)]
-    return [colormaps["hsv"](i / num_classes)[:3] for i in range(num_classes)]
+    Up to 10 classes get :data:`TAB10`, up to 20 get :data:`TAB20` (tab20's light shades only appear past 10
+    classes), and more than 20 get evenly spaced hues at two lightnesses. The PNG and the HTML renderer both take
+    their colours from here, so a class has the same colour in both pictures.
+    """
+    if num_classes <= len(TAB10):
+        rgb = TAB10[:num_classes]
+    elif num_classes <= len(TAB20):
+        rgb = TAB20[:num_classes]
+    else:  # alternate a darker and a lighter shade so that neighbouring hues still differ
+        hls = [(i / num_classes, 0.4 if i % 2 else 0.55, 0.75) for i in range(num_classes)]
+        return [colorsys.hls_to_rgb(*c) for c in hls]
+    return [(r / 255, g / 255, b / 255) for r, g, b in rgb]
+
+
+def css_rgb(colour: tuple[float, float, float]) -> str:
+    """``(r, g, b)`` in [0, 1] as ``"rgb(R,G,B)"`` with 0-255 integers, the form plotly takes."""
+    return "rgb({},{},{})".format(*(round(255 * v) for v in colour))
 
 
 def _emphasis(count: int, most: int) -> float:
@@ -211,7 +261,7 @@ def figure_png(space: Space, projection: Projection, title: str) -> Any:
             linestyle="",
             marker=PNG_MARKERS[i % len(PNG_MARKERS)],
             markersize=7,
-            color="black",  # not grey: tab10 gives grey to a class
+            color=MODALITY_LEGEND_COLOUR,
             label=f"{m} ({counts[m]})",
         )
         for i, m in enumerate(order)
@@ -235,7 +285,7 @@ def figure_html(space: Space, projection: Projection, title: str) -> Any:
     fig = go.Figure()
     for c in sorted(set(labels.tolist())):
         rows = labels == c
-        rgb = "rgb({},{},{})".format(*(round(255 * v) for v in colours[c]))
+        rgb = css_rgb(colours[c])
         fig.add_trace(
             go.Scatter3d(
                 x=points[rows, 0],
@@ -265,7 +315,7 @@ def figure_html(space: Space, projection: Projection, title: str) -> Any:
                 name=m,
                 legendgroup="modality",
                 legendgrouptitle_text="modality",
-                marker={"size": 5, "color": "grey", "symbol": symbol_of[m]},
+                marker={"size": 5, "color": MODALITY_LEGEND_COLOUR, "symbol": symbol_of[m]},  # grey is a class
             )
         )
     axes = {f"{a}axis": {"title": {"text": axis_label(projection, i)}} for i, a in enumerate("xyz")}
@@ -279,7 +329,10 @@ def figure_html(space: Space, projection: Projection, title: str) -> Any:
 
 
 def save_figure(space: Space, projection: Projection, path: str | Path, title: str) -> Path:
-    """Draw ``space`` to ``path``: a static PNG (2-D) or an interactive HTML page (3-D)."""
+    """Draw ``space`` to ``path``: a static PNG (2-D) or an interactive HTML page (3-D).
+
+    The HTML page is self-contained: plotly.js is written into it, so it opens on a machine with no network.
+    """
     path = Path(path)
     dim = output_dim(path)
     if projection.points.shape[1] != dim:
@@ -288,6 +341,6 @@ def save_figure(space: Space, projection: Projection, path: str | Path, title: s
     if dim == 2:
         figure_png(space, projection, title).savefig(path, dpi=150)
     else:
-        # plotly.js (~4 MB) is loaded from its CDN rather than inlined, which keeps the page small
-        figure_html(space, projection, title).write_html(path, include_plotlyjs="cdn")
+        # plotly.js (~5 MB) is inlined, not linked from its CDN: the page must open on a machine with no network
+        figure_html(space, projection, title).write_html(path, include_plotlyjs=True, include_mathjax=False)
     return path

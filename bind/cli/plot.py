@@ -1,8 +1,6 @@
 """``bindkit plot RUN_DIR --out space.png|space.html``: picture of a run's embedding space, all modalities together.
 
-The eval split of every modality is embedded and projected jointly (PCA, or UMAP with the ``umap`` extra):
-2-D for a ``.png`` (matplotlib), 3-D for an interactive ``.html`` (plotly). Colour is the class, marker the
-modality, so a spoken seven, a drawn seven and the word "seven" should land on the same spoke.
+:data:`DESCRIPTION` is the command's help text, in plain words for a terminal.
 """
 
 from __future__ import annotations
@@ -14,11 +12,23 @@ from pathlib import Path
 from ..errors import ConfigError
 from ..registry import load_plugins
 
+# plain text, no reStructuredText markup: argparse prints it as it is
+DESCRIPTION = """\
+bindkit plot RUN_DIR --out space.png|space.html: picture of a run's embedding space, all modalities together.
+
+The eval split of every modality is embedded and projected jointly (PCA, or UMAP with the umap extra):
+2-D for a .png (matplotlib), 3-D for an interactive .html (plotly). Colour is the class, with the class
+names in the legend; marker shape is the modality. A spoken seven, a drawn seven and the word "seven"
+should land on the same spoke. The .html file has plotly.js inside it, so it opens without a network.
+"""
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("plot", help="draw a run's embedding space (.png or .html)", description=__doc__)
-    p.add_argument("run_dir", metavar="RUN_DIR", help="run directory written by `bindkit run`, e.g. runs/digits")
-    p.add_argument("--out", required=True, help="space.png (2-D, matplotlib) or space.html (3-D, plotly)")
+    p = sub.add_parser("plot", help="draw a run's embedding space (.png or .html)", description=DESCRIPTION)
+    p.add_argument("run_dir", metavar="RUN_DIR", help="run directory written by bindkit run, e.g. runs/digits")
+    p.add_argument(
+        "--out", required=True, help="space.png (2-D, matplotlib) or space.html (3-D, plotly, opens offline)"
+    )
     p.add_argument(
         "--max-per-modality",
         type=int,
@@ -26,7 +36,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         metavar="N",
         help="eval items per modality, spread over the split so every class appears (default: 300)",
     )
-    p.add_argument("--method", choices=["pca", "umap"], default="pca", help="projection (umap needs the umap extra)")
+    p.add_argument(
+        "--method",
+        choices=["pca", "umap"],
+        default="pca",
+        help="projection: pca (default) or umap (needs the umap extra)",
+    )
     p.add_argument("--plugin", action="append", default=[], metavar="MODULE", help="import MODULE to register encoders")
     p.set_defaults(func=run)
 
