@@ -162,6 +162,17 @@ class ModalityEncoder(nn.Module):
         """
         return {}
 
+    def example_inputs(self, n: int, seed: int = 0) -> list:
+        """``n`` raw items of the kind :meth:`preprocess` accepts (arrays, strings, ...), reproducible from ``seed``.
+
+        The contract checks (:mod:`bind.testing`, ``bindkit check-encoder``) feed them to ``embed`` and to
+        training steps; sizes that vary a little between items exercise padding and batching.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} does not define example_inputs(n, seed): define it to return a list of n raw "
+            "items of the kind its preprocess accepts (used by bind.testing and `bindkit check-encoder`)"
+        )
+
     # ---- shared machinery ----------------------------------------------------------------------
     @staticmethod
     def collate_clips(samples: Sequence[Tensor]) -> ClipBatch:

@@ -45,6 +45,12 @@ MAX_CHANNELS = 16  # more "channels" than this means a (samples, channels) array
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".aiff", ".aif", ".mp3")  # what libsndfile decodes
 
 
+def example_waveforms(n: int, seed: int = 0) -> list[np.ndarray]:
+    """``n`` quiet noise waveforms (float32, at the encoder's rate) of 4000, 5000, ... samples: clips and padding."""
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(4000 + 1000 * i).astype(np.float32) * 0.1 for i in range(n)]
+
+
 def load_audio(item: Any, sample_rate: int) -> Tensor:
     """Raw audio item -> mono float32 waveform ``(samples,)`` at ``sample_rate``.
 
@@ -297,6 +303,9 @@ class SpectrogramEncoder(ModalityEncoder):
         clips, valid = split_clips(load_audio(item, self.frontend.sample_rate), self.clip_samples, self.max_clips)
         return self.frontend(clips, valid)[:, None]
 
+    def example_inputs(self, n: int, seed: int = 0) -> list[np.ndarray]:
+        return example_waveforms(n, seed)
+
     def collate(self, samples: list[Tensor]) -> Any:
         return self.collate_clips(samples)
 
@@ -476,6 +485,9 @@ class ASTEncoder(ModalityEncoder):
         # unpadded clips: the extractor pads the spectrogram itself, as the model was trained
         segments = [clip[: max(int(v), self.win_length)].numpy() for clip, v in zip(clips, valid, strict=True)]
         return self.extractor(segments, sampling_rate=self.sample_rate, return_tensors="pt")["input_values"]
+
+    def example_inputs(self, n: int, seed: int = 0) -> list[np.ndarray]:
+        return example_waveforms(n, seed)
 
     def collate(self, samples: list[Tensor]) -> Any:
         return self.collate_clips(samples)

@@ -214,6 +214,11 @@ class DepthEncoder(MapEncoder):
     def to_unit(self, item: Any) -> Tensor:
         return depth_to_unit(load_depth(item), **self.depth_args)
 
+    def example_inputs(self, n: int, seed: int = 0) -> list[np.ndarray]:
+        """``n`` float32 depth maps in metres (0.5-8 m), 24 rows by 32, 36, ... columns."""
+        rng = np.random.default_rng(seed)
+        return [rng.uniform(0.5, 8.0, (24, 32 + 4 * i)).astype(np.float32) for i in range(n)]
+
 
 def cnn_trunk(width: int) -> nn.Sequential:
     """``digits_cnn``'s trunk on one channel: the same parameter names, so image weights load into it."""

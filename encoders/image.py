@@ -41,6 +41,12 @@ LUMA = (0.299, 0.587, 0.114)  # ITU-R 601, the weights PIL's convert("L") uses
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm", ".pnm")
 
 
+def example_images(n: int, seed: int = 0) -> list[np.ndarray]:
+    """``n`` random 28 x 28 uint8 grayscale images: what every image encoder's ``example_inputs`` gives."""
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (28, 28), dtype=np.uint8) for _ in range(n)]
+
+
 def load_image(item: Any, channels: int = 3) -> Tensor:
     """One raw image -> float tensor (channels, H, W) in [0, 1], on the CPU.
 
@@ -195,6 +201,9 @@ class ImageEncoder(ModalityEncoder):
         else:
             image = TF.center_crop(TF.resize(image, round(size / self.crop_fraction), antialias=True), [size, size])
         return TF.normalize(image, self.mean, self.std)
+
+    def example_inputs(self, n: int, seed: int = 0) -> list[np.ndarray]:
+        return example_images(n, seed)
 
     def trunk_blocks(self) -> list[nn.Module]:
         return [self.get_submodule(name) for name in self.block_names]
@@ -396,6 +405,9 @@ class HFCLIPVisionEncoder(ModalityEncoder):
         """Raw image -> (3, H, W) pixel values, resized, cropped and normalised by the CLIP processor."""
         image = load_image(item, 3)
         return self.processor(images=image, do_rescale=False, return_tensors="pt")["pixel_values"][0]
+
+    def example_inputs(self, n: int, seed: int = 0) -> list[np.ndarray]:
+        return example_images(n, seed)
 
     def forward_features(self, batch: Tensor) -> Tensor:
         return self.trunk(pixel_values=batch).image_embeds

@@ -230,6 +230,11 @@ class IMUEncoder(ModalityEncoder):
         windows, valid = split_windows(load_imu(item, self.sample_rate), self.window, self.stride, self.max_windows)
         return normalize_windows(windows, valid, self.normalize, self.accel_scale, self.gyro_scale)
 
+    def example_inputs(self, n: int, seed: int = 0) -> list[np.ndarray]:
+        """``n`` float32 ``(6, 50)`` series of standard normal noise."""
+        rng = np.random.default_rng(seed)
+        return [rng.standard_normal((6, 50)).astype(np.float32) for _ in range(n)]
+
     def collate(self, samples: list[Tensor]) -> ClipBatch:
         return self.collate_clips(samples)
 

@@ -30,6 +30,7 @@ from ._hf import check_local_dir, export_hf, load_hf_model, load_hf_processor
 log = logging.getLogger(__name__)
 
 Pooling = Literal["mean", "cls", "projection"]
+_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 
 class HFTextEncoder(ModalityEncoder):
@@ -93,6 +94,10 @@ class HFTextEncoder(ModalityEncoder):
             )
         tokens = self.tokenizer(item, truncation=True, max_length=self.max_length)
         return {key: torch.tensor(tokens[key], dtype=torch.long) for key in ("input_ids", "attention_mask")}
+
+    def example_inputs(self, n: int, seed: int = 0) -> list[str]:
+        """Captions of growing length ("a handwritten zero", "a handwritten one digit", ...), so batches pad."""
+        return [f"a handwritten {_WORDS[(i + seed) % 10]}" + " digit" * i for i in range(n)]
 
     def collate(self, samples: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:
         """Right-pad to the longest item: {"input_ids": (B, L), "attention_mask": (B, L)}."""

@@ -150,6 +150,11 @@ class ThermalEncoder(MapEncoder):
     def to_unit(self, item: Any) -> Tensor:
         return thermal_to_unit(load_thermal(item), self.normalize, self.value_range)
 
+    def example_inputs(self, n: int, seed: int = 0) -> list[np.ndarray]:
+        """``n`` uint16 frames of raw counts (7000-9000), 24 rows by 32, 36, ... columns."""
+        rng = np.random.default_rng(seed)
+        return [rng.integers(7000, 9000, (24, 32 + 4 * i), dtype=np.uint16) for i in range(n)]
+
 
 @register_encoder("thermal", tiny={"width": 4, "embed_dim": 16, "image_size": 16})
 def thermal_cnn(

@@ -44,6 +44,12 @@ CODECS = {
 VIDEO_SUFFIXES = (".mp4", ".m4v", ".mkv", ".mov", ".avi", ".webm", ".mpg", ".mpeg", ".gif")  # what PyAV decodes
 
 
+def example_videos(n: int, seed: int = 0) -> list[np.ndarray]:
+    """``n`` random uint8 ``(T, H, W, C)`` videos, 5 frames of 28 x 28 RGB: every video encoder's ``example_inputs``."""
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (5, 28, 28, 3), dtype=np.uint8) for _ in range(n)]
+
+
 def read_video(path: str | os.PathLike[str]) -> np.ndarray:
     """Decode every frame of a file's first video stream to uint8 RGB ``(T, H, W, 3)``.
 
@@ -257,6 +263,9 @@ class VideoFramesEncoder(ModalityEncoder):
                 raise InputError(f"video frame {i}: {err}") from None
         return _stack([_stack([per_frame[i] for i in clip]) for clip in indices])
 
+    def example_inputs(self, n: int, seed: int = 0) -> list[np.ndarray]:
+        return example_videos(n, seed)
+
     def collate(self, samples: list[Any]) -> ClipBatch:
         if isinstance(samples[0], Tensor):
             return self.collate_clips(samples)
@@ -359,6 +368,9 @@ class VideoMAEEncoder(ModalityEncoder):
         frames = frames_to_unit_float(load_frames(item))
         clips = [list(frames[clip]) for clip in clip_indices(len(frames), self.num_frames, self.max_clips)]
         return self.processor(clips, do_rescale=False, return_tensors="pt")["pixel_values"]
+
+    def example_inputs(self, n: int, seed: int = 0) -> list[np.ndarray]:
+        return example_videos(n, seed)
 
     def collate(self, samples: list[Tensor]) -> ClipBatch:
         return self.collate_clips(samples)

@@ -1,11 +1,14 @@
-"""Shared fixtures: raw example inputs per modality, and the real data root."""
+"""Shared fixtures: raw example inputs per modality (from the encoders' own example_inputs), and the real data root."""
 
 from __future__ import annotations
 
+import atexit
+import functools
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -51,24 +54,38 @@ def pytest_configure(config) -> None:
 
 
 def raw_examples(modality: str, n: int = 3, seed: int = 0) -> list:
-    """``n`` raw items of a built-in modality, as a user would pass them to ``embed``."""
-    rng = np.random.default_rng(seed)
-    if modality == "image":
-        return [rng.integers(0, 256, (28, 28), dtype=np.uint8) for _ in range(n)]
-    if modality == "text":
-        words = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-        return [f"a handwritten {words[i % 10]}" + " digit" * i for i in range(n)]
-    if modality == "audio":
-        return [rng.standard_normal(4000 + 1000 * i).astype(np.float32) * 0.1 for i in range(n)]
-    if modality == "video":
-        return [rng.integers(0, 256, (5, 28, 28, 3), dtype=np.uint8) for _ in range(n)]
-    if modality == "depth":  # metres
-        return [rng.uniform(0.5, 8.0, (24, 32 + 4 * i)).astype(np.float32) for i in range(n)]
-    if modality == "thermal":  # raw 16-bit counts
-        return [rng.integers(7000, 9000, (24, 32 + 4 * i), dtype=np.uint16) for i in range(n)]
-    if modality == "imu":
-        return [rng.standard_normal((6, 50)).astype(np.float32) for _ in range(n)]
-    raise KeyError(modality)
+    """``n`` raw items of ``modality``, as a user would pass them to ``embed``: the ``example_inputs`` of the
+    tiny variant of an encoder registered for it (plugins' modalities included)."""
+    return _example_encoder(modality).example_inputs(n, seed=seed)
+
+
+@functools.cache
+def _example_encoder(modality: str):
+    """The tiny variant of one encoder of ``modality``: from-scratch built-ins first (cheapest to build)."""
+    from bind import ModalityEncoder
+    from bind.registry import create_encoder, get_encoder_info, list_encoders
+
+    def cost(name: str) -> tuple:
+        info = get_encoder_info(name)
+        return (info.pretrained != "none", not info.module.startswith("encoders"), name)
+
+    names = sorted(list_encoders(modality=modality), key=cost)
+    if not names:
+        raise KeyError(f"no encoder is registered for modality {modality!r}")
+    errors = []
+    for name in names:
+        try:
+            with torch.random.fork_rng(devices=[]):  # building must not shift the tests' random state
+                scratch = Path(tempfile.mkdtemp(prefix=f"raw_examples_{name}_"))
+                atexit.register(shutil.rmtree, scratch, ignore_errors=True)
+                encoder = create_encoder(name, **get_encoder_info(name).tiny_kwargs(scratch))
+        except Exception as err:  # e.g. an encoder whose tiny variant needs something missing here
+            errors.append(f"{name}: {type(err).__name__}: {err}")
+            continue
+        if type(encoder).example_inputs is not ModalityEncoder.example_inputs:
+            return encoder
+        errors.append(f"{name}: {type(encoder).__name__} does not define example_inputs")
+    raise KeyError(f"no tiny {modality!r} encoder could be built for example inputs: {'; '.join(errors)}")
 
 
 @pytest.fixture(scope="session")

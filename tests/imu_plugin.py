@@ -31,6 +31,11 @@ class IMUEncoder(ModalityEncoder):
             raise ValueError(f"IMU item must be (6, T), got {tuple(x.shape)}")
         return (x - x.mean(1, keepdim=True)) / (x.std(1, keepdim=True) + 1e-5)
 
+    def example_inputs(self, n: int, seed: int = 0) -> list[np.ndarray]:
+        """What the contract checks (bind.testing, `bindkit check-encoder`) feed it: n (6, 50) windows."""
+        rng = np.random.default_rng(seed)
+        return [rng.standard_normal((6, 50)).astype(np.float32) for _ in range(n)]
+
 
 @register_encoder("imu", tiny={"width": 8, "embed_dim": 16})
 def imu_test_cnn(embed_dim: int = 64, width: int = 32) -> IMUEncoder:

@@ -48,7 +48,7 @@ def test_anchor_must_be_present():
 
 
 def test_unknown_modality_lists_the_present_ones():
-    with pytest.raises(ConfigError, match="no 'audio' encoder; it has: image, imu"):
+    with pytest.raises(ConfigError, match="no modality 'audio'; the model has: image, imu"):
         small_model().embed("audio", [])
 
 

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from .. import __version__
 from ..errors import BindError
 from . import bench as bench_verb
+from . import check as check_verb
 from . import doctor as doctor_verb
 from . import embed as embed_verb
 from . import encoders as encoders_verb
@@ -29,6 +30,7 @@ from . import validate as validate_verb
 VERBS = [encoders_verb, validate_verb, run_verb, eval_verb, embed_verb, retrieve_verb, bench_verb, plot_verb]
 VERBS += [shard_verb, doctor_verb]
 VERBS += [keys_verb]
+VERBS += [check_verb]
 
 
 def build_parser() -> argparse.ArgumentParser:
