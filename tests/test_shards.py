@@ -27,7 +27,8 @@ from bind.data.shards import (
     write_shards,
 )
 
-CLASSES = ["cat", "dog", "bird"]
+CLASSES = ["cat", "dog", "bird"]  # in order of appearance; class ids follow the sorted names
+CLASS_IDS = [sorted(CLASSES).index(c) for c in CLASSES]  # row i has class id CLASS_IDS[i % 3]
 
 
 def make_manifest(folder, rows=10, split_column=False):
@@ -69,7 +70,7 @@ def test_round_trip_keeps_every_row_once_with_identical_bytes_and_values(manifes
     index = ShardIndex.load(tmp_path / "shards")
     assert index.counts == [3, 3, 3, 1] and index.samples == 10
     assert index.columns == {"image": ["png"], "audio": ["wav"], "text": ["txt"]}
-    assert index.class_names == CLASSES
+    assert index.class_names == sorted(CLASSES)
 
     stream = ShardStream(tmp_path / "shards", shuffle=False, shuffle_buffer=0)
     samples = list(stream.iterate(0))
@@ -78,7 +79,7 @@ def test_round_trip_keeps_every_row_once_with_identical_bytes_and_values(manifes
         rows = list(csv.DictReader(f))
     for i, (members, label, bad) in enumerate(samples):
         assert bad == []
-        assert label == i % 3 and members["text"] == rows[i]["text"]
+        assert label == CLASS_IDS[i % 3] and members["text"] == rows[i]["text"]
         np.testing.assert_array_equal(
             np.array(members["image"]), np.array(Image.open(manifest.parent / f"img/{i}.png"))
         )
@@ -93,7 +94,7 @@ def test_round_trip_keeps_every_row_once_with_identical_bytes_and_values(manifes
     for i, sample in enumerate(plain):
         assert sample["image.png"] == (manifest.parent / f"img/{i}.png").read_bytes()
         assert sample["audio.wav"] == (manifest.parent / f"wav/{i}.wav").read_bytes()
-        assert sample["label.cls"] == str(i % 3).encode()
+        assert sample["label.cls"] == str(CLASS_IDS[i % 3]).encode()
 
 
 def test_rewriting_gives_identical_shards_and_needs_overwrite(manifest, tmp_path):
@@ -139,7 +140,7 @@ def test_dataloader_workers_split_the_shards(manifest, tmp_path):
     stream = ShardStream(tmp_path / "shards", seed=1, shuffle_buffer=4)
     loader = DataLoader(stream, batch_size=None, num_workers=2, collate_fn=lambda s: s)
     labels = [int(label) for _, label, _ in loader]
-    assert sorted(labels) == sorted(i % 3 for i in range(10))
+    assert sorted(labels) == sorted(CLASS_IDS[i % 3] for i in range(10))
 
 
 def test_shuffle_is_seeded_per_epoch(manifest, tmp_path):
@@ -178,8 +179,8 @@ def test_shard_pairs_batches_feed_the_encoders(manifest, tmp_path):
 
     single = ShardPreprocessed(tmp_path / "shards", "text", lambda t: len(t), shuffle=False, shuffle_buffer=0)
     assert [(n, label) for n, label, _ in single.iterate(0)][:2] == [
-        (len("caption 0, with a comma"), 0),
-        (len("caption 1, with a comma"), 1),
+        (len("caption 0, with a comma"), CLASS_IDS[0]),
+        (len("caption 1, with a comma"), CLASS_IDS[1]),
     ]
     with pytest.raises(DataError, match="no column 'video'; columns are image, audio, text"):
         ShardPairs(tmp_path / "shards", "image", "video", image.preprocess, audio.preprocess)
@@ -219,8 +220,8 @@ def test_a_truncated_shard_loses_only_its_tail_and_says_so(manifest, tmp_path, c
 def test_map_style_items_read_by_offset(manifest, tmp_path):
     write_shards(manifest, tmp_path / "shards", samples_per_shard=4)
     items = shards(tmp_path, "train", path="shards", column="audio")
-    assert len(items) == 10 and items.labels.tolist() == [i % 3 for i in range(10)]
-    assert items.class_names == CLASSES and items.names[5] == "shard-000001.tar/000005"
+    assert len(items) == 10 and items.labels.tolist() == [CLASS_IDS[i % 3] for i in range(10)]
+    assert items.class_names == sorted(CLASSES) and items.names[5] == "shard-000001.tar/000005"
     wave, rate = items[7]
     np.testing.assert_array_equal(wave, soundfile.read(manifest.parent / "wav/7.wav", dtype="float32")[0])
 
