@@ -4,13 +4,14 @@ from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as _version
 
 from .encoder import Batch, ClipBatch, ModalityEncoder, find_blocks, move_to
-from .errors import BindError, ConfigError, DataError, InputError, UnknownEncoderError
+from .errors import BindError, ConfigError, DataError, InputError, UnknownEncoderError, UntrustedPluginError
 from .registry import (
     EncoderInfo,
     create_encoder,
     get_encoder_info,
     list_encoders,
     list_modalities,
+    load_named_plugins,
     load_plugins,
     register_encoder,
 )
@@ -30,11 +31,13 @@ __all__ = [
     "InputError",
     "ModalityEncoder",
     "UnknownEncoderError",
+    "UntrustedPluginError",
     "create_encoder",
     "find_blocks",
     "get_encoder_info",
     "list_encoders",
     "list_modalities",
+    "load_named_plugins",
     "load_plugins",
     "move_to",
     "register_encoder",

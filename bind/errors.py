@@ -29,6 +29,10 @@ class UnknownEncoderError(ConfigError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class UntrustedPluginError(ConfigError):
+    """A recipe or run names plugin code the user has not allowed to run (``--trust-plugins``)."""
+
+
 class InputError(BindError, ValueError):
     """A raw input (file, array, text) cannot be turned into a tensor."""
 

@@ -12,17 +12,20 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import os
+import reprlib
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
 
-from .errors import ConfigError
-from .registry import check_encoder_kwargs, get_encoder_info, load_plugins
+from .errors import ConfigError, UnknownEncoderError
+from .registry import check_encoder_kwargs, get_encoder_info, load_named_plugins
 
 LossName = Literal["info_nce", "label_aware_info_nce", "supcon", "pairwise_cosine"]
 
@@ -143,6 +146,71 @@ class Recipe:
     source: str = "<recipe>"  # where it was loaded from (set by load_recipe)
 
 
+# ---- value ranges --------------------------------------------------------------------------------
+class Range(typing.NamedTuple):
+    """The numbers a key accepts, worded as an error says it: ``expected a positive integer, got 0``."""
+
+    expected: str
+    accepts: Callable[[float], bool]
+
+
+POSITIVE_INT = Range("a positive integer", lambda v: v >= 1)
+COUNT = Range("an integer >= 0", lambda v: v >= 0)
+POSITIVE = Range("a positive number", lambda v: v > 0)
+NON_NEGATIVE = Range("a number >= 0", lambda v: v >= 0)
+SHARE = Range("a number between 0 and 1", lambda v: 0 <= v <= 1)
+BELOW_ONE = Range("a number in [0, 1)", lambda v: 0 <= v < 1)
+
+# Every number key and the values it takes, in one place: `_build` checks each as it reads it (floats are
+# already finite then: `_convert` refuses NaN and inf everywhere). tests/test_recipe_values.py fails on a
+# number key missing here. Rules across keys (epochs or steps, a positive pair weight) are `_check_semantics`'.
+RANGES: dict[type, dict[str, Range]] = {
+    Recipe: {
+        "embed_dim": POSITIVE_INT,
+        "seed": Range("an integer in [0, 2**32) (NumPy's seed range)", lambda v: 0 <= v < 2**32),
+        "num_workers": COUNT,
+        "checkpoint_every": POSITIVE_INT,
+        "keep_checkpoints": POSITIVE_INT,
+        "max_bad_fraction": SHARE,
+        "max_nonfinite_steps": POSITIVE_INT,
+    },
+    DataSpec: {"shuffle_buffer": POSITIVE_INT},
+    LoraSpec: {"rank": POSITIVE_INT, "alpha": POSITIVE, "dropout": Range("a probability in [0, 1)", BELOW_ONE.accepts)},
+    ModalitySpec: {"unfreeze_last_blocks": COUNT},
+    OptimSpec: {
+        "lr": POSITIVE,
+        "weight_decay": NON_NEGATIVE,
+        "betas": BELOW_ONE,  # each of the two
+        "warmup_steps": COUNT,
+        "min_lr_ratio": SHARE,
+        "grad_clip": POSITIVE,
+        "grad_accum_steps": POSITIVE_INT,
+    },
+    PairSpec: {"weight": NON_NEGATIVE, "batch_size": POSITIVE_INT},
+    StageSpec: {
+        "temperature": POSITIVE,
+        "batch_size": POSITIVE_INT,
+        "epochs": POSITIVE,
+        "steps": POSITIVE_INT,
+        "log_every": POSITIVE_INT,
+        "chunk_size": POSITIVE_INT,
+    },
+    EvalSpec: {"max_items": POSITIVE_INT},
+}
+
+
+def _check_range(cls: Any, name: str, value: Any, tp: Any, where: str) -> None:
+    """Raise when ``value`` (or an item of it, for a pair like betas) is outside the range RANGES gives the key."""
+    limit = RANGES.get(cls, {}).get(name)
+    if limit is None or value is None:  # null passed the type check: the key allows it
+        return
+    items = [(f"{where}[{i}]", v) for i, v in enumerate(value)] if isinstance(value, tuple) else [(where, value)]
+    for key, item in items:
+        if not limit.accepts(item):
+            or_null = " or null" if type(None) in typing.get_args(tp) else ""
+            raise ConfigError(f"{key}: expected {limit.expected}{or_null}, got {_shown(item)}")
+
+
 # ---- parsing -------------------------------------------------------------------------------------
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
@@ -161,7 +229,7 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     """Check ``value`` against type ``tp`` and convert it (nested dataclasses, int -> float)."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if tp is Any:
-        return value
+        return _plain(value, where)
     if origin in (Union, types.UnionType):
         errors = []
         for arg in args:
@@ -169,8 +237,9 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
                 return _convert(value, arg, where)
             except ConfigError as err:
                 errors.append((arg, err))
-        for arg, err in errors:  # a mapping meant for a dataclass: its own error (unknown key, bad type) says more
-            if dataclasses.is_dataclass(arg) and isinstance(value, dict):
+        # a mapping meant for a dataclass (unknown key, bad type), or a NaN: its own error says more
+        for arg, err in errors:
+            if dataclasses.is_dataclass(arg) and isinstance(value, dict) or isinstance(err, _NotFinite):
                 raise err
         raise _type_error(value, tp, where)
     if tp is type(None):
@@ -188,34 +257,76 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise _type_error(value, tp, where)
+        for k in value:
+            if not isinstance(k, str) or not k.isprintable() or not k:  # every recipe mapping is keyed by names
+                raise ConfigError(f"{_join(where, k)}: expected a name (printable text) as key, got {_shown(k)}")
         return {k: _convert(v, args[1], _join(where, k)) for k, v in value.items()}
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise _type_error(value, tp, where)
         if origin is tuple:
             if len(value) != len(args):
-                raise ConfigError(f"{where}: expected a list of {len(args)} values, got {value!r}")
+                raise ConfigError(f"{where}: expected a list of {len(args)} values, got {_shown(value)}")
             return tuple(_convert(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
         return [_convert(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
-    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if tp is float and isinstance(value, str):  # YAML reads 3e-4 (no dot) as a string
+    if tp is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
         try:
-            return float(value)
+            number = float(value)  # YAML reads 3e-4 (no dot) as a string
         except ValueError:
-            pass
+            raise _type_error(value, tp, where) from None
+        except OverflowError:  # an integer past float's range
+            number = math.inf
+        if not math.isfinite(number):  # "nan", ".inf", 1e999: no step, rate or weight means that
+            raise _NotFinite(f"{where}: expected a finite number, got {_shown(value)}")
+        return number
+    if tp is str and isinstance(value, str) and not value.isprintable():  # names, paths: one line each
+        raise ConfigError(
+            f"{where}: expected printable text (no line breaks or control characters), got {_shown(value)}"
+        )
     if isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
         return value
     raise _type_error(value, tp, where)
 
 
+class _NotFinite(ConfigError):
+    """A NaN or infinite number: said as such even where the key also takes null."""
+
+
+def _plain(value: Any, where: str) -> Any:
+    """Free-form values (encoder and dataset args, augment knobs) are plain data: text, finite numbers, lists,
+    mappings; no NaN, and none of the objects YAML tags make (!!binary bytes, !!set, dates)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise _NotFinite(f"{where}: expected a finite number, got {_shown(value)}")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _plain(v, _join(where, k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _plain(v, f"{where}[{i}]")
+    elif not (value is None or isinstance(value, (str, int, float))):  # bool is an int
+        raise ConfigError(
+            f"{where}: expected text, a number, a list or a mapping, got {type(value).__name__} {_shown(value)}"
+        )
+    return value
+
+
 def _join(where: str, key: object) -> str:
     """``recipes/x.yaml: stages[0]`` + ``epochs`` -> ``recipes/x.yaml: stages[0].epochs``."""
-    return f"{where}{key}" if where.endswith(": ") else f"{where}.{key}"
+    shown = key if isinstance(key, str) and key.isprintable() and key else _shown(key)  # '' or a line break: quoted
+    return f"{where}{shown}" if where.endswith(": ") else f"{where}.{shown}"
 
 
 def _type_error(value: Any, tp: Any, where: str) -> ConfigError:
-    return ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    return ConfigError(f"{where}: expected {_type_name(tp)}, got {_shown(value)}")
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxstring, _SHORT.maxother, _SHORT.maxlevel = 60, 60, 3
+
+
+def _shown(value: Any) -> str:
+    """``repr(value)``, cut short: an error quotes what it found, not 80 levels of it."""
+    return _SHORT.repr(value)
 
 
 def _build(cls: Any, data: dict[str, Any], where: str) -> Any:
@@ -225,14 +336,110 @@ def _build(cls: Any, data: dict[str, Any], where: str) -> Any:
         if key not in fields or key == "source" and cls is Recipe:
             close = difflib.get_close_matches(str(key), list(fields), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else f"; known keys: {', '.join(fields)}"
-            raise ConfigError(f"{where}.{key}: unknown key{hint}")
+            raise ConfigError(f"{_join(where, key)}: unknown key{hint}")
     kwargs = {}
     for name, f in fields.items():
         if name in data:
             kwargs[name] = _convert(data[name], hints[name], _join(where, name))
+            _check_range(cls, name, kwargs[name], hints[name], _join(where, name))
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"{where}.{name}: required key is missing (expected {_type_name(hints[name])})")
+            raise ConfigError(f"{_join(where, name)}: required key is missing (expected {_type_name(hints[name])})")
     return cls(**kwargs)
+
+
+# ---- reading YAML --------------------------------------------------------------------------------
+MAX_RECIPE_BYTES = 1 << 20  # recipes are a few KB; a bigger file is not one, and pure-Python YAML would stall on it
+MAX_NESTING = 50  # a recipe nests about 6 levels deep; this bounds the YAML composer's recursion
+
+
+class _Refused(Exception):
+    """What :class:`_RecipeLoader` will not read, with the line; the caller names the file."""
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """A SafeLoader that refuses anchors, aliases and deep nesting at the first event that has them.
+
+    Each alias repeats what its anchor names, so ten lines of them (a "billion laughs") stand for 10**9
+    items once anything walks the result. A recipe has no need for them; refusing them while parsing
+    means nothing is ever expanded."""
+
+    depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        line = event.start_mark.line + 1
+        if event.anchor is not None:  # AliasEvent (*name) or a node with an anchor (&name)
+            mark = "*" if isinstance(event, yaml.AliasEvent) else "&"
+            raise _Refused(
+                f"line {line}: YAML anchor or alias {mark}{event.anchor}: a recipe may not use them; write the value "
+                "out (PyYAML writes them for objects used twice: dump a copy, e.g. json.loads(json.dumps(data)))"
+            )
+        self.depth += 1
+        try:
+            if self.depth > MAX_NESTING:
+                raise _Refused(f"line {line}: nested more than {MAX_NESTING} levels deep")
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+
+def _parse_yaml(text: str, source: str) -> Any:
+    """``text`` as plain YAML data, or a one-line ConfigError that starts with ``source``."""
+    try:
+        loader = _RecipeLoader(text)  # its reader refuses control characters here already
+        try:
+            return loader.get_single_data()
+        finally:
+            loader.dispose()
+    except _Refused as err:
+        raise ConfigError(f"{source}: {err}") from None
+    except yaml.MarkedYAMLError as err:  # its str() quotes the offending lines; one line says enough
+        mark = err.problem_mark or err.context_mark
+        at = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ConfigError(
+            f"{source}: not valid YAML: {at}{'; '.join(filter(None, [err.context, err.problem]))}"
+        ) from err
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{source}: not valid YAML: {' '.join(str(err).split())}") from err
+
+
+def read_recipe_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The YAML mapping in a recipe file, read as a file from anyone should be: bounded in size, text only,
+    no anchors or aliases. Every refusal is a one-line ConfigError naming the file."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_RECIPE_BYTES + 1)
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read the recipe: {err.strerror}") from err
+    if len(raw) > MAX_RECIPE_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_RECIPE_BYTES >> 10} KiB; a recipe is a short YAML text file")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"{path}: not a text file (byte {err.start} is not UTF-8); a recipe is a YAML text file"
+        ) from None
+    control = yaml.reader.Reader.NON_PRINTABLE.search(text)  # what YAML refuses: NUL and other control bytes
+    if control:
+        line = text.count("\n", 0, control.start()) + 1
+        raise ConfigError(
+            f"{path}: not a text file (control character {control.group()!r} on line {line}); "
+            "a recipe is a YAML text file"
+        )
+    data = _parse_yaml(text, str(path))
+    if data is None:
+        raise ConfigError(f"{path}: holds no keys (empty, or only comments); {_RECIPE_IS}")
+    return _require_mapping(data, str(path))
+
+
+_RECIPE_IS = "a recipe is a YAML mapping of keys (anchor_modality, modalities, stages, ...)"
+
+
+def _require_mapping(data: Any, source: str) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: {_RECIPE_IS} at top level, got {type(data).__name__}")
+    return data
 
 
 def set_override(data: dict[str, Any], dotted: str, source: str = "command line") -> None:
@@ -240,13 +447,13 @@ def set_override(data: dict[str, Any], dotted: str, source: str = "command line"
     if "=" not in dotted:
         raise ConfigError(f"{source}: override {dotted!r} must look like key.sub=value")
     path, raw = dotted.split("=", 1)
-    value = yaml.safe_load(raw) if raw else None
+    value = _parse_yaml(raw, f"{source}: override {path!r}") if raw else None
     keys = path.split(".")
     node: Any = data
     for i, key in enumerate(keys):
         last = i == len(keys) - 1
         if isinstance(node, list):
-            if not key.isdigit() or int(key) >= len(node):
+            if not (key.isascii() and key.isdigit()) or int(key) >= len(node):
                 raise ConfigError(f"{source}: override {path!r}: {'.'.join(keys[:i]) or 'recipe'} has no item {key}")
             key = int(key)
         elif not isinstance(node, dict):
@@ -259,43 +466,44 @@ def set_override(data: dict[str, Any], dotted: str, source: str = "command line"
             node = node[key]
 
 
-def parse_recipe(data: Any, source: str = "<recipe>", check_data: bool = True) -> Recipe:
-    """Validate a recipe mapping; ``check_data=False`` skips the data paths (a run used on another machine)."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: a recipe is a YAML mapping at top level, got {type(data).__name__}")
-    recipe = _build(Recipe, data, f"{source}: ")
+def parse_recipe(data: Any, source: str = "<recipe>", check_data: bool = True, trust_plugins: bool = False) -> Recipe:
+    """Validate a recipe mapping; ``check_data=False`` skips the data paths (a run used on another machine).
+
+    The recipe's ``plugins`` are imported only with ``trust_plugins`` or when already loaded
+    (:func:`bind.registry.load_named_plugins`): a recipe may come from anyone."""
+    recipe = _build(Recipe, _require_mapping(data, source), f"{source}: ")
     recipe.source = source
-    _check_semantics(recipe, check_data)
+    _check_semantics(recipe, check_data, trust_plugins)
     return recipe
 
 
-def load_recipe(path: str | os.PathLike[str], overrides: list[str] = ()) -> Recipe:
-    """Read, override and validate a recipe file."""
+def load_recipe(path: str | os.PathLike[str], overrides: list[str] = (), trust_plugins: bool = False) -> Recipe:
+    """Read, override and validate a recipe file (``trust_plugins``: import the modules its ``plugins`` name)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"recipe {str(path)!r} not found")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    data = read_recipe_file(path)
     for item in overrides:
-        set_override(data, item)
-    return parse_recipe(data, str(path))
+        set_override(data, item, f"{path}: command line")
+    return parse_recipe(data, str(path), trust_plugins=trust_plugins)
 
 
-def _check_semantics(r: Recipe, check_data: bool = True) -> None:
+def _check_semantics(r: Recipe, check_data: bool = True, trust_plugins: bool = False) -> None:
     """Cross-key checks: names that must exist elsewhere in the recipe or in the registry."""
     from .data import check_data_spec  # data imports recipe types; import here to keep the cycle out
 
-    load_plugins(r.plugins)
     src = r.source
+    load_named_plugins(r.plugins, f"{src}: plugins", trust_plugins)
     if r.anchor_modality not in r.modalities:
         raise ConfigError(
             f"{src}: anchor_modality {r.anchor_modality!r} is not under modalities ({', '.join(r.modalities)})"
         )
     for m, spec in r.modalities.items():
         where = f"{src}: modalities.{m}"
-        info = get_encoder_info(spec.encoder)  # unknown names raise with close matches
+        try:
+            info = get_encoder_info(spec.encoder)  # unknown names raise with close matches
+        except UnknownEncoderError as err:
+            raise UnknownEncoderError(f"{where}.encoder: {err}", err.name) from None
         if info.modality != m:
             raise ConfigError(f"{where}.encoder: {spec.encoder!r} is a {info.modality!r} encoder, not {m!r}")
         if "embed_dim" in spec.args:
@@ -306,16 +514,13 @@ def _check_semantics(r: Recipe, check_data: bool = True) -> None:
             raise ConfigError(f"{where}.args: {err}") from None
         if spec.share_frame_encoder_with and spec.share_frame_encoder_with not in r.modalities:
             raise ConfigError(f"{where}.share_frame_encoder_with: no modality {spec.share_frame_encoder_with!r}")
-        if spec.lora is not None:  # target_modules are checked against the built tower (bind.lora.apply_lora)
-            lora = spec.lora
-            if lora.rank < 1:
-                raise ConfigError(f"{where}.lora.rank: expected a positive integer, got {lora.rank}")
-            if lora.alpha <= 0:
-                raise ConfigError(f"{where}.lora.alpha: expected a positive number, got {lora.alpha}")
-            if not 0 <= lora.dropout < 1:
-                raise ConfigError(f"{where}.lora.dropout: expected a probability in [0, 1), got {lora.dropout}")
-            if lora.target_modules is not None and not lora.target_modules:
-                raise ConfigError(f"{where}.lora.target_modules: expected layer names, or null for the tower's default")
+        if spec.unfreeze_last_blocks and spec.freeze != "trunk":  # ModalityEncoder.freeze refuses it at run time
+            raise ConfigError(
+                f"{where}.unfreeze_last_blocks: applies with freeze: trunk only, got freeze {spec.freeze!r}"
+            )
+        # target_modules are checked against the built tower (bind.lora.apply_lora)
+        if spec.lora is not None and spec.lora.target_modules is not None and not spec.lora.target_modules:
+            raise ConfigError(f"{where}.lora.target_modules: expected layer names, or null for the tower's default")
         if spec.init_from is not None and (spec.init_from not in r.modalities or spec.init_from == m):
             others = ", ".join(x for x in r.modalities if x != m)
             raise ConfigError(f"{where}.init_from: expected another modality ({others}), got {spec.init_from!r}")
@@ -325,28 +530,18 @@ def _check_semantics(r: Recipe, check_data: bool = True) -> None:
             raise ConfigError(
                 f"{where}.train_data.stream: only source 'shards' streams, got {spec.train_data.source!r}"
             )
+        if spec.train_data is not None and spec.train_data.augment:
+            _check_augment(m, spec.train_data.augment, f"{where}.train_data.augment")
         for key in ("train_data", "eval_data"):
             data_spec = getattr(spec, key)
             if data_spec is not None and check_data:
                 check_data_spec(data_spec, r.data_root, _join(where, key))
     if not r.stages:
         raise ConfigError(f"{src}: stages: at least one stage is needed")
-    for key in ("checkpoint_every", "keep_checkpoints", "max_nonfinite_steps"):
-        value = getattr(r, key)
-        if value is not None and value < 1:
-            raise ConfigError(f"{src}: {key}: expected a positive number, got {value}")
-    if not 0 <= r.max_bad_fraction <= 1:
-        raise ConfigError(f"{src}: max_bad_fraction: expected a share between 0 and 1, got {r.max_bad_fraction}")
     for i, stage in enumerate(r.stages):
         where = f"{src}: stages[{i}] ({stage.name})"
         if (stage.epochs is None) == (stage.steps is None):
             raise ConfigError(f"{where}: give exactly one of epochs or steps")
-        if stage.log_every < 1:
-            raise ConfigError(f"{where}.log_every: expected a positive number of steps, got {stage.log_every}")
-        if stage.chunk_size is not None and stage.chunk_size < 1:
-            raise ConfigError(
-                f"{where}.chunk_size: expected a positive number of items (or null), got {stage.chunk_size}"
-            )
         if stage.kind == "pretrain":
             if stage.modality not in r.modalities:
                 raise ConfigError(
@@ -361,6 +556,9 @@ def _check_semantics(r: Recipe, check_data: bool = True) -> None:
         else:
             if not stage.pairs:
                 raise ConfigError(f"{where}.pairs: a bind stage needs at least one modality to pair with the anchor")
+            if not any(pair.weight > 0 for pair in stage.pairs.values()):
+                weights = ", ".join(f"{m}: {pair.weight}" for m, pair in stage.pairs.items())
+                raise ConfigError(f"{where}.pairs: expected at least one positive weight, got {weights}")
             for m, pair in stage.pairs.items():
                 if m not in r.modalities or m == r.anchor_modality:
                     others = [x for x in r.modalities if x != r.anchor_modality]
@@ -383,6 +581,27 @@ def _check_semantics(r: Recipe, check_data: bool = True) -> None:
         for m in stage.freeze:
             if m not in r.modalities:
                 raise ConfigError(f"{where}.freeze.{m}: no such modality")
+        # as bind.stage.StageRunner freezes: the stage's freeze, else the modality's; a bind stage's anchor is frozen
+        anchor = r.anchor_modality if stage.kind == "bind" else None
+        in_stage = [stage.modality] if stage.kind == "pretrain" else [anchor, *stage.pairs]
+        if all(stage.freeze.get(m, "all" if m == anchor else r.modalities[m].freeze) == "all" for m in in_stage):
+            raise ConfigError(
+                f"{where}: nothing would train: {', '.join(in_stage)} frozen 'all'; set freeze to 'trunk' or 'none' "
+                "(under modalities, or this stage's freeze)"
+            )
+
+
+def _check_augment(modality: str, knobs: dict[str, Any], where: str) -> None:
+    """The augmenter of ``modality`` exists and takes these knobs, of these types (bind/data/augment.py)."""
+    from .data.augment import AUGMENTERS  # imported here as .data is: it imports the recipe types
+
+    if modality not in AUGMENTERS:
+        raise ConfigError(
+            f"{where}: no augmentation is defined for modality {modality!r} (known: {', '.join(AUGMENTERS)})"
+        )
+    augmenter = AUGMENTERS[modality]
+    if dataclasses.is_dataclass(augmenter):  # a plugin's may be any callable: then its own call checks at run time
+        _build(augmenter, knobs, where)
 
 
 def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:

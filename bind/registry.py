@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .encoder import ModalityEncoder
-from .errors import ConfigError, UnknownEncoderError, did_you_mean
+from .errors import ConfigError, UnknownEncoderError, UntrustedPluginError, did_you_mean
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +142,50 @@ def _import_plugin(module: str) -> None:
             f"plugin module {module!r} could not be imported ({err}); "
             "check the name and that it is importable (installed, on PYTHONPATH, in the current folder, or a .py path)"
         ) from err
+
+
+def load_named_plugins(modules: list[str] | tuple[str, ...], where: str, trust: bool = False) -> None:
+    """Import the plugins a file names (a recipe's or a run's ``plugins:``), only with the user's consent.
+
+    A recipe or a run directory may come from anyone; importing a module it names runs that module's
+    code. As with Hugging Face's ``trust_remote_code``, such modules are imported only when ``trust``
+    is true (``--trust-plugins``), or when the user already loaded them (``--plugin MODULE``,
+    ``load_plugins``); otherwise the refusal says what would run and how to allow it.
+    """
+    pending = [module for module in modules if not _plugin_loaded(module)]
+    if pending and not trust:
+        what = "; ".join(f"{module!r} ({_plugin_origin(module)})" for module in pending)
+        raise UntrustedPluginError(
+            f"{where} names plugin code that would run on loading: {what}. bindkit runs no code a file names "
+            "without your consent: pass --trust-plugins (Python: trust_plugins=True) if you trust where it "
+            "came from, or load the module yourself with --plugin MODULE"
+        )
+    load_plugins(pending)
+
+
+def _plugin_loaded(module: str) -> bool:
+    if module.endswith(".py"):
+        loaded = sys.modules.get(Path(module).stem)
+        origin = getattr(loaded, "__file__", None)
+        return origin is not None and Path(origin).resolve() == Path(module).expanduser().resolve()
+    return module in sys.modules
+
+
+def _plugin_origin(module: str) -> str:
+    """The file a plugin would run, found without importing anything."""
+    if module.endswith(".py"):
+        return str(Path(module).expanduser().resolve())
+    top = module.split(".")[0]
+    try:  # a top-level name is looked up without running code; a dotted one would import its package
+        spec = importlib.util.find_spec(top)
+    except (ImportError, ValueError):
+        spec = None
+    origin = getattr(spec, "origin", None) if spec is not None else None
+    if origin and module == top:
+        return origin
+    if spec is None and (Path.cwd() / f"{top}.py").is_file():  # importable from the current folder
+        return str(Path.cwd() / f"{top}.py")
+    return f"module {module}" + (f" in {origin}" if origin else ", not found here")
 
 
 def list_encoders(pattern: str = "*", modality: str | None = None) -> list[str]:

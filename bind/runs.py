@@ -5,17 +5,24 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import yaml
-
 from .errors import ConfigError, DataError
 from .model import CONFIG_NAME, WEIGHTS_NAME, BindModel
-from .recipe import Recipe, parse_recipe
+from .recipe import Recipe, parse_recipe, read_recipe_file
+from .registry import load_named_plugins, load_plugins
 
 
 def load_run(
-    run_dir: str | os.PathLike[str], plugins: list[str] | tuple[str, ...] = (), map_location: str = "cpu"
+    run_dir: str | os.PathLike[str],
+    plugins: list[str] | tuple[str, ...] = (),
+    map_location: str = "cpu",
+    trust_plugins: bool = False,
 ) -> tuple[BindModel, Recipe]:
-    """``(model, recipe)`` of a run written by ``bindkit run``; the model in eval mode."""
+    """``(model, recipe)`` of a run written by ``bindkit run``; the model in eval mode.
+
+    ``plugins``: modules to import first (the caller names them). The plugins the run's recipe names
+    are imported only with ``trust_plugins`` (a run directory may come from anyone) or when already
+    loaded; otherwise :class:`bind.errors.UntrustedPluginError` says what would run.
+    """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise DataError(f"{run_dir}: no such directory; expected a run directory written by `bindkit run`")
@@ -28,20 +35,17 @@ def load_run(
                 f"{run_dir / name} is missing: the run in {run_dir} is incomplete (`bindkit run` writes {CONFIG_NAME} "
                 f"and {WEIGHTS_NAME} when training ends); let it finish (or resume it), or pass a finished run"
             )
-    try:
-        data = yaml.safe_load(recipe_path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        mark = getattr(err, "problem_mark", None)
-        at = f" (line {mark.line + 1})" if mark is not None else ""
-        raise ConfigError(
-            f"{recipe_path}: not valid YAML{at}; `bindkit run` writes it: restore it from the recipe the run used"
-        ) from err
-    if not isinstance(data, dict):
-        raise ConfigError(f"{recipe_path}: expected a recipe (a YAML mapping), got {type(data).__name__}")
+    try:  # read as any file from anyone: bounded, text only, no YAML anchors or aliases
+        data = read_recipe_file(recipe_path)
+    except ConfigError as err:
+        raise ConfigError(f"{err}; `bindkit run` writes it: restore it from the recipe the run used") from None
     if not isinstance(data.get("plugins", []), list):
         raise ConfigError(f"{recipe_path}: plugins: expected a list of module names, got {data['plugins']!r}")
-    data["plugins"] = sorted({*data.get("plugins", []), *plugins})
+    load_plugins(list(plugins))
+    named = [str(m) for m in data.get("plugins", [])]
+    load_named_plugins(named, f"{recipe_path}: plugins", trust_plugins)
+    data["plugins"] = sorted({*named, *plugins})
     # the model first: its config.json knows which module registers each encoder, the recipe does not
-    model = BindModel.from_pretrained(run_dir, plugins=data["plugins"], map_location=map_location).eval()
+    model = BindModel.from_pretrained(run_dir, map_location=map_location).eval()
     # the data need not be here: embedding and retrieval work on any machine; `bindkit eval` reads it later
-    return model, parse_recipe(data, str(recipe_path), check_data=False)
+    return model, parse_recipe(data, str(recipe_path), check_data=False, trust_plugins=True)  # loaded above

@@ -75,3 +75,74 @@ def test_imu_encoder_binds_to_a_frozen_image_anchor(data_root):
         probe = torch.stack([model["imu"].preprocess(imu_window(d, rng)) for d in range(10)])
         hits = (model("imu", probe) @ image_emb.T).argmax(1) == torch.arange(10)
     assert hits.float().mean() >= 0.4  # chance is 0.1
+
+
+def _evil_plugin(folder, marker):
+    """A module whose import leaves a mark: the stand-in for code nobody asked to run."""
+    path = folder / "evil_plugin.py"
+    path.write_text(f"from pathlib import Path\nPath({str(marker)!r}).write_text('ran')\n")
+    return path
+
+
+def test_a_run_that_names_a_plugin_runs_it_only_when_trusted(tiny_run, tmp_path):
+    import shutil
+    import sys
+
+    import yaml
+
+    from bind import UntrustedPluginError
+    from bind.runs import load_run
+
+    run = tmp_path / "downloaded_run"
+    shutil.copytree(tiny_run, run)
+    marker = tmp_path / "marker"
+    plugin = _evil_plugin(tmp_path, marker)
+    recipe = yaml.safe_load((run / "recipe.yaml").read_text())
+    recipe["plugins"] = [str(plugin)]
+    (run / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    with pytest.raises(
+        UntrustedPluginError, match=r"recipe.yaml: plugins names plugin code.*evil_plugin.py.*--trust-plugins"
+    ):
+        load_run(run)
+    assert not marker.exists()
+    try:
+        model, _ = load_run(run, trust_plugins=True)
+        assert marker.read_text() == "ran" and "image" in model.modalities
+    finally:
+        sys.modules.pop("evil_plugin", None)
+
+
+def test_a_recipe_that_names_a_plugin_needs_consent_on_the_command_line(tmp_path):
+    import subprocess
+    import sys
+
+    import yaml
+    from conftest import DATA_ROOT, DIGITS
+
+    marker = tmp_path / "marker"
+    _evil_plugin(tmp_path, marker)
+    recipe = yaml.safe_load(DIGITS.read_text())
+    recipe["plugins"] = ["evil_plugin"]
+    recipe["data_root"] = str(DATA_ROOT)
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+
+    def validate(*flags):
+        return subprocess.run(
+            [sys.executable, "-m", "bind", "validate", "r.yaml", *flags],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    refused = validate()
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert f"'evil_plugin' ({tmp_path / 'evil_plugin.py'})" in refused.stderr and "--trust-plugins" in refused.stderr
+    assert not marker.exists()
+    named = validate("--plugin", "evil_plugin")  # the user names the module: that is consent
+    assert named.returncode == 0, named.stderr
+    assert marker.read_text() == "ran"
+    marker.unlink()
+    trusted = validate("--trust-plugins")
+    assert trusted.returncode == 0, trusted.stderr
+    assert marker.read_text() == "ran"

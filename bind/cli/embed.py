@@ -24,6 +24,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=64, help="items embedded at once (default: 64)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--plugin", action="append", default=[], metavar="MODULE", help="import MODULE to register encoders")
+    p.add_argument(
+        "--trust-plugins",
+        action="store_true",
+        help="import the plugin modules the recipe or run names (runs their code; only for files you trust)",
+    )
     p.set_defaults(func=run)
 
 
@@ -33,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     check_batch_size(args.batch_size)
     device = resolve_device(args.device)
     load_plugins(args.plugin)
-    model, _ = load_run(args.run_dir, args.plugin)
+    model, _ = load_run(args.run_dir, args.plugin, trust_plugins=args.trust_plugins)
     items = read_inputs(model, args.modality, args.inputs)
     embeddings = embed_inputs(model.to(device), args.modality, items, args.batch_size)
     out = Path(args.out)

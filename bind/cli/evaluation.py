@@ -33,6 +33,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--plugin", action="append", default=[], metavar="MODULE", help="import MODULE to register encoders")
     p.add_argument("--data-root", help="where the run's eval data is on this machine (default: the run's data_root)")
+    p.add_argument(
+        "--trust-plugins",
+        action="store_true",
+        help="import the plugin modules the recipe or run names (runs their code; only for files you trust)",
+    )
     p.set_defaults(func=run)
 
 
@@ -46,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
 
     load_plugins(args.plugin)
     device = resolve_device(args.device)
-    model, recipe = load_run(args.run_dir, args.plugin)
+    model, recipe = load_run(args.run_dir, args.plugin, trust_plugins=args.trust_plugins)
     data = recipe_to_dict(recipe)
     for item in args.overrides:
         set_override(data, item)

@@ -43,6 +43,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="projection: pca (default) or umap (needs the umap extra)",
     )
     p.add_argument("--plugin", action="append", default=[], metavar="MODULE", help="import MODULE to register encoders")
+    p.add_argument(
+        "--trust-plugins",
+        action="store_true",
+        help="import the plugin modules the recipe or run names (runs their code; only for files you trust)",
+    )
     p.set_defaults(func=run)
 
 
@@ -59,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     require_plot_library(args.out)
     require_method(args.method)
     load_plugins(args.plugin)
-    model, recipe = load_run(args.run_dir, plugins=args.plugin)
+    model, recipe = load_run(args.run_dir, plugins=args.plugin, trust_plugins=args.trust_plugins)
     recipe = dataclasses.replace(recipe, eval=dataclasses.replace(recipe.eval, max_items=args.max_per_modality))
     device = resolve_device(recipe.device)
     splits = embed_eval_splits(model.to(device), recipe, device)

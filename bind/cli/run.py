@@ -22,6 +22,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--nproc", type=int, default=1, metavar="N", help="data-parallel processes on this machine")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the run directory")
+    p.add_argument(
+        "--trust-plugins",
+        action="store_true",
+        help="import the plugin modules the recipe or run names (runs their code; only for files you trust)",
+    )
     p.set_defaults(func=run)
 
 
@@ -34,7 +39,9 @@ def run(args: argparse.Namespace) -> int:
     from ..trainer import run_recipe
 
     load_plugins(args.plugin)
-    recipe = load_recipe(args.recipe, args.overrides)  # fail here, before any process starts
+    recipe = load_recipe(
+        args.recipe, args.overrides, trust_plugins=args.trust_plugins
+    )  # fail here, before any process starts
     out = Path(args.out or Path("runs") / Path(args.recipe).stem)
     if args.nproc < 1:
         raise ConfigError(f"--nproc: expected a number of processes >= 1, got {args.nproc}")
@@ -42,7 +49,15 @@ def run(args: argparse.Namespace) -> int:
         flags = [flag for flag, on in (("--debug", args.debug), ("--verbose", args.verbose)) if on]
         argv = [*flags, "run", args.recipe, *args.overrides, "--out", str(out)]
         argv += [f"--plugin={module}" for module in args.plugin]
-        argv += [flag for flag, on in (("--no-progress", args.no_progress), ("--resume", args.resume)) if on]
+        argv += [
+            flag
+            for flag, on in (
+                ("--no-progress", args.no_progress),
+                ("--resume", args.resume),
+                ("--trust-plugins", args.trust_plugins),
+            )
+            if on
+        ]
         return launch(args.nproc, argv)
     results = run_recipe(recipe, out, show_progress=not args.no_progress, resume=args.resume)
     if int(os.environ.get("RANK", "0")) != 0:

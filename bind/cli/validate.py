@@ -12,6 +12,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("recipe", help="recipe YAML file, e.g. recipes/digits.yaml")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override recipe keys (values are YAML)")
     p.add_argument("--plugin", action="append", default=[], metavar="MODULE", help="import MODULE to register encoders")
+    p.add_argument(
+        "--trust-plugins",
+        action="store_true",
+        help="import the plugin modules the recipe or run names (runs their code; only for files you trust)",
+    )
     p.set_defaults(func=run)
 
 
@@ -19,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
     from ..recipe import load_recipe
 
     load_plugins(args.plugin)
-    recipe = load_recipe(args.recipe, args.overrides)
+    recipe = load_recipe(args.recipe, args.overrides, trust_plugins=args.trust_plugins)
     stages = ", ".join(f"{s.name} ({s.kind})" for s in recipe.stages)
     print(
         f"{args.recipe}: ok; anchor {recipe.anchor_modality!r}, modalities {', '.join(recipe.modalities)}; stages {stages}"
