@@ -6,7 +6,8 @@ A checkpoint is a folder ``RUN/checkpoints/stage{i}-step{n}/`` holding
 * ``optimizer.safetensors``: the optimizer's per-parameter tensors (AdamW moments and step counts);
 * ``rng.safetensors``: the torch (CPU and CUDA) and numpy random states;
 * ``trainer_state.json``: stage and step, the optimizer's hyperparameters, the scheduler, the
-  Python random state, the recipe, and the bad-item and non-finite-loss counts.
+  Python random state, the recipe, and the bad-item and non-finite-loss counts;
+* ``MANIFEST.json``, written last: the size and SHA-256 of every other file.
 
 No pickle: tensors go to safetensors, the rest to JSON. The data position needs no state of its
 own: batches are a pure function of ``(seed, epoch, index)`` (:class:`bind.data.pairs.EpochSampler`),
@@ -15,12 +16,26 @@ needs none (fp16 is not offered).
 
 A checkpoint is written into a hidden temporary folder, every file fsynced, then renamed into
 place in one step and the parent folder fsynced: a crash leaves the previous checkpoints intact
-and never a half-written one under a checkpoint's name. The newest ``keep`` are kept.
+and never a half-written one under a checkpoint's name. The newest ``keep`` are kept; pruning
+deletes an old checkpoint's manifest first (and fsyncs that), so a prune cut short never leaves a
+half-deleted folder that passes for complete.
+
+A checkpoint is *complete* (:func:`list_checkpoints`) when its manifest exists, and *good*
+(:func:`verify_checkpoint`) when every file has the size and hash its manifest says and every JSON
+file parses. ``--resume`` takes the newest good one (:func:`newest_good_checkpoint`) and logs a
+warning for each newer one it passes over (a truncated file, a disk error, a deleted manifest).
+A checkpoint without a manifest is never resumed from, even if its files might load: it was either
+written by a bindkit older than the manifest or cut short while being pruned, and telling these
+apart would mean trusting files nothing vouches for (continue an older run with the bindkit that
+started it, or start it over). Such folders still count for the "unfinished run" checks of
+:mod:`bind.trainer`, and are pruned once older than the kept checkpoints.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import random
 import re
@@ -39,6 +54,11 @@ from .model import BindModel, _load_weights
 
 FORMAT_VERSION = 1
 NAME = re.compile(r"^stage(\d+)-step(\d+)$")
+MANIFEST = "MANIFEST.json"
+REQUIRED = ("config.json", "model.safetensors", "optimizer.safetensors", "rng.safetensors", "trainer_state.json")
+NO_MANIFEST = "no manifest (written by an older bindkit or cut short)"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -51,21 +71,87 @@ class Checkpoint:
     def state(self) -> dict[str, Any]:
         return json.loads((self.path / "trainer_state.json").read_text())
 
+    @property
+    def order(self) -> tuple[int, int]:
+        return self.stage_index, self.step
 
-def list_checkpoints(directory: Path) -> list[Checkpoint]:
-    """Complete checkpoints under ``directory``, oldest first."""
+    def modified_ns(self) -> int:
+        """When the newest file in it was written (the folder's own time if it holds none)."""
+        times = [p.stat().st_mtime_ns for p in self.path.rglob("*") if p.is_file()]
+        return max(times, default=self.path.stat().st_mtime_ns)
+
+    def ends_its_run(self) -> bool:
+        """Whether this is the last step of the last stage of the recipe it was trained with."""
+        try:
+            state = self.state
+            return self.stage_index == len(state["recipe"]["stages"]) - 1 and self.step == state["total_steps"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+
+
+def checkpoint_path(directory: Path, stage_index: int, step: int) -> Path:
+    return directory / f"stage{stage_index}-step{step:07d}"
+
+
+def list_checkpoints(directory: Path, complete: bool = True) -> list[Checkpoint]:
+    """Checkpoints under ``directory``, oldest first: those with a manifest, or all (``complete=False``)."""
     found = []
     if directory.is_dir():
         for path in directory.iterdir():
             match = NAME.match(path.name)
-            if match and (path / "trainer_state.json").is_file():
+            if match and path.is_dir() and (not complete or (path / MANIFEST).is_file()):
                 found.append(Checkpoint(path, int(match[1]), int(match[2])))
-    return sorted(found, key=lambda c: (c.stage_index, c.step))
+    return sorted(found, key=lambda c: c.order)
 
 
 def latest_checkpoint(directory: Path) -> Checkpoint | None:
+    """The newest complete checkpoint (not verified: see :func:`newest_good_checkpoint`)."""
     checkpoints = list_checkpoints(directory)
     return checkpoints[-1] if checkpoints else None
+
+
+def verify_checkpoint(checkpoint: Checkpoint) -> str | None:
+    """Why ``checkpoint`` cannot be resumed from, or ``None`` when every file matches its manifest."""
+    path = checkpoint.path
+    try:
+        files = json.loads((path / MANIFEST).read_text())["files"]
+    except FileNotFoundError:
+        return NO_MANIFEST
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return f"{MANIFEST} cannot be read ({err})"
+    if not isinstance(files, dict) or not set(REQUIRED) <= set(files):
+        return f"{MANIFEST} does not list all of {', '.join(REQUIRED)}"
+    for name, expected in files.items():
+        file = path / name
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            return f"{MANIFEST} lists {name!r}, outside the checkpoint"
+        try:
+            size = file.stat().st_size
+            if size != expected["size"]:
+                return f"{name}: {size} bytes, the manifest says {expected['size']}"
+            if _sha256(file) != expected["sha256"]:
+                return f"{name}: its SHA-256 differs from the manifest's"
+            if name.endswith(".json"):
+                json.loads(file.read_text())
+        except FileNotFoundError:
+            return f"{name} is missing"
+        except (OSError, ValueError) as err:  # ValueError: JSONDecodeError and UnicodeDecodeError
+            return f"{name} cannot be read ({err})"
+        except (KeyError, TypeError):
+            return f"{MANIFEST}: the entry of {name} has no size and sha256"
+    return None
+
+
+def newest_good_checkpoint(directory: Path) -> tuple[Checkpoint | None, list[tuple[Checkpoint, str]]]:
+    """The newest checkpoint that verifies, and the newer ones passed over with the reason (each logged)."""
+    skipped = []
+    for checkpoint in reversed(list_checkpoints(directory, complete=False)):
+        reason = verify_checkpoint(checkpoint)
+        if reason is None:
+            return checkpoint, skipped
+        log.warning("%s: skipped for resuming: %s", checkpoint.path, reason)
+        skipped.append((checkpoint, reason))
+    return None, skipped
 
 
 def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -123,7 +209,7 @@ def save_checkpoint(
 ) -> Path:
     """Write checkpoint ``stage{stage_index}-step{step}`` atomically; keep the newest ``keep``."""
     directory.mkdir(parents=True, exist_ok=True)
-    final = directory / f"stage{stage_index}-step{step:07d}"
+    final = checkpoint_path(directory, stage_index, step)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=directory))
     try:
         model.save_pretrained(tmp)
@@ -141,6 +227,7 @@ def save_checkpoint(
             **extra,
         }
         (tmp / "trainer_state.json").write_text(json.dumps(state))
+        _write_manifest(tmp)  # last: a manifest vouches for files already written
         _fsync_tree(tmp)
         if final.exists():  # the same step written again (a resumed run): hide the old one in one rename first
             old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old.", dir=directory))
@@ -151,10 +238,22 @@ def save_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for old in list_checkpoints(directory)[:-keep]:
-        if old.path != final:
-            shutil.rmtree(old.path, ignore_errors=True)
+    # everything older than the newest `keep` complete ones goes, manifest-less leftovers included
+    oldest_kept = list_checkpoints(directory)[-keep:][0].order
+    for old in list_checkpoints(directory, complete=False):
+        if old.order < oldest_kept and old.path != final:
+            remove_checkpoint(old.path)
     return final
+
+
+def remove_checkpoint(path: Path) -> None:
+    """Delete a checkpoint folder, its manifest first: a deletion cut short leaves an incomplete folder."""
+    try:
+        (path / MANIFEST).unlink()
+        _fsync_dir(path)
+    except FileNotFoundError:
+        pass
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def load_weights(checkpoint: Checkpoint, model: BindModel) -> None:
@@ -180,6 +279,23 @@ def clean_partial(directory: Path) -> None:
     if directory.is_dir():
         for path in directory.glob(".stage*"):
             shutil.rmtree(path, ignore_errors=True)
+
+
+def _write_manifest(root: Path) -> None:
+    files = {
+        p.relative_to(root).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p != root / MANIFEST
+    }
+    (root / MANIFEST).write_text(json.dumps({"format_version": FORMAT_VERSION, "files": files}, indent=1))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _fsync_tree(root: Path) -> None:

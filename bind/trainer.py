@@ -10,6 +10,14 @@ evaluates it. A stage is either
 
 A stage's loop is :class:`bind.stage.StageRunner`; this module builds the model, resumes from a
 checkpoint, starts trunks from another modality's (``init_from``) and evaluates at the end.
+
+The run directory has one writer: ``run_recipe`` holds its lock (:mod:`bind.runlock`) for the whole
+run, taken before anything there is read or changed, so a second run or ``--resume`` on the same
+``--out`` is refused instead of overwriting checkpoints. A fresh run replaces a finished run's
+checkpoints, but refuses when they may hold unfinished work: no ``model.safetensors``, or a
+checkpoint newer than it, or a newest checkpoint that is not the last step of its recipe.
+``--resume`` continues from the newest checkpoint that verifies against its manifest
+(:func:`bind.checkpoint.newest_good_checkpoint`), warning about each newer one it skips.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ import json
 import logging
 import random
 import shutil
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -27,25 +36,28 @@ import yaml
 
 from .checkpoint import (
     Checkpoint,
+    checkpoint_path,
     clean_partial,
-    latest_checkpoint,
     list_checkpoints,
     load_training_state,
     load_weights,
+    newest_good_checkpoint,
 )
 from .data import build_dataset
 from .distributed import (
+    Dist,
     barrier,
     broadcast_parameters,
     init_distributed,
     shutdown_distributed,
 )
-from .errors import ConfigError
+from .errors import ConfigError, DataError
 from .evaluate import embed_eval_splits, evaluate_model
 from .init import init_from_encoder
 from .model import BindModel, atomic_write
 from .recipe import Recipe, StageSpec, recipe_to_dict
 from .registry import create_encoder
+from .runlock import run_lock
 from .stage import CheckpointWriter, MetricsLog, StageRunner, StopFlag
 
 log = logging.getLogger(__name__)
@@ -93,7 +105,8 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, show_progress: bool = True, 
 
     ``resume`` continues from the newest checkpoint in ``out_dir/checkpoints`` with the same weights,
     optimizer, scheduler, random states and data position, so the run ends as if never stopped.
-    Under torchrun (``WORLD_SIZE`` > 1) every process runs this; rank 0 writes the run directory.
+    Under torchrun (``WORLD_SIZE`` > 1) every process runs this; rank 0 writes the run directory and
+    holds its lock. Raises :class:`bind.runlock.RunDirectoryBusy` while another run writes there.
     """
     out_dir = Path(out_dir)
     checkpoint_dir = out_dir / "checkpoints"
@@ -101,15 +114,44 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, show_progress: bool = True, 
     dist = init_distributed(device.type)
     if dist.enabled and device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
-    resume_from = _checkpoint_to_resume(recipe, checkpoint_dir) if resume else None
-    if not resume and list_checkpoints(checkpoint_dir):
-        if not (out_dir / "model.safetensors").is_file():
-            raise ConfigError(
-                f"{checkpoint_dir} holds the checkpoints of an unfinished run: continue it with --resume, "
-                "or give another --out (or delete that folder) to start over"
-            )
-        if dist.is_main:  # a finished run is being replaced: its checkpoints would mix with the new ones
-            shutil.rmtree(checkpoint_dir)
+    if resume and not checkpoint_dir.is_dir():  # refused before the lock would create the folder
+        raise ConfigError(f"--resume: no checkpoint in {checkpoint_dir}; run without --resume to start from scratch")
+    with ExitStack() as held:  # rank 0 holds the run directory's lock until the run returns
+        resume_from = _claim_run_directory(recipe, out_dir, resume, dist, device, held)
+        return _run_locked(recipe, out_dir, device, dist, show_progress, resume_from)
+
+
+def _claim_run_directory(
+    recipe: Recipe, out_dir: Path, resume: bool, dist: Dist, device: torch.device, held: ExitStack
+) -> Checkpoint | None:
+    """Rank 0 takes the lock (before anything in ``out_dir`` is touched), then picks the checkpoint to resume
+    from or clears a finished run's; every rank learns the outcome, so a refusal stops each with one line."""
+    checkpoint_dir = out_dir / "checkpoints"
+    checkpoint = None
+    if dist.is_main:
+        try:
+            held.enter_context(run_lock(out_dir))
+            if resume:
+                checkpoint = _checkpoint_to_resume(recipe, checkpoint_dir)
+            else:
+                _clear_finished_checkpoints(out_dir, checkpoint_dir)
+        except Exception:
+            if dist.enabled:  # the other ranks stop too, rather than wait for rank 0 forever
+                _tell_every_rank(True, None, checkpoint_dir, device)
+            raise
+    if not dist.enabled:
+        return checkpoint
+    failed, checkpoint = _tell_every_rank(False, checkpoint, checkpoint_dir, device)
+    if failed:
+        raise ConfigError(f"{out_dir}: rank 0 could not start the run there (its message says why)")
+    return checkpoint
+
+
+def _run_locked(
+    recipe: Recipe, out_dir: Path, device: torch.device, dist: Dist, show_progress: bool, resume_from: Checkpoint | None
+) -> dict[str, Any]:
+    """:func:`run_recipe`'s work, with rank 0 holding the run directory's lock."""
+    checkpoint_dir = out_dir / "checkpoints"
     if dist.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
@@ -181,10 +223,41 @@ def _trained_in(stage: StageSpec) -> set[str]:
     return {stage.modality} if stage.kind == "pretrain" else set(stage.pairs)
 
 
+def _clear_finished_checkpoints(out_dir: Path, checkpoint_dir: Path) -> None:
+    """Before a fresh run: delete a finished run's checkpoints (they would mix with the new ones); refuse
+    when they may be an unfinished run's work (main rank, under the lock)."""
+    checkpoints = list_checkpoints(checkpoint_dir, complete=False)  # manifest-less ones are someone's work too
+    if not checkpoints:
+        clean_partial(checkpoint_dir)  # what a run killed before its first checkpoint left
+        return
+    model = out_dir / "model.safetensors"
+    if not model.is_file():
+        raise ConfigError(
+            f"{checkpoint_dir} holds the checkpoints of an unfinished run: continue it with --resume, "
+            "or give another --out (or delete that folder) to start over"
+        )
+    # the finished run saved its model after its last checkpoint; a later run that has not finished did not
+    model_written = model.stat().st_mtime_ns
+    newer = [c.path.name for c in checkpoints if c.modified_ns() > model_written]
+    if newer or not checkpoints[-1].ends_its_run():
+        why = f"{newer[-1]} was written after {model}" if newer else f"{checkpoints[-1].path.name} ends no run"
+        raise ConfigError(
+            f"{checkpoint_dir} holds the checkpoints of an unfinished run ({why}): continue it with --resume, "
+            "or give another --out (or delete that folder) to start over"
+        )
+    shutil.rmtree(checkpoint_dir)
+
+
 def _checkpoint_to_resume(recipe: Recipe, directory: Path) -> Checkpoint:
-    """The newest complete checkpoint, checked against the recipe it must continue."""
+    """The newest checkpoint that verifies, checked against the recipe it must continue (main rank, under the lock)."""
     clean_partial(directory)
-    checkpoint = latest_checkpoint(directory)
+    checkpoint, skipped = newest_good_checkpoint(directory)
+    if checkpoint is None and skipped:
+        reasons = "; ".join(f"{c.path.name}: {reason}" for c, reason in skipped)
+        raise DataError(
+            f"--resume: no checkpoint in {directory} is intact ({reasons}); "
+            "delete that folder and run without --resume to start over"
+        )
     if checkpoint is None:
         raise ConfigError(f"--resume: no checkpoint in {directory}; run without --resume to start from scratch")
     saved = checkpoint.state.get("recipe", {})
@@ -205,3 +278,16 @@ def _checkpoint_to_resume(recipe: Recipe, directory: Path) -> Checkpoint:
             " resume with the same recipe and overrides, or start a new run directory"
         )
     return checkpoint
+
+
+def _tell_every_rank(
+    failed: bool, checkpoint: Checkpoint | None, directory: Path, device: torch.device
+) -> tuple[bool, Checkpoint | None]:
+    """Rank 0's outcome on every rank: only rank 0 verifies, so all resume from the same checkpoint."""
+    order = checkpoint.order if checkpoint is not None else (-1, -1)
+    message = torch.tensor([int(failed), *order], dtype=torch.int64, device=device)
+    torch.distributed.broadcast(message, src=0)
+    failed, stage_index, step = message.tolist()
+    if failed or stage_index < 0:
+        return bool(failed), None
+    return False, Checkpoint(checkpoint_path(directory, stage_index, step), stage_index, step)

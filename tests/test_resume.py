@@ -45,7 +45,7 @@ def tiny_recipe(data_root: Path) -> dict:
         {"name": "audio_specialist", "kind": "pretrain", "modality": "audio", "steps": STEPS[0], "batch_size": 16},
         {**recipe["stages"][0], "steps": STEPS[1]},
     ]
-    return recipe
+    return json.loads(json.dumps(recipe))  # no shared sub-dicts: YAML would write them as anchors, which recipes refuse
 
 
 def bindkit(*args: str, **kwargs) -> subprocess.Popen:
