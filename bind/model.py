@@ -180,8 +180,8 @@ class BindModel(nn.Module):
         encoders = {}
         for modality, spec in config["encoders"].items():
             kwargs = dict(spec.get("kwargs", {}))
-            if spec.get("assets") and root is not None and "path" in kwargs:
-                kwargs["path"] = str(root / kwargs["path"])  # exported assets live inside the model directory
+            if root is not None:  # exported assets live inside the model directory, and nothing else may be read
+                kwargs = _paths_inside(kwargs, root, f"{where}: encoders.{modality}.kwargs")
             try:
                 encoder = create_encoder(spec["name"], **kwargs)
             except UnknownEncoderError as err:
@@ -321,22 +321,92 @@ def _unique_tensors(state: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def _load_weights(model: nn.Module, path: Path, device: str) -> None:
-    """Load ``path`` into ``model`` strictly, where a tied tensor counts as loaded through any of its names."""
+    """Load ``path`` into ``model`` strictly, where a tied tensor counts as loaded through any of its names.
+
+    Each tensor is checked before anything is copied: its shape and dtype against the model built from the
+    config, and its values for NaN or inf (a diverged or damaged file would give NaN embeddings, not an error).
+    """
     try:
         saved = load_file(str(path), device=device)
     except Exception as err:  # safetensors raises its own error types for truncated or foreign files
         raise DataError(
             f"{path}: not a readable safetensors file ({err}); it is truncated or corrupt: restore it, or run again"
         ) from err
-    expected = _unique_tensors(model.state_dict())
+    state = model.state_dict()
+    expected = _unique_tensors(state)
     missing = sorted(set(expected) - set(saved))
-    unexpected = sorted(set(saved) - set(model.state_dict()))
+    unexpected = sorted(set(saved) - set(state))
     if missing or unexpected:
         raise DataError(
             f"{path} does not match the model its config.json describes: missing {missing[:5]}, "
             f"unexpected {unexpected[:5]}; the directory's files come from different runs"
         )
+    for name, tensor in saved.items():
+        _check_tensor(path, name, tensor, state[name])
     model.load_state_dict(saved, strict=False)
+
+
+_FINITE_BLOCK = 1 << 22  # elements checked at once: a bounded mask however large the tensor
+
+
+def _check_tensor(path: Path, name: str, tensor: Tensor, target: Tensor) -> None:
+    """Raise :class:`DataError` naming ``path`` and ``name`` when a saved tensor cannot stand in for ``target``."""
+    built = f"the model built from {CONFIG_NAME} expects"
+    if tensor.shape != target.shape:
+        raise DataError(
+            f"{path}: tensor {name!r} has shape {tuple(tensor.shape)}, {built} {tuple(target.shape)}; "
+            "the directory's files come from different runs or were edited: restore them, or run again"
+        )
+    # A float tensor of another precision (a model saved after .half()) is cast on load, as load_state_dict does;
+    # a float where an integer counter or a bool mask belongs (or the reverse) is not a model's file.
+    if tensor.dtype != target.dtype and not (tensor.is_floating_point() and target.is_floating_point()):
+        raise DataError(
+            f"{path}: tensor {name!r} has dtype {_dtype_name(tensor)}, {built} {_dtype_name(target)}; "
+            "the directory's files come from different runs or were edited: restore them, or run again"
+        )
+    if tensor.is_floating_point() or tensor.is_complex():
+        bad = sum(int((~torch.isfinite(block)).sum()) for block in tensor.reshape(-1).split(_FINITE_BLOCK))
+        if bad:
+            raise DataError(
+                f"{path}: tensor {name!r} holds {bad} NaN or infinite value(s) of {tensor.numel()}; the weights are "
+                "damaged (or training diverged): restore the file or an earlier checkpoint, or run again"
+            )
+
+
+def _dtype_name(t: Tensor) -> str:
+    return str(t.dtype).removeprefix("torch.")
+
+
+def _paths_inside(kwargs: Mapping[str, Any], root: Path, where: str) -> dict[str, Any]:
+    """``kwargs`` with each file argument (``path``, ``*_path``, also nested) resolved inside ``root``.
+
+    A saved model refers only to files it holds itself (``assets/<modality>``, written by
+    :meth:`ModalityEncoder.export_assets`); a config.json that names ``../x``, ``/etc`` or a symlink
+    leading out of ``root`` is refused rather than followed.
+    """
+    out: dict[str, Any] = {}
+    for key, value in kwargs.items():
+        if isinstance(value, Mapping):
+            value = _paths_inside(value, root, f"{where}.{key}")
+        elif (key == "path" or key.endswith("_path")) and isinstance(value, (str, os.PathLike)):
+            value = str(resolve_inside(root, value, f"{where}.{key}"))
+        out[key] = value
+    return out
+
+
+def resolve_inside(folder: Path, relative: str | os.PathLike[str], where: str) -> Path:
+    """``folder / relative`` resolved (symlinks followed); :class:`DataError` when that leaves ``folder``.
+
+    ``where`` names the file and key the path came from, e.g. ``"runs/x/config.json: encoders.text.kwargs.path"``.
+    """
+    base = Path(folder).resolve()
+    target = (base / relative).resolve()  # an absolute ``relative`` replaces base, and is refused below
+    if not target.is_relative_to(base):
+        raise DataError(
+            f"{where}: {os.fspath(relative)!r} resolves to {target}, outside {base}; only files inside that folder "
+            "are read (the file was edited, or comes from an untrusted source)"
+        )
+    return target
 
 
 def atomic_write(path: Path, data: bytes) -> None:

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import ConfigError, DataError
+from .errors import ConfigError, DataError, InputError
 
 
 def exact_search(
@@ -33,6 +33,7 @@ def exact_search(
 
     Memory: one ``(Q, block_size)`` block of scores at a time, never ``(Q, N)``.
     """
+    check_k(k)
     q = torch.as_tensor(np.asarray(queries, dtype=np.float32))
     n = len(gallery)
     if q.ndim != 2 or (n and q.shape[1] != gallery.shape[1]):
@@ -52,16 +53,65 @@ def exact_search(
     return best_scores.numpy(), best_index.numpy()
 
 
+def check_k(k: int) -> None:
+    """Raise :class:`ConfigError` unless ``k`` is a positive number of results."""
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ConfigError(f"k: expected a positive number of results per query, got {k!r}")
+
+
+def check_finite(array: np.ndarray, where: str, block_rows: int = 65536) -> None:
+    """Raise :class:`InputError` naming ``where`` and the first bad row when ``array`` holds NaN or inf.
+
+    Reads ``block_rows`` rows at a time, so a memory-mapped gallery larger than RAM is never loaded whole.
+    """
+    for start in range(0, len(array), block_rows):
+        block = np.asarray(array[start : start + block_rows])
+        bad = np.flatnonzero(~np.isfinite(block.reshape(len(block), -1)).all(axis=1))
+        if len(bad):
+            raise InputError(
+                f"{where}: row {start + int(bad[0])} holds NaN or infinite values; expected finite embeddings "
+                "(unit-norm rows from `bindkit embed`): embed the items again"
+            )
+
+
+def load_embeddings(path: str | os.PathLike[str], width: int | None = None, mmap: bool = True) -> np.ndarray:
+    """An ``(N, width)`` float ``.npy`` file of finite embeddings, memory-mapped unless ``mmap`` is False.
+
+    Anything else (not a ``.npy``, pickled objects, integers, another shape, NaN or inf) is one
+    :class:`DataError` (:class:`ConfigError` for the width) naming the file. No pickle is ever loaded.
+    """
+    try:
+        array = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:  # pickles, .npz members, truncated or foreign files
+        raise DataError(
+            f"{path}: not a readable .npy array ({err}); expected embeddings saved by `bindkit embed`"
+        ) from None
+    if not isinstance(array, np.ndarray):  # a .npz archive loads as a mapping of arrays
+        array.close()
+        raise DataError(f"{path}: a .npz archive, not a .npy array; expected embeddings saved by `bindkit embed`")
+    if array.dtype.kind != "f":
+        raise DataError(f"{path}: embeddings of dtype {array.dtype}; expected float32 (saved by `bindkit embed`)")
+    if array.ndim != 2 or (width is not None and array.shape[1] != width):
+        raise ConfigError(f"{path}: expected (N, {width or 'D'}) embeddings from this run, got shape {array.shape}")
+    check_finite(array, str(path))
+    return array
+
+
 class SearchIndex:
     """Gallery embeddings with their names; exact blocked search or FAISS ``IndexFlatIP``."""
 
     def __init__(self, embeddings: np.ndarray, names: Sequence[str] | None = None, backend: str = "exact") -> None:
+        if isinstance(embeddings, torch.Tensor):
+            embeddings = embeddings.detach().cpu().numpy()
         if embeddings.ndim != 2:
             raise ConfigError(f"gallery embeddings must be (N, D), got shape {embeddings.shape}")
+        if embeddings.dtype.kind != "f":
+            raise InputError(f"gallery embeddings have dtype {embeddings.dtype}; expected float32 (or another float)")
         if names is not None and len(names) != len(embeddings):
             raise ConfigError(f"{len(names)} gallery names for {len(embeddings)} gallery embeddings")
         if backend not in ("exact", "faiss"):
             raise ConfigError(f"backend must be 'exact' or 'faiss', got {backend!r}")
+        check_finite(embeddings, "gallery embeddings")  # NaN rows would come back as +nan scores
         self.embeddings = embeddings
         self.names = list(names) if names is not None else [str(i) for i in range(len(embeddings))]
         self.backend = backend
@@ -71,7 +121,16 @@ class SearchIndex:
         return len(self.embeddings)
 
     def search_indices(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        check_k(k)
+        try:
+            queries = np.ascontiguousarray(queries, dtype=np.float32)
+        except (TypeError, ValueError) as err:
+            raise InputError(f"queries: expected an (N, D) float array, got {type(queries).__name__} ({err})") from None
+        if queries.ndim != 2 or queries.shape[1] != self.embeddings.shape[1]:
+            raise ConfigError(
+                f"queries of shape {queries.shape} do not match a gallery of dimension {self.embeddings.shape[1]}"
+            )
+        check_finite(queries, "queries")
         if self._faiss is not None:
             return self._faiss.search(queries, min(k, len(self)))
         return exact_search(queries, self.embeddings, k)
@@ -104,7 +163,7 @@ class SearchIndex:
             if not (directory / name).is_file():
                 raise DataError(f"{directory / name} is missing: not a saved bindkit search index")
         meta = json.loads((directory / "names.json").read_text())
-        embeddings = np.load(directory / "embeddings.npy", mmap_mode="r" if mmap else None)
+        embeddings = load_embeddings(directory / "embeddings.npy", mmap=mmap)
         index = cls.__new__(cls)
         index.embeddings, index.names, index.backend = embeddings, meta["names"], meta["backend"]
         index._faiss = None

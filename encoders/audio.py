@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -54,33 +56,17 @@ def example_waveforms(n: int, seed: int = 0) -> list[np.ndarray]:
 def load_audio(item: Any, sample_rate: int) -> Tensor:
     """Raw audio item -> mono float32 waveform ``(samples,)`` at ``sample_rate``.
 
+    A file is read whole: :func:`load_audio_clips` reads only the clips an encoder uses.
+
     Example::
 
         load_audio("stereo_44k.wav", 8000).shape   # (round(seconds * 8000),): mono, resampled
     """
-    max_channels = MAX_CHANNELS
     if isinstance(item, (str, os.PathLike)):
         what = f"audio file {os.fspath(item)!r}"
-        if not Path(item).is_file():
-            raise InputError(f"{what} does not exist; expected a path to a WAV or FLAC file")
-        if Path(item).stat().st_size == 0:
-            raise InputError(f"{what} is empty (0 bytes); expected a WAV or FLAC file: re-export or re-download it")
-        try:
-            data, rate = sf.read(item, dtype="float32", always_2d=True)  # (samples, channels)
-        except (sf.SoundFileError, RuntimeError, TypeError, ValueError) as err:
-            raise InputError(
-                f"{what} could not be decoded ({err}); expected a WAV or FLAC file readable by libsndfile: "
-                "check that it is not truncated or convert it (e.g. `ffmpeg -i IN OUT.wav`)"
-            ) from None
-        missing = _wav_bytes_missing(Path(item))
-        if missing:  # libsndfile reads a cut-off WAV up to the cut without a word
-            raise InputError(
-                f"{what} is truncated: its header promises {missing} more bytes of samples than the file holds; "
-                "re-export or re-download it (`ffmpeg -i IN OUT.wav` keeps the part that is there)"
-            )
-        wave = torch.from_numpy(np.ascontiguousarray(data.T))
-        max_channels = wave.shape[0]  # a file says how many channels it has: any number is mixed down
-    elif isinstance(item, tuple) and len(item) == 2:
+        with _open_audio(Path(item), what) as f:
+            return _whole_file(f, what, sample_rate)
+    if isinstance(item, tuple) and len(item) == 2:
         what = "(waveform, sample_rate) item"
         wave, rate = _as_tensor(item[0], what), item[1]
         if not isinstance(rate, (int, float, np.integer, np.floating)) or not 1 <= rate < math.inf:
@@ -92,6 +78,11 @@ def load_audio(item: Any, sample_rate: int) -> Tensor:
             f"cannot read audio from a {type(item).__name__}; expected a file path, a (waveform, sample_rate) "
             "tuple, or a 1-D/2-D array at the encoder's sample rate"
         )
+    return _to_mono(wave, rate, what, MAX_CHANNELS, sample_rate)
+
+
+def _to_mono(wave: Tensor, rate: float, what: str, max_channels: int, sample_rate: int) -> Tensor:
+    """``(samples,)`` or ``(channels, samples)`` at ``rate`` -> checked mono ``(samples,)`` at ``sample_rate``."""
     if wave.ndim == 1:
         wave = wave[None]
     if wave.ndim != 2 or wave.shape[0] > max_channels:
@@ -101,17 +92,124 @@ def load_audio(item: Any, sample_rate: int) -> Tensor:
         )
     if wave.shape[1] == 0:
         raise InputError(f"{what} is empty (0 samples); expected at least one sample of audio")
+    _check_finite(wave, what)
+    return _resample(wave.mean(0), rate, sample_rate)
+
+
+def load_audio_clips(item: Any, sample_rate: int, clip_samples: int, max_clips: int) -> tuple[Tensor, Tensor]:
+    """``split_clips(load_audio(item, sample_rate), clip_samples, max_clips)``, reading from a file only what it uses.
+
+    A recording longer than ``max_clips`` clips is never read whole (an hour of 44.1 kHz audio is 600 MB of
+    float32): each clip's window, plus the reach of the resampling filter, is read with seek + read. At the
+    file's own rate the clips are the very samples :func:`split_clips` would cut; resampled, they agree with
+    the whole-file path to float rounding. Shorter files, arrays and tuples take the whole-file path.
+    """
+    if not isinstance(item, (str, os.PathLike)):
+        return split_clips(load_audio(item, sample_rate), clip_samples, max_clips)
+    what = f"audio file {os.fspath(item)!r}"
+    with _open_audio(Path(item), what) as f:
+        clips = _read_clip_windows(f, what, sample_rate, clip_samples, max_clips)
+        if clips is not None:
+            return clips, torch.full((len(clips),), clip_samples)
+        return split_clips(_whole_file(f, what, sample_rate), clip_samples, max_clips)
+
+
+def _whole_file(f: sf.SoundFile, what: str, sample_rate: int) -> Tensor:
+    """All of an open audio file as :func:`load_audio` gives it: mono, at ``sample_rate``."""
+    if f.seekable():  # back to the start after a window read that came up short
+        f.seek(0)
+    wave = torch.from_numpy(np.ascontiguousarray(_read_frames(f, -1, what).T))  # (channels, samples)
+    # a file says how many channels it has: any number is mixed down
+    return _to_mono(wave, f.samplerate, what, wave.shape[0], sample_rate)
+
+
+@contextmanager
+def _open_audio(path: Path, what: str) -> Iterator[sf.SoundFile]:
+    """A checked, open ``soundfile.SoundFile`` (nothing read yet); :class:`InputError` naming ``what`` otherwise."""
+    if not path.is_file():
+        raise InputError(f"{what} does not exist; expected a path to a WAV or FLAC file")
+    if path.stat().st_size == 0:
+        raise InputError(f"{what} is empty (0 bytes); expected a WAV or FLAC file: re-export or re-download it")
+    try:
+        file = sf.SoundFile(path)
+    except (sf.SoundFileError, RuntimeError, TypeError, ValueError) as err:
+        raise _undecodable(what, err) from None
+    with file:
+        missing = _wav_bytes_missing(path)
+        if missing:  # libsndfile reads a cut-off WAV up to the cut without a word
+            raise InputError(
+                f"{what} is truncated: its header promises {missing} more bytes of samples than the file holds; "
+                "re-export or re-download it (`ffmpeg -i IN OUT.wav` keeps the part that is there)"
+            )
+        yield file
+
+
+def _undecodable(what: str, err: Exception) -> InputError:
+    return InputError(
+        f"{what} could not be decoded ({err}); expected a WAV or FLAC file readable by libsndfile: "
+        "check that it is not truncated or convert it (e.g. `ffmpeg -i IN OUT.wav`)"
+    )
+
+
+def _read_frames(f: sf.SoundFile, frames: int, what: str) -> np.ndarray:
+    """``frames`` frames (-1: to the end) from where ``f`` stands, as float32 ``(frames, channels)``."""
+    try:
+        return f.read(frames, dtype="float32", always_2d=True)
+    except (sf.SoundFileError, RuntimeError, TypeError, ValueError) as err:
+        raise _undecodable(what, err) from None
+
+
+def _check_finite(wave: Tensor, what: str) -> None:
     if not torch.isfinite(wave).all():
         raise InputError(f"{what} contains NaN or infinite samples; expected finite values")
-    wave = wave.mean(0)
-    if round(rate) != sample_rate:
-        # torchaudio's kernel grows with both rates divided by their gcd: 44101 -> 8000 Hz would build a 1.4 GB
-        # kernel. A ratio with a denominator <= 1000 is exact for the usual rates (44100 -> 8000 is 80/441) and
-        # within 0.05% (under a cent of pitch) for odd ones such as 44101.
-        ratio = Fraction(sample_rate, int(round(rate))).limit_denominator(1000)
-        if ratio != 1:
-            wave = AF.resample(wave, ratio.denominator, ratio.numerator)
-    return wave
+
+
+def _resample_ratio(rate: float, sample_rate: int) -> Fraction:
+    """``sample_rate / rate`` as torchaudio gets it: ``resample(wave, ratio.denominator, ratio.numerator)``."""
+    # torchaudio's kernel grows with both rates divided by their gcd: 44101 -> 8000 Hz would build a 1.4 GB
+    # kernel. A ratio with a denominator <= 1000 is exact for the usual rates (44100 -> 8000 is 80/441) and
+    # within 0.05% (under a cent of pitch) for odd ones such as 44101.
+    if round(rate) == sample_rate:
+        return Fraction(1)
+    return Fraction(sample_rate, int(round(rate))).limit_denominator(1000)
+
+
+def _resample(wave: Tensor, rate: float, sample_rate: int) -> Tensor:
+    ratio = _resample_ratio(rate, sample_rate)
+    return wave if ratio == 1 else AF.resample(wave, ratio.denominator, ratio.numerator)
+
+
+def _read_clip_windows(
+    f: sf.SoundFile, what: str, sample_rate: int, clip_samples: int, max_clips: int
+) -> Tensor | None:
+    """The ``(max_clips, clip_samples)`` clips :func:`split_clips` cuts, read window by window; None: read it whole.
+
+    Resampling turns file frames ``[m * down, ...)`` into output samples ``[m * up, ...)`` (``up / down``
+    the reduced ratio), each output drawing on the input within the filter's ``width`` either side. A window
+    starts and ends whole ``down``-blocks beyond that reach, so its interior outputs are those of the whole file.
+    """
+    ratio = _resample_ratio(f.samplerate, sample_rate)
+    up, down = ratio.numerator, ratio.denominator
+    length = math.ceil(up * f.frames / down)  # samples after resampling, as torchaudio computes them
+    if length <= max_clips * clip_samples or not f.seekable():
+        return None  # the clips cover the whole file (or it cannot seek): nothing to save
+    # torchaudio's sinc kernel (lowpass_filter_width=6, rolloff=0.99) reaches this many input frames either side
+    width = 0 if ratio == 1 else math.ceil(6 * down / (0.99 * min(up, down)))
+    reach = math.ceil(width / down) + 1 if width else 0  # in down-blocks
+    clips = []
+    for start in clip_starts(length, clip_samples, max_clips):
+        first_block = max(0, start // up - reach)
+        last_block = (start + clip_samples - 1) // up + reach + 1
+        begin, end = first_block * down, min(f.frames, (last_block + 1) * down)
+        f.seek(begin)
+        data = _read_frames(f, end - begin, what)
+        wave = torch.from_numpy(np.ascontiguousarray(data.T))  # (channels, frames), as load_audio reads a file
+        if wave.shape[1] < end - begin:  # the header promised more than the decoder gives
+            return None
+        _check_finite(wave, what)
+        offset = start - first_block * up
+        clips.append(_resample(wave.mean(0), f.samplerate, sample_rate)[offset : offset + clip_samples])
+    return torch.stack(clips)
 
 
 def _wav_bytes_missing(path: Path) -> int:
@@ -150,9 +248,14 @@ def split_clips(waveform: Tensor, clip_samples: int, max_clips: int) -> tuple[Te
     n = waveform.shape[-1]
     if n <= clip_samples:
         return F.pad(waveform, (0, clip_samples - n))[None], torch.tensor([n])
-    k = min(max_clips, math.ceil(n / clip_samples))
-    starts = torch.linspace(0, n - clip_samples, k).round().long().tolist()
-    return torch.stack([waveform[s : s + clip_samples] for s in starts]), torch.full((k,), clip_samples)
+    starts = clip_starts(n, clip_samples, max_clips)
+    return torch.stack([waveform[s : s + clip_samples] for s in starts]), torch.full((len(starts),), clip_samples)
+
+
+def clip_starts(num_samples: int, clip_samples: int, max_clips: int) -> list[int]:
+    """First sample of each clip :func:`split_clips` cuts from ``num_samples > clip_samples`` samples."""
+    k = min(max_clips, math.ceil(num_samples / clip_samples))
+    return torch.linspace(0, num_samples - clip_samples, k).round().long().tolist()
 
 
 @dataclass
@@ -300,7 +403,7 @@ class SpectrogramEncoder(ModalityEncoder):
 
     def preprocess(self, item: Any) -> Tensor:
         """Raw audio -> ``(num_clips, 1, n_mels, frames)``."""
-        clips, valid = split_clips(load_audio(item, self.frontend.sample_rate), self.clip_samples, self.max_clips)
+        clips, valid = load_audio_clips(item, self.frontend.sample_rate, self.clip_samples, self.max_clips)
         return self.frontend(clips, valid)[:, None]
 
     def example_inputs(self, n: int, seed: int = 0) -> list[np.ndarray]:
@@ -481,7 +584,7 @@ class ASTEncoder(ModalityEncoder):
 
     def preprocess(self, item: Any) -> Tensor:
         """Raw audio -> ``(num_clips, max_length, num_mel_bins)``."""
-        clips, valid = split_clips(load_audio(item, self.sample_rate), self.clip_samples, self.max_clips)
+        clips, valid = load_audio_clips(item, self.sample_rate, self.clip_samples, self.max_clips)
         # unpadded clips: the extractor pads the spectrogram itself, as the model was trained
         segments = [clip[: max(int(v), self.win_length)].numpy() for clip, v in zip(clips, valid, strict=True)]
         return self.extractor(segments, sampling_rate=self.sample_rate, return_tensors="pt")["input_values"]

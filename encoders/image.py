@@ -38,6 +38,37 @@ MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
 LUMA = (0.299, 0.587, 0.114)  # ITU-R 601, the weights PIL's convert("L") uses
 
 
+# Pixels an image may have before it is decoded (a 12000 x 12000 PNG of a few kilobytes decodes to 432 MB of RGB,
+# for an encoder that looks at 224 x 224). $BINDKIT_MAX_IMAGE_PIXELS overrides it; PIL's own bomb check (about
+# 179 megapixels) stays in force above it.
+MAX_IMAGE_PIXELS = 50_000_000
+
+
+def max_image_pixels() -> int:
+    """The pixel budget: ``$BINDKIT_MAX_IMAGE_PIXELS`` when set, else :data:`MAX_IMAGE_PIXELS`."""
+    value = os.environ.get("BINDKIT_MAX_IMAGE_PIXELS")
+    if value is None:
+        return MAX_IMAGE_PIXELS
+    try:
+        budget = int(value)
+    except ValueError:
+        budget = 0
+    if budget < 1:
+        raise ConfigError(f"$BINDKIT_MAX_IMAGE_PIXELS: expected a positive number of pixels, got {value!r}")
+    return budget
+
+
+def check_image_size(size: tuple[int, int], where: str) -> None:
+    """Raise :class:`InputError` when a ``(width, height)`` image is over the pixel budget; call before decoding."""
+    width, height = size
+    budget = max_image_pixels()
+    if width * height > budget:
+        raise InputError(
+            f"{where} is {width} x {height} = {width * height:,} pixels, over the budget of {budget:,}; "
+            "expected a smaller image: downscale it, or raise $BINDKIT_MAX_IMAGE_PIXELS if you trust the file"
+        )
+
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm", ".pnm")
 
 
@@ -63,7 +94,9 @@ def load_image(item: Any, channels: int = 3) -> Tensor:
     if isinstance(item, (str, os.PathLike)):
         image = _from_array(_read_file(Path(item)), f"image file {str(item)!r}")
     elif isinstance(item, Image.Image):
-        image = _from_array(_pil_to_array(item), f"PIL image of mode {item.mode}")
+        where = f"PIL image of mode {item.mode}"
+        check_image_size(item.size, where)  # an Image.open()ed image is not decoded yet
+        image = _from_array(_pil_to_array(item), where)
     elif isinstance(item, np.ndarray):
         image = _from_array(item, f"image array of shape {item.shape}")
     elif isinstance(item, Tensor):
@@ -95,9 +128,16 @@ def _read_file(path: Path) -> np.ndarray:
     if path.stat().st_size == 0:
         raise InputError(f"{where} is empty (0 bytes); expected a PNG or JPEG file: re-export or re-download it")
     try:
-        with Image.open(path) as img:
+        with Image.open(path) as img:  # reads the header only: the size is known before any pixel is decoded
+            check_image_size(img.size, where)
             return _pil_to_array(ImageOps.exif_transpose(img))  # phones store rotation in EXIF, not pixels
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as err:
+    except (ConfigError, InputError):  # the pixel budget's own clear line (ValueErrors, caught below otherwise)
+        raise
+    except Image.DecompressionBombError as err:  # PIL's own limit, when the budget is raised past it
+        raise InputError(
+            f"{where} is too large to decode safely ({err}); expected a smaller image: downscale it"
+        ) from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
         raise InputError(
             f"{where} is empty, corrupt or not an image PIL can read ({type(err).__name__}: {err}); "
             "expected a PNG or JPEG file"

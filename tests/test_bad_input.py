@@ -6,6 +6,7 @@ lines on stderr without a traceback (``--debug`` shows it) and exit non-zero.
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import os
@@ -431,7 +432,7 @@ def test_a_run_moved_to_a_machine_without_its_data_still_loads_and_eval_names_th
     model, _ = load_run(run)  # embedding and retrieval need only the model
     assert model.embed("image", [np.zeros((28, 28), np.uint8)]).shape == (1, 16)
     recipe = yaml.safe_load((run / "recipe.yaml").read_text())
-    recipe["modalities"]["image"]["eval_data"] = recipe["modalities"]["image"]["train_data"]
+    recipe["modalities"]["image"]["eval_data"] = copy.deepcopy(recipe["modalities"]["image"]["train_data"])  # no alias
     (run / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     code, err = bindkit_in_process(capsys, "eval", run)
     assert_one_clear_error(code, err, "modalities.image.eval_data", "pairs.csv not found")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -176,3 +177,17 @@ def test_validate_names_a_bad_split(capsys):
     )
     assert code == 2
     assert "modalities.audio.eval_data.split: 'fsdd' has splits 'train', 'eval'; got 'evl'; did you mean 'eval'?" in err
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("{source: manifest, args: {column: image}}", "train_data.args: 'manifest' needs path; got ['column']"),
+        ("{source: manifest, args: {path: 3, column: image}}", "train_data.args.path: expected text, got 3"),
+    ],
+)
+def test_validate_names_missing_or_mistyped_data_args(override, message):
+    from bind.recipe import load_recipe
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_recipe("recipes/digits.yaml", [f"modalities.image.train_data={override}", f"data_root={DATA_ROOT}"])

@@ -43,6 +43,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--json", action="store_true", help="print a JSON list of {query, results: [{item, score}]}")
     p.add_argument("--plugin", action="append", default=[], metavar="MODULE", help="import MODULE to register encoders")
+    p.add_argument(
+        "--trust-plugins",
+        action="store_true",
+        help="import the plugin modules the recipe or run names (runs their code; only for files you trust)",
+    )
     p.set_defaults(func=run)
 
 
@@ -55,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--top-k: expected a positive number of results, got {args.top_k}")
     device = resolve_device(args.device)
     load_plugins(args.plugin)
-    model, _ = load_run(args.run_dir, args.plugin)
+    model, _ = load_run(args.run_dir, args.plugin, trust_plugins=args.trust_plugins)
     model.to(device)
     check_modality(model, args.gallery_modality)
     queries = read_inputs(model, args.query_modality, args.query)
@@ -84,16 +89,20 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _load_gallery(path: str, names_file: str | None, embed_dim: int) -> tuple[np.ndarray, list[str]]:
+    from ..retrieval import load_embeddings
+
     if not Path(path).is_file():
         raise DataError(f"{path}: gallery embeddings not found (make them with `bindkit embed`)")
-    gallery = np.load(path, mmap_mode="r")
-    if gallery.ndim != 2 or gallery.shape[1] != embed_dim:
-        raise ConfigError(f"{path}: expected (N, {embed_dim}) embeddings from this run, got shape {gallery.shape}")
+    # memory-mapped, no pickle; dtype, shape and NaN/inf are checked block by block, each a one-line error
+    gallery = load_embeddings(path, width=embed_dim)
     if names_file is None:
         return gallery, [str(i) for i in range(len(gallery))]
     if not Path(names_file).is_file():
         raise DataError(f"{names_file}: gallery names file not found")
-    names = Path(names_file).read_text(encoding="utf-8").splitlines()
+    try:
+        names = Path(names_file).read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise DataError(f"{names_file}: not UTF-8 text ({err}); expected one gallery name per line") from None
     if len(names) != len(gallery):
         raise ConfigError(f"{names_file}: {len(names)} names for {len(gallery)} gallery rows in {path}")
     return gallery, names

@@ -88,6 +88,18 @@ def check_data_spec(spec: Any, root: str | None, where: str) -> None:
             f"{where}.args: {spec.source!r} does not take {', '.join(unknown)}; it takes: "
             f"{', '.join(p for p in params if p not in ('root', 'split'))}"
         )
+    missing = [
+        name
+        for name, p in params.items()
+        if name not in ("root", "split") and p.default is inspect.Parameter.empty and name not in spec.args
+    ]
+    if missing:
+        raise ConfigError(
+            f"{where}.args: {spec.source!r} needs {', '.join(missing)}; got {sorted(spec.args) or 'none'}"
+        )
+    for name in ("path", "column"):  # file and column names are text: a number or a list there is a typo
+        if name in spec.args and name in params and not isinstance(spec.args[name], str):
+            raise ConfigError(f"{where}.args.{name}: expected text, got {spec.args[name]!r}")
     splits = getattr(builder, "splits", None)
     if splits is not None and spec.split not in splits:
         raise ConfigError(
@@ -112,8 +124,14 @@ def check_data_spec(spec: Any, root: str | None, where: str) -> None:
 
 
 def build_dataset(spec: Any, root: str | None) -> Items:
-    """Build the :class:`Items` a recipe's DataSpec describes."""
-    return DATASETS[spec.source](resolve_data_root(root), spec.split, **spec.args)
+    """Build the :class:`Items` a recipe's DataSpec describes.
+
+    Streamed data (``stream: true``) is read by its stream; here only its builder's ``stream_summary``
+    (size and classes, no item read) is built."""
+    builder = DATASETS[spec.source]
+    if getattr(spec, "stream", False) and hasattr(builder, "stream_summary"):
+        return builder.stream_summary(resolve_data_root(root), spec.split, **spec.args)
+    return builder(resolve_data_root(root), spec.split, **spec.args)
 
 
 from . import digits, manifest, shards  # noqa: E402,F401  (built-in builders register themselves)

@@ -64,6 +64,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from webdataset import TarWriter
 
 from ..errors import DataError
+from ..model import resolve_inside
 from . import Items, register_dataset
 from .manifest import labels_of, manifest_classes, read_manifest
 from .pairs import BAD_ITEM_ERRORS, MAX_SKIP, BadItem, item_generator
@@ -246,6 +247,10 @@ class ShardIndex:
             raise DataError(
                 f"{file}: not a shard index written by `bindkit shard` ({type(err).__name__}: {err})"
             ) from err
+        for i, (name, count) in enumerate(zip(index.files, index.counts, strict=True)):
+            _check_shard_name(file, i, name)
+            if count < 0:
+                raise DataError(f"{file}: shards[{i}].samples: expected a count of samples (>= 0), got {count}")
         missing = [f for f in index.files if not (index.directory / f).is_file()]
         if missing:
             raise DataError(f"{file} lists {len(missing)} shard(s) not in {index.directory}: {', '.join(missing[:5])}")
@@ -254,6 +259,18 @@ class ShardIndex:
     def check_column(self, column: str) -> None:
         if column not in self.columns:
             raise DataError(f"{self.directory / INDEX}: no column {column!r}; columns are {', '.join(self.columns)}")
+
+
+def _check_shard_name(index_file: Path, i: int, name: Any) -> None:
+    """Raise :class:`DataError` unless shard ``name`` of ``index_file`` is a file inside the index's folder.
+
+    The index is data a stranger may hand over: ``../../etc/hostname``, ``/etc/passwd`` or a symlink out of
+    the folder is refused before anything is opened.
+    """
+    where = f"{index_file}: shards[{i}].file"
+    if not isinstance(name, str) or not name:
+        raise DataError(f"{where}: expected a shard file name, got {name!r}")
+    resolve_inside(index_file.parent, name, where)
 
 
 @dataclass
@@ -299,7 +316,11 @@ def decode(ext: str, data: bytes, where: str) -> Any:
     """A member's bytes -> the raw item a loose file would give the encoders; raises ``BadItem``."""
     try:
         if ext in IMAGE_EXTS:
+            # the pixel budget of loose image files (encoders/image.py), checked on the header before decoding
+            from encoders.image import check_image_size
+
             with Image.open(io.BytesIO(data)) as image:
+                check_image_size(image.size, f"image {where}.{ext}")
                 return ImageOps.exif_transpose(image)  # a loaded copy, upright as load_image reads a file
         if ext in AUDIO_EXTS:
             wave, rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)  # (samples, channels)
@@ -519,19 +540,22 @@ def shards(root: Path, split: str, path: str, column: str) -> Items:
         raise DataError(f"{index.directory} holds split {index.split!r}, not {split!r}; shard each split to its folder")
     places, labels, names = [], [], []
     for shard, file in enumerate(index.files):
-        with tarfile.open(index.directory / file) as tar:
-            by_key: dict[str, dict[str, tarfile.TarInfo]] = {}
-            for member in tar.getmembers():
-                key, _, suffix = member.name.partition(".")
-                by_key.setdefault(key, {})[suffix.partition(".")[0]] = member
+        path = index.directory / file
+        by_key, damage = _scan_members(path, index, shard)
+        if damage is not None:  # a skipped item would change what evaluation scores: refuse, naming the shard
+            raise DataError(
+                f"{path}: damaged tar ({damage}); reading by index (evaluation, stream: false) needs whole shards: "
+                "write them again with `bindkit shard`, or train with stream: true, which skips and counts damaged samples"
+            )
+        with open(path, "rb") as f:
             for key, members in by_key.items():
-                if "split" in members and tar.extractfile(members["split"]).read().decode() not in (split, ""):
+                if "split" in members and _member_bytes(f, members["split"]).decode() not in (split, ""):
                     continue
                 if column not in members:
-                    raise DataError(f"{index.directory / file}: sample {key!r} has no {column!r} member")
+                    raise DataError(f"{path}: sample {key!r} has no {column!r} member")
                 m = members[column]
                 places.append((shard, m.name.partition(".")[2].partition(".")[2], m.offset_data, m.size))
-                labels.append(int(tar.extractfile(members["label"]).read()) if "label" in members else len(labels))
+                labels.append(int(_member_bytes(f, members["label"])) if "label" in members else len(labels))
                 names.append(f"{file}/{key}")
 
     def read(i: int) -> Any:
@@ -548,3 +572,52 @@ def shards(root: Path, split: str, path: str, column: str) -> Items:
 
 
 shards.required_paths = lambda path, **_: [str(Path(path) / INDEX)]
+
+
+def stream_summary(root: Path, split: str, path: str, column: str) -> Items:
+    """What the trainer needs of streamed shards besides the stream: their size and classes, from index.json
+    alone (no tar is opened; the stream reads them, skipping and counting damaged samples)."""
+    index = ShardIndex.load(Path(path) if Path(path).is_absolute() else root / path)
+    index.check_column(column)
+
+    def unread(i: int) -> Any:
+        raise RuntimeError(f"{index.directory}: streamed shards are read by the stream, not by index")
+
+    return Items(unread, torch.zeros(index.samples, dtype=torch.long), None, index.class_names)
+
+
+shards.stream_summary = stream_summary
+
+
+def _scan_members(
+    path: Path, index: ShardIndex, shard: int
+) -> tuple[dict[str, dict[str, tarfile.TarInfo]], str | None]:
+    """``{key: {column: member}}`` of one tar's headers, and what damage cut the scan short (None: none).
+
+    Samples are written member after member, so in a truncated tar only the last sample seen can be
+    incomplete (members or their bytes missing): it is dropped, the samples before it are kept.
+    """
+    by_key: dict[str, dict[str, tarfile.TarInfo]] = {}
+    damage = None
+    try:
+        with tarfile.open(path) as tar:
+            while (member := tar.next()) is not None:
+                key, _, suffix = member.name.partition(".")
+                by_key.setdefault(key, {})[suffix.partition(".")[0]] = member
+    except (tarfile.TarError, OSError, EOFError) as err:
+        damage = f"{type(err).__name__}: {err}"
+    size = path.stat().st_size
+    if damage is None and len(by_key) < index.counts[shard]:  # tarfile takes a cut inside a header for the end
+        damage = f"it ends early: {len(by_key)} of {index.counts[shard]} samples"
+    if damage is None and any(m.offset_data + m.size > size for ms in by_key.values() for m in ms.values()):
+        damage = "it ends early"
+    if damage is not None and by_key:
+        last = by_key[next(reversed(by_key))]
+        if not set(index.columns) <= set(last) or any(m.offset_data + m.size > size for m in last.values()):
+            del by_key[next(reversed(by_key))]
+    return by_key, damage
+
+
+def _member_bytes(f: Any, member: tarfile.TarInfo) -> bytes:
+    f.seek(member.offset_data)
+    return f.read(member.size)
