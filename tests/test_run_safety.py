@@ -235,3 +235,20 @@ def test_resume_with_no_intact_checkpoint_is_one_line(recipe_file, whole, tmp_pa
     message = str(caught.value)
     assert "\n" not in message and f"--resume: no checkpoint in {run / 'checkpoints'} is intact" in message
     assert "stage1-step0000002: no manifest" in message and "start over" in message
+
+
+def test_nproc_beside_a_live_run_is_refused_in_one_line_before_torchrun_starts(recipe_file, tmp_path):
+    from bind.runlock import run_lock
+
+    out = tmp_path / "busy"
+    with run_lock(out):  # this test process is the live writer
+        done = subprocess.run(
+            [sys.executable, "-m", "bind", "run", str(recipe_file), "--out", str(out), "--nproc", "2", "--no-progress"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+    assert f"pid {os.getpid()}" in done.stderr
+    assert sorted(p.name for p in out.iterdir()) == [".bindkit.lock"]  # nothing written beside the lock

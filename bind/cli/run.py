@@ -46,6 +46,10 @@ def run(args: argparse.Namespace) -> int:
     if args.nproc < 1:
         raise ConfigError(f"--nproc: expected a number of processes >= 1, got {args.nproc}")
     if args.nproc > 1:
+        from ..runlock import run_lock
+
+        with run_lock(out):  # a live run there is refused here, in one line, before torchrun starts workers
+            pass
         flags = [flag for flag, on in (("--debug", args.debug), ("--verbose", args.verbose)) if on]
         argv = [*flags, "run", args.recipe, *args.overrides, "--out", str(out)]
         argv += [f"--plugin={module}" for module in args.plugin]
