@@ -25,7 +25,7 @@ BLOCK = re.compile(r"(<!-- long:[^>]*-->\n)?^```(\w*)\n(.*?)^```$", re.S | re.M)
 SKIP_COMMANDS = (
     "bindkit run ",
     "bindkit bench ",
-    "python3 -m pip install uv",
+    "pip install uv",
     "python3 -m venv ",
     ".venv/bin/pip install",
 )
