@@ -60,6 +60,15 @@ def split_batch(batch: Any, chunk_size: int) -> list[Any]:
     return list(batch.split(chunk_size))
 
 
+def batch_device(batch: Any) -> torch.device:
+    """Where a batch's tensors live (a tensor, a dict of tensors or a :class:`ClipBatch`)."""
+    if isinstance(batch, ClipBatch):
+        batch = batch.clips
+    if isinstance(batch, dict):
+        batch = next(iter(batch.values()))
+    return batch.device
+
+
 def _rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
     return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
 
@@ -77,12 +86,14 @@ class ChunkedEmbedding:
         embed: Callable[[Any], Tensor],
         batch: Any,
         chunk_size: int,
-        device: torch.device | str = "cpu",
+        device: torch.device | str | None = None,
         context: Callable[[], AbstractContextManager] = nullcontext,
     ) -> None:
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive number of items, got {chunk_size}")
-        self.embed, self.context, self.device = embed, context, torch.device(device)
+        # the device whose RNG the replay restores (dropout on CUDA draws from it): by default the batch's
+        self.device = torch.device(device) if device is not None else batch_device(batch)
+        self.embed, self.context = embed, context
         self.chunks = split_batch(batch, chunk_size)
         self.rng_states = []
         outputs = []

@@ -57,6 +57,12 @@ def _mean_log_prob_of_positives(logits: Tensor, positives: Tensor) -> Tensor:
     return (log_prob * positives.float()).sum(1) / positives.sum(1).clamp(min=1)
 
 
+def _mean_over(values: Tensor, rows: Tensor) -> Tensor:
+    """Mean of ``values`` over the selected ``rows``; 0 (still attached to the graph) when none is selected,
+    as the reference SupCon does, so a batch without any positive pair is not a NaN step."""
+    return values.masked_fill(~rows, 0).sum() / rows.sum().clamp(min=1)
+
+
 def label_aware_info_nce(
     a: Tensor, b: Tensor, labels_a: Tensor, labels_b: Tensor, logit_scale: Tensor | float, rows: slice | None = None
 ) -> Tensor:
@@ -65,21 +71,24 @@ def label_aware_info_nce(
     For concept-paired data (a spoken "seven" paired with any drawn seven) diagonal-only InfoNCE
     treats the batch's other sevens as negatives. Here each row's target is uniform over the
     columns with its label (cross-entropy against that distribution), in both directions.
-    Rows whose label has no match on the other side are ignored. ``rows``: as in :func:`info_nce`.
+    Rows whose label has no match on the other side are ignored (no row with a match: 0). ``rows``:
+    score only those rows against the whole other side. Unlike :func:`info_nce`, slices average to the
+    full loss only when every slice holds the same number of matched rows (each slice averages over
+    its own matched rows).
     """
     a_rows, b_rows = _rows(a.shape[0], rows), _rows(b.shape[0], rows)  # a and b may differ in size
     a_positives = labels_a[a_rows, None] == labels_b[None, :]
     b_positives = labels_b[b_rows, None] == labels_a[None, :]
     a_to_b = _mean_log_prob_of_positives(_logits(a[a_rows], b, logit_scale), a_positives)
     b_to_a = _mean_log_prob_of_positives(_logits(b[b_rows], a, logit_scale), b_positives)
-    return -(a_to_b[a_positives.any(1)].mean() + b_to_a[b_positives.any(1)].mean()) / 2
+    return -(_mean_over(a_to_b, a_positives.any(1)) + _mean_over(b_to_a, b_positives.any(1))) / 2
 
 
 def supcon_loss(features: Tensor, labels: Tensor, temperature: float = 0.1) -> Tensor:
     """Supervised contrastive loss (Khosla et al., 2020), the L_out form, for one modality.
 
     For each item, a log-softmax over all *other* items; the loss averages the log-probability of
-    its positives (other items with its label). Items without a positive in the batch are dropped.
+    its positives (other items with its label). Items without a positive in the batch are dropped (none: 0).
     To use several views per item, concatenate them and repeat the labels.
     """
     n = features.shape[0]
@@ -87,7 +96,7 @@ def supcon_loss(features: Tensor, labels: Tensor, temperature: float = 0.1) -> T
     self_mask = torch.eye(n, dtype=torch.bool, device=features.device)
     positives = (labels[:, None] == labels[None, :]) & ~self_mask
     per_item = _mean_log_prob_of_positives(logits.masked_fill(self_mask, -1e9), positives)
-    return -per_item[positives.any(1)].mean()
+    return -_mean_over(per_item, positives.any(1))
 
 
 def pairwise_cosine_loss(a: Tensor, b: Tensor, same: Tensor) -> Tensor:

@@ -115,3 +115,14 @@ def test_replay_before_the_loss_backward_is_an_error():
     chunked = ChunkedEmbedding(Tower(0), torch.randn(4, 10, dtype=torch.float64), chunk_size=2)
     with pytest.raises(RuntimeError, match="call backward on the loss first"):
         chunked.backward()
+
+
+def test_the_replay_device_comes_from_the_batch_by_default():
+    from bind.encoder import ClipBatch
+    from bind.gradcache import ChunkedEmbedding, batch_device
+
+    assert batch_device(torch.zeros(2, 3)) == torch.device("cpu")
+    assert batch_device({"input_ids": torch.zeros(2, 3, dtype=torch.long)}) == torch.device("cpu")
+    assert batch_device(ClipBatch(torch.zeros(3, 2), torch.tensor([0, 0, 1]), 2)) == torch.device("cpu")
+    chunked = ChunkedEmbedding(lambda x: x * 2, torch.zeros(4, 2, device="meta"), chunk_size=2)
+    assert chunked.device == torch.device("meta")  # a CUDA batch would restore the CUDA RNG the same way

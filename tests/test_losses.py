@@ -152,3 +152,19 @@ def test_local_rows_average_to_the_full_loss_and_gradient(loss_name):
     torch.testing.assert_close(local, full, atol=1e-12, rtol=0)
     for got, expected in zip(local_grads, full_grads, strict=True):
         torch.testing.assert_close(got, expected, atol=1e-12, rtol=0)
+
+
+def test_losses_without_any_positive_pair_are_zero_not_nan():
+    """A batch where no label repeats (SupCon) or no label matches across sides: 0, as the reference gives,
+    with a gradient of zeros, so the step is not counted as non-finite."""
+    a = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1).requires_grad_()
+    b = torch.nn.functional.normalize(torch.randn(3, 8), dim=-1)
+    supcon = supcon_loss(a, torch.arange(4))
+    aware = label_aware_info_nce(a, b, torch.arange(4), torch.arange(10, 13), 10.0)
+    for loss in (supcon, aware):
+        assert loss.item() == 0.0
+        (grad,) = torch.autograd.grad(loss, a)
+        assert torch.isfinite(grad).all() and grad.abs().max() == 0
+    # one matched row still counts alone, as before
+    some = label_aware_info_nce(a, b, torch.tensor([0, 1, 2, 3]), torch.tensor([3, 7, 8]), 10.0)
+    assert torch.isfinite(some) and some.item() > 0
