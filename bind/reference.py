@@ -167,7 +167,7 @@ def _section_paths() -> dict[type, tuple[str, ...]]:
 
 def _check_sections() -> None:
     """Every dataclass a recipe can nest has a section, and every section is reachable from Recipe."""
-    reachable = _nested_dataclasses(Recipe)
+    reachable = nested_dataclasses(Recipe)
     listed = set(_section_paths())
     if reachable != listed:
         missing = ", ".join(sorted(c.__name__ for c in reachable - listed))
@@ -177,13 +177,14 @@ def _check_sections() -> None:
         )
 
 
-def _nested_dataclasses(cls: type, seen: set[type] | None = None) -> set[type]:
+def nested_dataclasses(cls: type = Recipe, seen: set[type] | None = None) -> set[type]:
+    """``cls`` and every dataclass its fields hold, at any depth: the sections a recipe can have."""
     seen = set() if seen is None else seen
     seen.add(cls)
     for tp in typing.get_type_hints(cls).values():
         for inner in _walk_type(tp):
             if inner not in seen:
-                _nested_dataclasses(inner, seen)
+                nested_dataclasses(inner, seen)
     return seen
 
 

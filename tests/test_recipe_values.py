@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 
 from bind.errors import BindError
 from bind.recipe import RANGES, Recipe, load_recipe
+from bind.reference import nested_dataclasses
 
 TESTS = Path(__file__).parent
 DIGITS = TESTS.parent / "recipes" / "digits.yaml"
@@ -31,22 +32,6 @@ SECONDS_PER_RECIPE = 10  # a recipe loads in ~10 ms; anything near this is a han
 
 
 # ---- every number key has a range ----------------------------------------------------------------------------
-def recipe_dataclasses(cls: type = Recipe, seen: set[type] | None = None) -> set[type]:
-    seen = set() if seen is None else seen
-    seen.add(cls)
-    for tp in typing.get_type_hints(cls).values():
-        for inner in _dataclasses_in(tp):
-            if inner not in seen:
-                recipe_dataclasses(inner, seen)
-    return seen
-
-
-def _dataclasses_in(tp: Any) -> list[type]:
-    if dataclasses.is_dataclass(tp):
-        return [tp]
-    return [c for arg in typing.get_args(tp) for c in _dataclasses_in(arg)]
-
-
 def is_number_type(tp: Any) -> bool:
     """int, float, their optional forms, and tuples of them (betas)."""
     if tp in (int, float):
@@ -59,7 +44,7 @@ def is_number_type(tp: Any) -> bool:
 
 
 def test_every_number_key_has_a_range_and_its_default_lies_in_it():
-    classes = recipe_dataclasses()
+    classes = nested_dataclasses()
     for cls in classes:
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
