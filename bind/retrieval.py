@@ -100,7 +100,15 @@ def load_embeddings(path: str | os.PathLike[str], width: int | None = None, mmap
 class SearchIndex:
     """Gallery embeddings with their names; exact blocked search or FAISS ``IndexFlatIP``."""
 
-    def __init__(self, embeddings: np.ndarray, names: Sequence[str] | None = None, backend: str = "exact") -> None:
+    def __init__(
+        self,
+        embeddings: np.ndarray,
+        names: Sequence[str] | None = None,
+        backend: str = "exact",
+        *,
+        checked: bool = False,
+    ) -> None:
+        """``checked``: the embeddings come from :func:`load_embeddings`, which scanned them for NaN already."""
         if isinstance(embeddings, torch.Tensor):
             embeddings = embeddings.detach().cpu().numpy()
         if embeddings.ndim != 2:
@@ -111,7 +119,8 @@ class SearchIndex:
             raise ConfigError(f"{len(names)} gallery names for {len(embeddings)} gallery embeddings")
         if backend not in ("exact", "faiss"):
             raise ConfigError(f"backend must be 'exact' or 'faiss', got {backend!r}")
-        check_finite(embeddings, "gallery embeddings")  # NaN rows would come back as +nan scores
+        if not checked:  # NaN rows would come back as +nan scores
+            check_finite(embeddings, "gallery embeddings")
         self.embeddings = embeddings
         self.names = list(names) if names is not None else [str(i) for i in range(len(embeddings))]
         self.backend = backend

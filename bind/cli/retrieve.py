@@ -72,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
             str(names_path(args.gallery_embeddings)) if names_path(args.gallery_embeddings).is_file() else None
         )
         gallery, names = _load_gallery(args.gallery_embeddings, names_file, model.embed_dim)
-    index = SearchIndex(gallery, names, backend=args.backend)
+    # a loaded gallery was scanned for NaN by load_embeddings (naming its file); one scan of a large file is enough
+    index = SearchIndex(gallery, names, backend=args.backend, checked=not args.gallery)
     results = index.search(embed_inputs(model, args.query_modality, queries, args.batch_size), k=args.top_k)
     if args.json:
         rows = [
