@@ -372,7 +372,7 @@ def test_search_index_refuses_non_finite_galleries_and_queries_and_k_below_one(t
 
 # ---- a truncated tar in a streamed run --------------------------------------------------------------------
 def test_a_truncated_shard_in_a_streamed_run_is_skipped_and_counted(tmp_path, caplog):
-    from test_shards import make_manifest
+    from test_shards import make_manifest, streamed_recipe
 
     from bind.recipe import parse_recipe
     from bind.trainer import run_recipe
@@ -386,27 +386,7 @@ def test_a_truncated_shard_in_a_streamed_run_is_skipped_and_counted(tmp_path, ca
     with pytest.raises(DataError, match=r"shard-000000.tar: damaged tar.*stream: true"):
         shards(tmp_path, "train", path=str(tmp_path / "shards"), column="text")
 
-    def data(column):
-        args = {"path": str(tmp_path / "shards"), "column": column}
-        return {"source": "shards", "args": args, "stream": True, "shuffle_buffer": 4}
-
-    recipe = {
-        "anchor_modality": "image",
-        "embed_dim": 8,
-        "device": "cpu",
-        "max_bad_fraction": 0.5,
-        "modalities": {
-            "image": {"encoder": "digits_cnn", "args": {"width": 4}, "train_data": data("image")},
-            "audio": {
-                "encoder": "audio_cnn",
-                "args": {k: v for k, v in AUDIO_ARGS.items() if k != "embed_dim"},
-                "train_data": data("audio"),
-            },
-        },
-        "stages": [
-            {"name": "bind", "kind": "bind", "pairs": {"audio": {"pairing": "row", "batch_size": 4}}, "steps": 2}
-        ],
-    }
+    recipe = {**streamed_recipe(tmp_path / "shards", {"steps": 2}), "max_bad_fraction": 0.5}
     run_recipe(parse_recipe(recipe), tmp_path / "run", show_progress=False)
     steps = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in steps if "step" in r]

@@ -244,17 +244,14 @@ def test_cli_writes_shards_and_names_a_missing_file(manifest, tmp_path, capsys):
     assert not (tmp_path / "again").exists()
 
 
-def test_a_bind_stage_streams_row_pairs_from_shards(manifest, tmp_path):
-    from bind.recipe import parse_recipe
-    from bind.trainer import run_recipe
-
-    out = tmp_path / "shards"
-    write_shards(manifest, out, samples_per_shard=3)
+def streamed_recipe(shard_dir, length: dict) -> dict:
+    """A tiny bind stage that streams image-audio row pairs from ``shard_dir``; ``length``: epochs or steps."""
 
     def data(column):
-        return {"source": "shards", "args": {"path": str(out), "column": column}, "stream": True, "shuffle_buffer": 4}
+        args = {"path": str(shard_dir), "column": column}
+        return {"source": "shards", "args": args, "stream": True, "shuffle_buffer": 4}
 
-    recipe = {
+    return {
         "anchor_modality": "image",
         "embed_dim": 8,
         "device": "cpu",
@@ -266,10 +263,17 @@ def test_a_bind_stage_streams_row_pairs_from_shards(manifest, tmp_path):
                 "train_data": data("audio"),
             },
         },
-        "stages": [
-            {"name": "bind", "kind": "bind", "pairs": {"audio": {"pairing": "row", "batch_size": 4}}, "epochs": 2}
-        ],
+        "stages": [{"name": "bind", "kind": "bind", "pairs": {"audio": {"pairing": "row", "batch_size": 4}}, **length}],
     }
+
+
+def test_a_bind_stage_streams_row_pairs_from_shards(manifest, tmp_path):
+    from bind.recipe import parse_recipe
+    from bind.trainer import run_recipe
+
+    out = tmp_path / "shards"
+    write_shards(manifest, out, samples_per_shard=3)
+    recipe = streamed_recipe(out, {"epochs": 2})
     run_recipe(parse_recipe(recipe), tmp_path / "run", show_progress=False)
     steps = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in steps if "step" in r]
