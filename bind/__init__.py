@@ -5,6 +5,7 @@ from importlib.metadata import version as _version
 
 from .encoder import Batch, ClipBatch, ModalityEncoder, find_blocks, move_to
 from .errors import BindError, ConfigError, DataError, InputError, UnknownEncoderError, UntrustedPluginError
+from .losses import LossInfo, get_loss, list_losses, register_loss
 from .registry import (
     EncoderInfo,
     create_encoder,
@@ -29,16 +30,20 @@ __all__ = [
     "DataError",
     "EncoderInfo",
     "InputError",
+    "LossInfo",
     "ModalityEncoder",
     "UnknownEncoderError",
     "UntrustedPluginError",
     "create_encoder",
     "find_blocks",
     "get_encoder_info",
+    "get_loss",
     "list_encoders",
+    "list_losses",
     "list_modalities",
     "load_named_plugins",
     "load_plugins",
     "move_to",
     "register_encoder",
+    "register_loss",
 ]

@@ -50,7 +50,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import DataError
-from .model import BindModel, _load_weights
+from .model import BindModel
+from .model_files import load_weights as load_model_weights
 
 FORMAT_VERSION = 1
 NAME = re.compile(r"^stage(\d+)-step(\d+)$")
@@ -258,7 +259,7 @@ def remove_checkpoint(path: Path) -> None:
 
 def load_weights(checkpoint: Checkpoint, model: BindModel) -> None:
     """The checkpoint's weights into ``model`` (before the stage is set up: its feature caches need them)."""
-    _load_weights(model, checkpoint.path / "model.safetensors", str(next(model.parameters()).device))
+    load_model_weights(model, checkpoint.path / "model.safetensors", str(next(model.parameters()).device))
 
 
 def load_training_state(checkpoint: Checkpoint, optimizer: torch.optim.Optimizer, scheduler: Any) -> dict[str, Any]:
@@ -313,3 +314,24 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class CheckpointWriter:
+    """Writes the checkpoints of one stage of a run (main rank only), remembering the newest.
+
+    ``recipe`` (the resolved recipe as plain data) goes into every checkpoint's ``trainer_state.json``,
+    so ``--resume`` can refuse a changed recipe."""
+
+    def __init__(self, directory: Path, recipe: dict[str, Any], stage_index: int, keep: int) -> None:
+        self.directory, self.recipe, self.stage_index, self.keep = directory, recipe, stage_index, keep
+        self.last: Path | None = None
+
+    def save(
+        self, step: int, model: BindModel, optimizer: torch.optim.Optimizer, scheduler: Any, state: dict[str, Any]
+    ) -> Path:
+        """Checkpoint ``step`` with ``state`` (stage name, total steps, counters) beside the weights and optimizer."""
+        extra = {"recipe": self.recipe, **state}
+        self.last = save_checkpoint(
+            self.directory, model, optimizer, scheduler, self.stage_index, step, extra, keep=self.keep
+        )
+        return self.last

@@ -150,6 +150,16 @@ class ModalityEncoder(nn.Module):
         """(B, ...) -> (B, trunk_dim). Default: ``trunk(batch)``."""
         return self.trunk(batch)
 
+    def share_trunk_with(self, other: ModalityEncoder, mode: Literal["share", "copy"] = "share") -> ModalityEncoder:
+        """Take ``other``'s trunk: ``"share"`` ties the weights (one module), ``"copy"`` copies them once.
+
+        A recipe's ``share_trunk_with`` calls this. Encoders that can use another tower's trunk override
+        it (a video encoder runs its frames through an image encoder's); the default refuses."""
+        raise ConfigError(
+            f"encoder {self.build_args.get('name', type(self).__name__)!r} ({self.modality}) cannot take the trunk of "
+            f"the {other.modality!r} encoder; share_trunk_with needs an encoder built to use another's trunk"
+        )
+
     def trunk_blocks(self) -> list[nn.Module]:
         """The trunk's ordered blocks, for ``unfreeze_last_blocks``. Default: none."""
         return []

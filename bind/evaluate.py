@@ -171,8 +171,8 @@ def evaluate_model(
     trained = {frozenset((recipe.anchor_modality, m)) for s in recipe.stages if s.kind == "bind" for m in s.pairs}
     embeddings = {m: e for m, (e, _) in splits.items()}
     labels = {m: items.labels for m, (_, items) in splits.items()}
-    results: dict[str, Any] = {"zero_shot": {}, "retrieval": {}}
-    prompt = recipe.eval.prompt_modality
+    prompt = prompt_modality(model, recipe)
+    results: dict[str, Any] = {"prompt_modality": prompt, "zero_shot": {}, "retrieval": {}}
     if prompt in embeddings:
         protos, proto_labels = class_prototypes(embeddings[prompt], labels[prompt])
         for modality in embeddings:
@@ -187,11 +187,23 @@ def evaluate_model(
     return results
 
 
-def format_results(results: dict[str, Any], prompt_modality: str = "text") -> str:
+def prompt_modality(model: BindModel, recipe: Any) -> str | None:
+    """The modality whose eval items are the zero-shot prompts: the recipe's ``eval.prompt_modality``, else the one
+    modality whose encoder reads text (``takes_text``); ``None`` (no zero-shot) when there is none or several."""
+    if recipe.eval.prompt_modality is not None:
+        return recipe.eval.prompt_modality
+    readers = [m for m, encoder in model.encoders.items() if encoder.takes_text]
+    return readers[0] if len(readers) == 1 else None
+
+
+def format_results(results: dict[str, Any]) -> str:
     """A small readable table of :func:`evaluate_model`'s results."""
-    lines = [f"zero-shot classification against {prompt_modality} prompts:"]
+    lines = []
+    prompt = results.get("prompt_modality")
+    if results["zero_shot"]:
+        lines.append(f"zero-shot classification against {prompt} prompts:")
     for modality, r in results["zero_shot"].items():
-        lines.append(f"  {modality + '->' + prompt_modality:<16} acc {r['accuracy']:.3f}  ({r['pair']})")
+        lines.append(f"  {modality + '->' + prompt:<16} acc {r['accuracy']:.3f}  ({r['pair']})")
     if results["retrieval"]:
         lines.append("class-match retrieval:")
         for pair, r in results["retrieval"].items():

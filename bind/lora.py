@@ -26,8 +26,10 @@ from typing import Any
 
 from torch import nn
 
+from .config import build
 from .encoder import ModalityEncoder
 from .errors import ConfigError
+from .recipe import RANGES, LoraSpec
 
 ADAPTER_NAME = "default"  # peft's name for a model's only adapter
 ADAPTER_DIR = "adapter"  # under assets/<modality>/ of a saved model
@@ -140,12 +142,9 @@ def apply_lora(
 
     if has_lora(encoder):
         raise ConfigError(f"the {encoder.modality!r} encoder already has LoRA adapters; apply LoRA once")
-    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
-        raise ConfigError(f"lora.rank: expected a positive integer, got {rank!r}")
-    if alpha <= 0:
-        raise ConfigError(f"lora.alpha: expected a positive number, got {alpha!r}")
-    if not 0 <= dropout < 1:
-        raise ConfigError(f"lora.dropout: expected a probability in [0, 1), got {dropout!r}")
+    # the recipe's own rule for these values (types and ranges, bind.recipe.RANGES), also for Python callers
+    targets = None if target_modules is None or isinstance(target_modules, str) else list(target_modules)
+    build(LoraSpec, {"rank": rank, "alpha": alpha, "dropout": dropout, "target_modules": targets}, "lora", RANGES)
     targets = resolve_target_modules(encoder, target_modules)
     if encoder.frozen_part == "none":
         encoder.freeze("trunk")

@@ -6,13 +6,25 @@ under autocast, since a bf16 softmax over a large batch loses the small differen
 Example::
 
     loss = info_nce(image_emb, audio_emb, logit_scale=audio_encoder.logit_scale)
+
+A recipe's ``loss:`` names one of them through the registry at the end of this module, where a plugin
+registers its own (``@register_loss("my_loss", kind="bind")``).
 """
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal, TypeVar
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .errors import ConfigError, did_you_mean
+
+LossFn = TypeVar("LossFn", bound=Callable[..., Tensor])
 
 
 def _at_least_float32(*tensors: Tensor) -> list[Tensor]:
@@ -109,3 +121,84 @@ def pairwise_cosine_loss(a: Tensor, b: Tensor, same: Tensor) -> Tensor:
         a, b = _at_least_float32(a, b)
         cosine = F.cosine_similarity(a, b, dim=-1)
         return F.mse_loss(cosine, same.to(cosine.dtype))
+
+
+# ---- the loss registry -------------------------------------------------------------------------
+# A recipe's ``loss:`` is a name looked up here, by validation and by the training step alike; a plugin
+# adds a loss with ``@register_loss`` exactly as the built-ins below do. Each kind has one call signature:
+#   bind:     fn(z, anchor, labels, *, logit_scale, rows) -> scalar  (a paired modality against the anchor)
+#   pretrain: fn(z, labels, *, temperature) -> scalar                 (one modality on its own, with labels)
+# ``z`` and ``anchor`` are the global batch's L2-normalised embeddings (row i of each a pair), ``labels`` its
+# class indices, ``rows`` this rank's rows under ``local_loss`` (None: all; see :func:`info_nce`).
+
+LossKind = Literal["bind", "pretrain"]
+LOSS_KINDS: tuple[LossKind, ...] = ("bind", "pretrain")
+
+
+@dataclass(frozen=True)
+class LossInfo:
+    """A registered loss: its name, the stage kind it serves and the function the step calls."""
+
+    name: str
+    kind: LossKind
+    fn: Callable[..., Tensor]
+
+    @property
+    def description(self) -> str:
+        doc = inspect.getdoc(self.fn) or ""
+        return doc.splitlines()[0] if doc else ""
+
+
+_LOSSES: dict[str, LossInfo] = {}
+
+
+def register_loss(name: str, *, kind: LossKind) -> Callable[[LossFn], LossFn]:
+    """Register ``fn`` as the loss ``name`` for ``kind`` stages (signatures above); a recipe names it in ``loss:``."""
+    if kind not in LOSS_KINDS:
+        raise ConfigError(f"register_loss({name!r}): kind must be one of {', '.join(LOSS_KINDS)}, got {kind!r}")
+
+    def decorator(fn: LossFn) -> LossFn:
+        _LOSSES[name] = LossInfo(name, kind, fn)
+        return fn
+
+    return decorator
+
+
+def list_losses(kind: LossKind | None = None) -> list[str]:
+    """Sorted names of the registered losses, optionally of one stage ``kind``."""
+    return sorted(n for n, info in _LOSSES.items() if kind in (None, info.kind))
+
+
+def get_loss(name: str, kind: LossKind | None = None) -> LossInfo:
+    """The loss registered as ``name``; a one-line ConfigError for an unknown name or one of another kind."""
+    choices = list_losses(kind)
+    if name not in _LOSSES:
+        raise ConfigError(f"unknown loss {name!r}; {did_you_mean(name, choices)}expected one of {', '.join(choices)}")
+    info = _LOSSES[name]
+    if kind is not None and info.kind != kind:
+        raise ConfigError(f"{name!r} is a {info.kind} loss; a {kind} stage takes {', '.join(choices)}")
+    return info
+
+
+@register_loss("info_nce", kind="bind")
+def _info_nce_pairs(z: Tensor, anchor: Tensor, labels: Tensor, *, logit_scale: Tensor, rows: slice | None) -> Tensor:
+    """CLIP's InfoNCE: row i of each side is the only positive; every other row in the batch is a negative."""
+    return info_nce(z, anchor, logit_scale, rows=rows)
+
+
+@register_loss("label_aware_info_nce", kind="bind")
+def _label_aware_pairs(z: Tensor, anchor: Tensor, labels: Tensor, *, logit_scale: Tensor, rows: slice | None) -> Tensor:
+    """InfoNCE where every pair sharing a label is a positive (no same-class negatives)."""
+    return label_aware_info_nce(z, anchor, labels, labels, logit_scale, rows=rows)
+
+
+@register_loss("supcon", kind="pretrain")
+def _supcon(z: Tensor, labels: Tensor, *, temperature: float) -> Tensor:
+    """Supervised contrastive loss over the batch (items with the same label are positives)."""
+    return supcon_loss(z, labels, temperature)
+
+
+@register_loss("pairwise_cosine", kind="pretrain")
+def _pairwise_cosine(z: Tensor, labels: Tensor, *, temperature: float) -> Tensor:
+    """The MNIST lesson's loss: each item against the next one in the (shuffled) batch."""
+    return pairwise_cosine_loss(z, z.roll(1, 0), labels == labels.roll(1, 0))

@@ -24,18 +24,24 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .encoder import ModalityEncoder
 from .errors import ConfigError, DataError, UnknownEncoderError, did_you_mean
 from .lora import ADAPTER_DIR, apply_lora_from_config, lora_config, save_adapter
+from .model_files import (
+    CONFIG_NAME,
+    FORMAT_VERSION,
+    WEIGHTS_NAME,
+    atomic_write,
+    check_config,
+    load_weights,
+    paths_inside,
+    unique_tensors,
+)
 from .registry import create_encoder, get_encoder_info, list_encoders, load_plugins
-
-FORMAT_VERSION = 1
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
 
 
 class BindModel(nn.Module):
@@ -60,6 +66,8 @@ class BindModel(nn.Module):
         self.anchor_modality = anchor_modality
         self.embed_dim = next(iter(dims.values()))
         self.shared_trunks: dict[str, str] = {}  # modality -> modality whose trunk it shares
+        # what each encoder freezes as assembled (after any LoRA): where a stage's freeze override returns to
+        self.default_freeze = {m: (e.frozen_part, e.unfreeze_last_blocks) for m, e in encoders.items()}
         self.class_names: list[str] | None = None  # what label i meant in training (saved in config.json)
 
     @property
@@ -116,14 +124,12 @@ class BindModel(nn.Module):
         return z.numpy() if convert_to_numpy else z
 
     def share_trunk(self, modality: str, source: str, mode: str = "share") -> None:
-        """Start ``modality``'s frame encoder from ``source``'s encoder (video from image, ImageBind-style).
+        """Give ``modality``'s encoder ``source``'s trunk (:meth:`ModalityEncoder.share_trunk_with`; e.g. a
+        video encoder's frames through the image tower, as ImageBind does).
 
-        ``mode="share"`` ties the weights, ``"copy"`` copies them once.
+        ``mode="share"`` ties the weights (saved as such), ``"copy"`` copies them once.
         """
-        encoder = self[modality]
-        if not hasattr(encoder, "use_frame_encoder_from"):
-            raise ConfigError(f"the {modality!r} encoder has no frame encoder to take from {source!r}")
-        encoder.use_frame_encoder_from(self[source], mode=mode)
+        self[modality].share_trunk_with(self[source], mode=mode)
         if mode == "share":
             self.shared_trunks[modality] = source
 
@@ -167,7 +173,7 @@ class BindModel(nn.Module):
                 save_adapter(encoder, directory / "assets" / modality / ADAPTER_DIR)
         atomic_write(directory / CONFIG_NAME, json.dumps(config, indent=2).encode())
         tmp = directory / (WEIGHTS_NAME + ".tmp")
-        save_file(_unique_tensors(self.state_dict()), str(tmp), metadata={"format": "pt"})
+        save_file(unique_tensors(self.state_dict()), str(tmp), metadata={"format": "pt"})
         os.replace(tmp, directory / WEIGHTS_NAME)
         return directory
 
@@ -175,13 +181,13 @@ class BindModel(nn.Module):
     def from_config(cls, config: Mapping[str, Any], root: Path | None = None) -> BindModel:
         """Build (untrained) encoders from a config as written by :meth:`config` (``root``: its directory)."""
         where = str(root / CONFIG_NAME) if root is not None else "model config"
-        _check_config(config, where)
+        check_config(config, where)
         modules = config.get("encoder_modules") or {}  # absent in configs written before it was recorded
         encoders = {}
         for modality, spec in config["encoders"].items():
             kwargs = dict(spec.get("kwargs", {}))
             if root is not None:  # exported assets live inside the model directory, and nothing else may be read
-                kwargs = _paths_inside(kwargs, root, f"{where}: encoders.{modality}.kwargs")
+                kwargs = paths_inside(kwargs, root, f"{where}: encoders.{modality}.kwargs")
             try:
                 encoder = create_encoder(spec["name"], **kwargs)
             except UnknownEncoderError as err:
@@ -234,34 +240,8 @@ class BindModel(nn.Module):
                 f"{config_path} is not valid JSON ({err}); it is written by `bindkit run`: restore it from the run"
             ) from err
         model = cls.from_config(config, root=directory)
-        _load_weights(model, weights_path, map_location)
+        load_weights(model, weights_path, map_location)
         return model
-
-
-def _check_config(config: Any, where: str) -> None:
-    """Raise :class:`ConfigError` naming the key when ``config`` is not a model config this bindkit reads."""
-    if not isinstance(config, Mapping):
-        raise ConfigError(f"{where}: expected a JSON object (a bindkit model config), got {type(config).__name__}")
-    version = config.get("format_version")
-    if not isinstance(version, int) or isinstance(version, bool):
-        raise ConfigError(
-            f"{where}: format_version: expected an integer, got {version!r}; the file was not written by bindkit"
-        )
-    if version > FORMAT_VERSION:
-        raise ConfigError(
-            f"{where}: model format_version {version} is not supported by this bindkit (reads up to "
-            f"{FORMAT_VERSION}): a newer bindkit wrote it; upgrade bindkit (`pip install -U bindkit`) to load it"
-        )
-    encoders = config.get("encoders")
-    if not isinstance(encoders, Mapping) or not encoders:
-        raise ConfigError(f"{where}: encoders: expected a mapping of modality -> encoder spec, got {encoders!r}")
-    for modality, spec in encoders.items():
-        if not isinstance(spec, Mapping) or not isinstance(spec.get("name"), str):
-            raise ConfigError(f"{where}: encoders.{modality}.name: expected an encoder name, got {spec!r}")
-        if not isinstance(spec.get("kwargs", {}), Mapping):
-            raise ConfigError(f"{where}: encoders.{modality}.kwargs: expected a mapping, got {spec['kwargs']!r}")
-    if not isinstance(config.get("anchor_modality"), str):
-        raise ConfigError(f"{where}: anchor_modality: expected a modality name, got {config.get('anchor_modality')!r}")
 
 
 def _encoder_modules(encoders: Iterable[ModalityEncoder]) -> dict[str, str]:
@@ -299,121 +279,3 @@ def _plugin_hint(module: str | None) -> str:
         f"it is registered by module {module!r}: load it with --plugin {module} "
         f"(Python: bind.load_plugins([{module!r}]))"
     )
-
-
-def _tensor_key(t: Tensor) -> tuple[Any, ...]:
-    """Tensors with equal keys are one tensor under several names (tied weights)."""
-    if t.numel() == 0:
-        return (id(t),)
-    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
-
-
-def _unique_tensors(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """The state dict with each tied tensor kept once, under its first name (safetensors refuses aliases)."""
-    seen: set[tuple[Any, ...]] = set()
-    out = {}
-    for name, tensor in state.items():
-        key = _tensor_key(tensor)
-        if key not in seen:
-            seen.add(key)
-            out[name] = tensor.detach().contiguous()
-    return out
-
-
-def _load_weights(model: nn.Module, path: Path, device: str) -> None:
-    """Load ``path`` into ``model`` strictly, where a tied tensor counts as loaded through any of its names.
-
-    Each tensor is checked before anything is copied: its shape and dtype against the model built from the
-    config, and its values for NaN or inf (a diverged or damaged file would give NaN embeddings, not an error).
-    """
-    try:
-        saved = load_file(str(path), device=device)
-    except Exception as err:  # safetensors raises its own error types for truncated or foreign files
-        raise DataError(
-            f"{path}: not a readable safetensors file ({err}); it is truncated or corrupt: restore it, or run again"
-        ) from err
-    state = model.state_dict()
-    expected = _unique_tensors(state)
-    missing = sorted(set(expected) - set(saved))
-    unexpected = sorted(set(saved) - set(state))
-    if missing or unexpected:
-        raise DataError(
-            f"{path} does not match the model its config.json describes: missing {missing[:5]}, "
-            f"unexpected {unexpected[:5]}; the directory's files come from different runs"
-        )
-    for name, tensor in saved.items():
-        _check_tensor(path, name, tensor, state[name])
-    model.load_state_dict(saved, strict=False)
-
-
-_FINITE_BLOCK = 1 << 22  # elements checked at once: a bounded mask however large the tensor
-
-
-def _check_tensor(path: Path, name: str, tensor: Tensor, target: Tensor) -> None:
-    """Raise :class:`DataError` naming ``path`` and ``name`` when a saved tensor cannot stand in for ``target``."""
-    built = f"the model built from {CONFIG_NAME} expects"
-    if tensor.shape != target.shape:
-        raise DataError(
-            f"{path}: tensor {name!r} has shape {tuple(tensor.shape)}, {built} {tuple(target.shape)}; "
-            "the directory's files come from different runs or were edited: restore them, or run again"
-        )
-    # A float tensor of another precision (a model saved after .half()) is cast on load, as load_state_dict does;
-    # a float where an integer counter or a bool mask belongs (or the reverse) is not a model's file.
-    if tensor.dtype != target.dtype and not (tensor.is_floating_point() and target.is_floating_point()):
-        raise DataError(
-            f"{path}: tensor {name!r} has dtype {_dtype_name(tensor)}, {built} {_dtype_name(target)}; "
-            "the directory's files come from different runs or were edited: restore them, or run again"
-        )
-    if tensor.is_floating_point() or tensor.is_complex():
-        bad = sum(int((~torch.isfinite(block)).sum()) for block in tensor.reshape(-1).split(_FINITE_BLOCK))
-        if bad:
-            raise DataError(
-                f"{path}: tensor {name!r} holds {bad} NaN or infinite value(s) of {tensor.numel()}; the weights are "
-                "damaged (or training diverged): restore the file or an earlier checkpoint, or run again"
-            )
-
-
-def _dtype_name(t: Tensor) -> str:
-    return str(t.dtype).removeprefix("torch.")
-
-
-def _paths_inside(kwargs: Mapping[str, Any], root: Path, where: str) -> dict[str, Any]:
-    """``kwargs`` with each file argument (``path``, ``*_path``, also nested) resolved inside ``root``.
-
-    A saved model refers only to files it holds itself (``assets/<modality>``, written by
-    :meth:`ModalityEncoder.export_assets`); a config.json that names ``../x``, ``/etc`` or a symlink
-    leading out of ``root`` is refused rather than followed.
-    """
-    out: dict[str, Any] = {}
-    for key, value in kwargs.items():
-        if isinstance(value, Mapping):
-            value = _paths_inside(value, root, f"{where}.{key}")
-        elif (key == "path" or key.endswith("_path")) and isinstance(value, (str, os.PathLike)):
-            value = str(resolve_inside(root, value, f"{where}.{key}"))
-        out[key] = value
-    return out
-
-
-def resolve_inside(folder: Path, relative: str | os.PathLike[str], where: str) -> Path:
-    """``folder / relative`` resolved (symlinks followed); :class:`DataError` when that leaves ``folder``.
-
-    ``where`` names the file and key the path came from, e.g. ``"runs/x/config.json: encoders.text.kwargs.path"``.
-    """
-    base = Path(folder).resolve()
-    target = (base / relative).resolve()  # an absolute ``relative`` replaces base, and is refused below
-    if not target.is_relative_to(base):
-        raise DataError(
-            f"{where}: {os.fspath(relative)!r} resolves to {target}, outside {base}; only files inside that folder "
-            "are read (the file was edited, or comes from an untrusted source)"
-        )
-    return target
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a crash leaves either the old or the new file, never half of one."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

@@ -14,6 +14,8 @@ As in timm, the factory's function name is the encoder's name::
 Third-party encoders need no change to bindkit: import the module that registers them (a recipe's
 ``plugins:`` list or ``--plugin my_pkg.my_encoders`` on the command line), or declare it in the
 entry-point group ``bindkit.encoders`` of the package's metadata, which is loaded on first use.
+bindkit's own encoders (the ``encoders`` package) register through that same entry point, declared
+in pyproject.toml: nothing in ``bind`` imports them by name.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -37,6 +39,7 @@ from .errors import ConfigError, UnknownEncoderError, UntrustedPluginError, did_
 log = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "bindkit.encoders"
+DISTRIBUTION = "bindkit"  # whose entry point holds the built-in encoders
 Factory = TypeVar("Factory", bound=Callable[..., ModalityEncoder])
 TinyArgs = dict[str, Any] | Callable[[Path], dict[str, Any]]
 
@@ -48,6 +51,8 @@ class EncoderInfo:
     ``pretrained`` says where pretrained weights come from ("none" for from-scratch encoders).
     ``tiny`` gives the keyword arguments of a tiny variant for tests: a dict, or a function of a
     scratch directory for towers that must save a tiny pretrained model there first.
+    ``augmenter`` builds the encoder's training augmentation from a recipe's ``augment:`` knobs
+    (:mod:`bind.data.augment`); ``None``: the encoder offers none.
     """
 
     name: str
@@ -56,6 +61,7 @@ class EncoderInfo:
     pretrained: str = "none"
     tiny: TinyArgs = field(default_factory=dict)
     module: str = ""
+    augmenter: Callable[..., Any] | None = None
 
     def tiny_kwargs(self, scratch_dir: Path) -> dict[str, Any]:
         return self.tiny(scratch_dir) if callable(self.tiny) else dict(self.tiny)
@@ -71,9 +77,14 @@ _plugins_loaded = False
 
 
 def register_encoder(
-    modality: str, *, name: str | None = None, pretrained: str = "none", tiny: TinyArgs | None = None
+    modality: str,
+    *,
+    name: str | None = None,
+    pretrained: str = "none",
+    tiny: TinyArgs | None = None,
+    augmenter: Callable[..., Any] | None = None,
 ) -> Callable[[Factory], Factory]:
-    """Register ``factory`` under its function name (or ``name``) for ``modality``."""
+    """Register ``factory`` under its function name (or ``name``) for ``modality`` (see :class:`EncoderInfo`)."""
     if not modality or not isinstance(modality, str):
         raise ConfigError(f"register_encoder needs a modality name (a non-empty string), got {modality!r}")
 
@@ -82,23 +93,23 @@ def register_encoder(
         previous = _REGISTRY.get(key)
         if previous is not None and previous.factory.__qualname__ != factory.__qualname__:
             log.warning("encoder %r from %s replaces the one from %s", key, factory.__module__, previous.module)
-        _REGISTRY[key] = EncoderInfo(key, modality, factory, pretrained, tiny or {}, factory.__module__)
+        _REGISTRY[key] = EncoderInfo(key, modality, factory, pretrained, tiny or {}, factory.__module__, augmenter)
         return factory
 
     return decorator
 
 
 def load_plugins(modules: list[str] | tuple[str, ...] = ()) -> None:
-    """Import modules that register encoders, then the built-ins and the ``bindkit.encoders`` entry points."""
+    """Import modules that register encoders, then (once) every ``bindkit.encoders`` entry point, the built-ins first."""
     global _plugins_loaded
     for module in modules:
         _import_plugin(module)
     if _plugins_loaded:
         return
+    load_builtin_encoders()
     _plugins_loaded = True
-    import_builtin_encoders()
     for ep in entry_points(group=ENTRY_POINT_GROUP):
-        if ep.value == "encoders":
+        if _is_builtin(ep):
             continue
         try:
             ep.load()
@@ -106,20 +117,33 @@ def load_plugins(modules: list[str] | tuple[str, ...] = ()) -> None:
             log.warning("entry point %r (%s) of group %s failed to load: %s", ep.name, ep.value, ENTRY_POINT_GROUP, err)
 
 
-def import_builtin_encoders() -> None:
-    """Import the ``encoders`` package (also when bindkit runs from a source tree), or say in one line why not.
+def _is_builtin(ep: EntryPoint) -> bool:
+    return ep.dist is not None and ep.dist.name == DISTRIBUTION
+
+
+def load_builtin_encoders() -> None:
+    """Load bindkit's own entry point of ``bindkit.encoders`` (the ``encoders`` package), as a plugin is loaded,
+    or say in one line why not.
 
     A broken install (a torchaudio built for another torch, say) fails here with what to do, instead of
     a traceback from deep inside an import."""
-    try:
-        importlib.import_module("encoders")
-    except (ImportError, OSError) as err:
-        first = str(err).splitlines()[0] if str(err) else ""
+    own = [ep for ep in entry_points(group=ENTRY_POINT_GROUP) if _is_builtin(ep)]
+    if not own:
         raise ConfigError(
-            f"bindkit's built-in encoders failed to import ({type(err).__name__}: {first[:300]}): the installed "
-            "packages do not fit together; `bindkit doctor` shows which, and "
-            "`pip install -c constraints.txt -e .` in the bindkit checkout installs the tested versions"
-        ) from err
+            f"bindkit's built-in encoders register through the {ENTRY_POINT_GROUP!r} entry point of the installed "
+            "bindkit package, and none is installed here: install bindkit (`pip install -c constraints.txt -e .` "
+            "in the checkout) rather than running it from a source folder"
+        )
+    for ep in own:
+        try:
+            ep.load()
+        except (ImportError, OSError) as err:
+            first = str(err).splitlines()[0] if str(err) else ""
+            raise ConfigError(
+                f"bindkit's built-in encoders failed to import ({type(err).__name__}: {first[:300]}): the installed "
+                "packages do not fit together; `bindkit doctor` shows which, and "
+                "`pip install -c constraints.txt -e .` in the bindkit checkout installs the tested versions"
+            ) from err
 
 
 def _import_plugin(module: str) -> None:

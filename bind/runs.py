@@ -6,7 +6,8 @@ import os
 from pathlib import Path
 
 from .errors import ConfigError, DataError
-from .model import CONFIG_NAME, WEIGHTS_NAME, BindModel
+from .model import BindModel
+from .model_files import CONFIG_NAME, WEIGHTS_NAME
 from .recipe import Recipe, parse_recipe, read_recipe_file
 from .registry import load_named_plugins, load_plugins
 

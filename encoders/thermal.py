@@ -30,14 +30,13 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
 from bind import ConfigError, InputError, register_encoder
 from bind.encoder import HeadKind
 
-from .depth import MapEncoder, cnn_trunk, vit_trunk
-from .image import _VIT_TINY
+from ._maps import TINY_CNN, TINY_VIT, MapEncoder, map_tensor, read_map_file
+from ._vision import Trunk, cnn_trunk, vit_trunk
 
 ThermalNorm = Literal["minmax", "fixed"]
 
@@ -60,41 +59,18 @@ def load_thermal(item: Any) -> Tensor:
             f"cannot read a thermal image from a {type(item).__name__}; expected a .png/.npy path or a 2-D array "
             "or tensor (H, W) of counts or temperatures"
         )
-    image = torch.as_tensor(np.asarray(array) if isinstance(array, np.ndarray) else array.detach().cpu())
-    if image.ndim == 3 and image.shape[0] == 1:
-        image = image[0]
-    if image.ndim != 2 or 0 in image.shape:
-        raise InputError(f"{what}: expected a single-channel image of shape (H, W) or (1, H, W) with H, W >= 1")
-    if image.dtype == torch.bool or image.is_complex():
-        raise InputError(f"{what}: expected integer counts or float temperatures, got dtype {image.dtype}")
-    image = image.float()
+    image = map_tensor(array, what, "a single-channel image", "integer counts or float temperatures").float()
     if not torch.isfinite(image).all():
         raise InputError(f"{what} holds NaN or inf values; expected finite counts or temperatures")
     return image
 
 
 def _read_thermal_file(path: Path, what: str) -> np.ndarray:
-    if not path.is_file():
-        raise InputError(f"{what} does not exist; expected an 8/16-bit PNG of counts or a .npy array")
-    if path.stat().st_size == 0:
-        raise InputError(f"{what} is empty (0 bytes); expected an 8/16-bit PNG of counts or a .npy array")
-    if path.suffix.lower() == ".npy":
-        try:
-            return np.load(path, allow_pickle=False)
-        except (OSError, ValueError, EOFError) as err:
-            raise InputError(f"{what} could not be read as a numpy array ({type(err).__name__}: {err})") from err
-    try:
-        with Image.open(path) as img:
-            mode, array = img.mode, np.array(img)
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as err:
-        raise InputError(
-            f"{what} is corrupt or not an image PIL can read ({type(err).__name__}: {err}); expected an 8/16-bit "
-            "PNG of counts or a .npy array"
-        ) from err
+    array, mode = read_map_file(path, what, "expected an 8/16-bit PNG of counts or a .npy array")
+    if mode is None or mode in ("L", "F"):
+        return array
     if mode.startswith("I"):
         return array.astype(np.int64)  # uint16 counts; int64 so torch takes them
-    if mode in ("L", "F"):
-        return array
     if mode in ("RGB", "RGBA") and (array[..., :3] == array[..., :1]).all():
         return array[..., 0]  # grey stored as RGB
     raise InputError(
@@ -133,15 +109,14 @@ class ThermalEncoder(MapEncoder):
 
     def __init__(
         self,
-        trunk: Any,
-        trunk_dim: int,
+        trunk: Trunk,
         embed_dim: int,
         *,
         normalize: ThermalNorm,
         value_range: Sequence[float] | None,
         **kwargs: Any,
     ) -> None:
-        super().__init__("thermal", trunk, trunk_dim, embed_dim, **kwargs)
+        super().__init__("thermal", trunk, embed_dim, **kwargs)
         if normalize not in ("minmax", "fixed"):
             raise ConfigError(f"thermal normalize must be 'minmax' or 'fixed', got {normalize!r}")
         self.normalize = normalize
@@ -156,7 +131,7 @@ class ThermalEncoder(MapEncoder):
         return [rng.integers(7000, 9000, (24, 32 + 4 * i), dtype=np.uint16) for i in range(n)]
 
 
-@register_encoder("thermal", tiny={"width": 4, "embed_dim": 16, "image_size": 16})
+@register_encoder("thermal", tiny=TINY_CNN)
 def thermal_cnn(
     embed_dim: int = 128,
     width: int = 32,
@@ -174,19 +149,13 @@ def thermal_cnn(
         enc = create_encoder("thermal_cnn", normalize="fixed", value_range=(7000, 9000))  # 16-bit counts
     """
     head_args = {"head": head, "logit_scale": logit_scale, "learnable_logit_scale": learnable_logit_scale}
+    trunk = cnn_trunk(width)
     return ThermalEncoder(
-        cnn_trunk(width),
-        4 * width,
-        embed_dim,
-        normalize=normalize,
-        value_range=value_range,
-        image_size=image_size,
-        block_names=["trunk.0", "trunk.1", "trunk.2"],
-        **head_args,
+        trunk, embed_dim, normalize=normalize, value_range=value_range, image_size=image_size, **head_args
     )
 
 
-@register_encoder("thermal", tiny={**_VIT_TINY, "embed_dim": 16})
+@register_encoder("thermal", tiny=TINY_VIT)
 def thermal_vit(
     embed_dim: int = 128,
     image_size: int = 64,
@@ -206,15 +175,8 @@ def thermal_vit(
     To start from ImageNet weights, match the image tower's architecture arguments and call
     ``bind.init.init_from_encoder(thermal, image)``.
     """
-    trunk, blocks = vit_trunk(image_size, patch_size, num_layers, num_heads, hidden_dim, mlp_dim)
+    trunk = vit_trunk("thermal_vit", image_size, patch_size, num_layers, num_heads, hidden_dim, mlp_dim, channels=1)
     head_args = {"head": head, "logit_scale": logit_scale, "learnable_logit_scale": learnable_logit_scale}
     return ThermalEncoder(
-        trunk,
-        hidden_dim,
-        embed_dim,
-        normalize=normalize,
-        value_range=value_range,
-        image_size=image_size,
-        block_names=blocks,
-        **head_args,
+        trunk, embed_dim, normalize=normalize, value_range=value_range, image_size=image_size, **head_args
     )

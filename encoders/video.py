@@ -1,7 +1,7 @@
 """Video encoders: any registered image encoder run frame by frame plus temporal pooling, and HF VideoMAE.
 
-A raw video item is a path to a video file (mp4, webm, avi: anything FFmpeg decodes, read with
-PyAV) or an array/tensor of frames shaped (T, H, W), (T, H, W, C) or (T, C, H, W) with C in 1, 3, 4.
+A raw video item is a path to a video file (mp4, webm, avi: anything FFmpeg decodes) or an array/tensor
+of frames shaped (T, H, W), (T, H, W, C) or (T, C, H, W) with C in 1, 3, 4, read by :mod:`encoders.video_io`.
 Frames are grouped into clips of ``num_frames``: a long video gives up to ``max_clips`` evenly
 spaced clips whose embeddings are averaged; a short one repeats its last frame.
 
@@ -14,134 +14,22 @@ Example::
 from __future__ import annotations
 
 import math
-import os
-from fractions import Fraction
 from pathlib import Path
 from typing import Any, Literal
 
-import av
 import numpy as np
 import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from bind import ClipBatch, ConfigError, InputError, ModalityEncoder, create_encoder, find_blocks, register_encoder
+from bind import ClipBatch, ConfigError, InputError, ModalityEncoder, create_encoder, register_encoder
 from bind.encoder import HeadKind
 
-from ._hf import export_hf, load_hf_model, load_hf_processor
+from ._hf import TINY_TRANSFORMER, HFEncoder, load_hf_model, load_hf_processor, save_tiny_hf
+from ._transformer import pre_norm_layer
+from .video_io import VIDEO_SUFFIXES, clip_indices, example_videos, frames_to_unit_float, load_frames
 
 TemporalKind = Literal["mean", "attention"]
-# codec and pixel format per container; 4:4:4 keeps the colour of small frames that 4:2:0 would blur
-CODECS = {
-    ".mp4": ("libx264", "yuv444p"),
-    ".mkv": ("libx264", "yuv444p"),
-    ".mov": ("libx264", "yuv444p"),
-    ".avi": ("mjpeg", "yuvj444p"),
-    ".webm": ("libvpx", "yuv420p"),
-}
-
-
-VIDEO_SUFFIXES = (".mp4", ".m4v", ".mkv", ".mov", ".avi", ".webm", ".mpg", ".mpeg", ".gif")  # what PyAV decodes
-
-
-def example_videos(n: int, seed: int = 0) -> list[np.ndarray]:
-    """``n`` random uint8 ``(T, H, W, C)`` videos, 5 frames of 28 x 28 RGB: every video encoder's ``example_inputs``."""
-    rng = np.random.default_rng(seed)
-    return [rng.integers(0, 256, (5, 28, 28, 3), dtype=np.uint8) for _ in range(n)]
-
-
-def read_video(path: str | os.PathLike[str]) -> np.ndarray:
-    """Decode every frame of a file's first video stream to uint8 RGB ``(T, H, W, 3)``.
-
-    Example::
-
-        read_video("clip.mp4").shape   # (16, 28, 28, 3)
-    """
-    what = f"video file {os.fspath(path)!r}"
-    if not Path(path).is_file():
-        raise InputError(f"{what} does not exist; expected a video file (mp4, webm, avi, ...)")
-    if Path(path).stat().st_size == 0:
-        raise InputError(f"{what} is empty (0 bytes); expected a video file (mp4, webm, avi, ...): re-export it")
-    try:
-        with av.open(os.fspath(path)) as container:
-            streams = container.streams.video
-            frames = [f.to_ndarray(format="rgb24") for f in container.decode(streams[0])] if streams else None
-    except (av.FFmpegError, OSError, ValueError) as err:
-        raise InputError(
-            f"{what} could not be decoded ({type(err).__name__}: {err}); expected a video file FFmpeg can read: "
-            "check that it is complete (not truncated) and really a video"
-        ) from None
-    if frames is None:
-        raise InputError(f"{what} has no video stream; expected a file with at least one video stream")
-    if not frames:
-        raise InputError(f"{what} holds no frames; expected at least one decodable frame")
-    return np.stack(frames)
-
-
-def write_video(
-    path: str | os.PathLike[str], frames: np.ndarray | Tensor, fps: float = 8, codec: str | None = None, crf: int = 12
-) -> Path:
-    """Write uint8 frames ``(T, H, W, 3)`` or ``(T, H, W)`` (grayscale) to a video file with PyAV.
-
-    The codec follows the suffix (.mp4/.mkv/.mov: H.264 4:4:4, .avi: MJPEG, .webm: VP8, even sizes
-    only); ``crf`` trades size for fidelity in H.264 (0 is lossless, 12 is visually lossless).
-
-    Example::
-
-        write_video("moving_seven.mp4", np.zeros((16, 28, 28), np.uint8), fps=8)
-    """
-    path = Path(path)
-    array = frames.detach().cpu().numpy() if isinstance(frames, Tensor) else np.asarray(frames)
-    if array.ndim == 3:
-        array = np.repeat(array[..., None], 3, axis=-1)
-    if array.dtype != np.uint8 or array.ndim != 4 or array.shape[-1] != 3 or 0 in array.shape:
-        raise ConfigError(
-            f"write_video({str(path)!r}): expected non-empty uint8 frames (T, H, W, 3) or (T, H, W), "
-            f"got {array.dtype} {array.shape}"
-        )
-    if path.suffix.lower() not in CODECS and codec is None:
-        raise ConfigError(f"write_video: unknown suffix {path.suffix!r}; use one of {sorted(CODECS)} or pass codec=")
-    default_codec, pix_fmt = CODECS.get(path.suffix.lower(), (codec, "yuv420p"))
-    height, width = array.shape[1:3]
-    if pix_fmt == "yuv420p" and (height % 2 or width % 2):
-        raise ConfigError(f"write_video({str(path)!r}): {pix_fmt} needs even frame sizes, got {height}x{width}")
-    with av.open(os.fspath(path), mode="w") as container:
-        stream = container.add_stream(codec or default_codec, rate=Fraction(fps).limit_denominator(1000))
-        stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
-        if (codec or default_codec) == "libx264":
-            stream.options = {"crf": str(crf)}
-        for frame in array:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")))
-        container.mux(stream.encode())  # flush the encoder's buffered frames
-    return path
-
-
-def load_frames(item: Any) -> np.ndarray:
-    """Raw video item -> frames ``(T, H, W)`` or ``(T, H, W, C)`` as a numpy array (dtype kept)."""
-    if isinstance(item, (str, os.PathLike)):
-        return read_video(item)
-    if not isinstance(item, (np.ndarray, Tensor)):
-        raise InputError(
-            f"cannot read a video from a {type(item).__name__}; expected a video file path or frames "
-            "(T, H, W), (T, H, W, C) or (T, C, H, W)"
-        )
-    array = item.detach().cpu().numpy() if isinstance(item, Tensor) else np.asarray(item)
-    if array.ndim == 4 and array.shape[-1] not in (1, 3, 4) and array.shape[1] in (1, 3, 4):
-        array = rearrange(array, "t c h w -> t h w c")
-    if array.ndim not in (3, 4) or (array.ndim == 4 and array.shape[-1] not in (1, 3, 4)):
-        raise InputError(f"video array of shape {array.shape}: expected (T, H, W), (T, H, W, C) or (T, C, H, W)")
-    if array.shape[0] == 0:
-        raise InputError("video array has 0 frames; expected at least one frame")
-    return array
-
-
-def clip_indices(total: int, num_frames: int, max_clips: int, stride: int = 1) -> np.ndarray:
-    """Frame indices ``(num_clips, num_frames)``: evenly spaced clips, the last frame repeated if too short."""
-    span = (num_frames - 1) * stride + 1
-    if total <= span:
-        return np.minimum(np.arange(num_frames) * stride, total - 1)[None]
-    starts = np.linspace(0, total - span, min(max_clips, math.ceil(total / span))).round().astype(int)
-    return starts[:, None] + np.arange(num_frames) * stride
 
 
 class TemporalMean(nn.Module):
@@ -160,7 +48,7 @@ class TemporalAttention(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, num_frames + 1, dim))
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        self.layer = nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout, "gelu", batch_first=True, norm_first=True)
+        self.layer = pre_norm_layer(dim, heads, 4 * dim, dropout)
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -222,10 +110,10 @@ class VideoFramesEncoder(ModalityEncoder):
         # logit scale would be parameters that never get a gradient.
         object.__setattr__(self, "frame_encoder", encoder)
 
-    def use_frame_encoder_from(
+    def share_trunk_with(
         self, image_encoder: ModalityEncoder, mode: Literal["share", "copy"] = "share"
     ) -> VideoFramesEncoder:
-        """Start the frame encoder from ``image_encoder`` (ImageBind: video goes through the image tower).
+        """Start the frame encoder from ``image_encoder``'s trunk (ImageBind: video goes through the image tower).
 
         ``"share"`` ties the trunk (one module: training or freezing either one changes both; the frames
         are then preprocessed as ``image_encoder`` does); ``"copy"`` copies its trunk weights once, which
@@ -333,19 +221,7 @@ def video_frames(
     return VideoFramesEncoder(frames, embed_dim, *pooling, head, logit_scale, learnable_logit_scale)
 
 
-def frames_to_unit_float(frames: np.ndarray, what: str = "video") -> Tensor:
-    """Frames ``(T, H, W[, C])`` -> float RGB ``(T, 3, H, W)`` in [0, 1]."""
-    x = torch.from_numpy(np.ascontiguousarray(frames if frames.ndim == 4 else frames[..., None]))
-    x = rearrange(x, "t h w c -> t c h w")[:, :3]
-    x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
-    if x.dtype == torch.uint8:
-        return x.float() / 255
-    if not x.dtype.is_floating_point or not torch.isfinite(x).all() or x.min() < 0 or x.max() > 1:
-        raise InputError(f"{what} frames must be uint8 (0-255) or finite floats in [0, 1]; got {x.dtype}")
-    return x.float()
-
-
-class VideoMAEEncoder(ModalityEncoder):
+class VideoMAEEncoder(HFEncoder):
     """A Hugging Face VideoMAE model with its image processor; features are the mean of the last hidden state."""
 
     file_suffixes = VIDEO_SUFFIXES
@@ -360,8 +236,9 @@ class VideoMAEEncoder(ModalityEncoder):
         logit_scale: float,
         learnable_logit_scale: bool,
     ) -> None:
-        super().__init__("video", model, model.config.hidden_size, embed_dim, head, logit_scale, learnable_logit_scale)
-        self.processor, self.num_frames, self.max_clips = processor, model.config.num_frames, max_clips
+        trunk_dim = model.config.hidden_size
+        super().__init__("video", model, processor, trunk_dim, embed_dim, head, logit_scale, learnable_logit_scale)
+        self.num_frames, self.max_clips = model.config.num_frames, max_clips
 
     def preprocess(self, item: Any) -> Tensor:
         """Raw video -> pixel values ``(num_clips, num_frames, 3, size, size)``."""
@@ -378,31 +255,15 @@ class VideoMAEEncoder(ModalityEncoder):
     def forward_features(self, batch: Tensor) -> Tensor:
         return self.trunk(pixel_values=batch).last_hidden_state.mean(1)
 
-    def trunk_blocks(self) -> list[nn.Module]:
-        return find_blocks(self.trunk)
-
-    def export_assets(self, directory: Path) -> dict[str, Any]:
-        return export_hf(directory, self.trunk, self.processor)
-
 
 def _tiny_videomae(scratch_dir: Path) -> dict[str, Any]:
+    """Save a tiny random VideoMAE model and its image processor under ``scratch_dir`` (for tests)."""
     from transformers import VideoMAEConfig, VideoMAEImageProcessor, VideoMAEModel
 
-    path = Path(scratch_dir) / "videomae"
-    if not (path / "config.json").is_file():
-        config = VideoMAEConfig(
-            image_size=32,
-            patch_size=16,
-            num_frames=4,
-            tubelet_size=2,
-            hidden_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            intermediate_size=37,
-        )
-        VideoMAEModel(config).save_pretrained(path)
-        VideoMAEImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(path)
-    return {"path": str(path), "embed_dim": 16}
+    dims = TINY_TRANSFORMER | {"intermediate_size": 37}
+    config = VideoMAEConfig(image_size=32, patch_size=16, num_frames=4, tubelet_size=2, **dims)
+    processor = VideoMAEImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return {"path": save_tiny_hf(Path(scratch_dir) / "videomae", VideoMAEModel, config, processor), "embed_dim": 16}
 
 
 @register_encoder("video", pretrained="local Hugging Face VideoMAEModel directory", tiny=_tiny_videomae)

@@ -45,10 +45,10 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 def pytest_configure(config) -> None:
     """A broken install (torchaudio built for another torch) is one clear line, not a collection error per file."""
     from bind.errors import ConfigError
-    from bind.registry import import_builtin_encoders
+    from bind.registry import load_builtin_encoders
 
     try:
-        import_builtin_encoders()
+        load_builtin_encoders()
     except ConfigError as err:
         raise pytest.UsageError(str(err)) from None
 

@@ -29,9 +29,9 @@ from bind.cli._inputs import read_inputs
 from bind.model import FORMAT_VERSION, BindModel
 from bind.recipe import load_recipe
 from bind.runs import load_run
-from encoders.audio import load_audio
-from encoders.image import load_image
-from encoders.video import read_video, write_video
+from encoders.audio_io import load_audio
+from encoders.image_io import load_image
+from encoders.video_io import read_video, write_video
 
 TESTS = Path(__file__).parent
 RNG = np.random.default_rng(0)

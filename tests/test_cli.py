@@ -26,6 +26,31 @@ def test_encoders_json_lists_name_and_modality():
     assert by_name["digits_cnn"]["modality"] == "image"
     assert {r["modality"] for r in rows} >= {"image", "text", "audio", "video"}
     assert by_name["digits_cnn"]["parameters"] > 0
+    assert by_name["audio_cnn"]["augmenter"] == "AudioAugment" and by_name["digits_cnn"]["augmenter"] is None
+
+
+def test_losses_lists_the_builtin_losses_and_a_plugins(tmp_path):
+    plugin = tmp_path / "zero_loss.py"
+    plugin.write_text(
+        "from bind import register_loss\n\n\n"
+        '@register_loss("zero", kind="bind")\n'
+        "def zero(z, anchor, labels, *, logit_scale, rows):\n"
+        '    """Always 0: a loss a plugin registers."""\n'
+        "    return (z * 0).sum()\n"
+    )
+    out = bindkit("losses", "--plugin", str(plugin), "--json")
+    assert out.returncode == 0, out.stderr
+    kinds = {row["name"]: row["kind"] for row in json.loads(out.stdout)}
+    assert kinds == {
+        "info_nce": "bind",
+        "label_aware_info_nce": "bind",
+        "supcon": "pretrain",
+        "pairwise_cosine": "pretrain",
+        "zero": "bind",
+    }
+    refused = bindkit("validate", "recipes/digits.yaml", "stages.0.loss=zero", "--plugin", str(plugin))
+    assert refused.returncode == 2
+    assert "stages[0] (image_specialist).loss: 'zero' is a bind loss; a pretrain stage takes" in refused.stderr
 
 
 def test_encoders_table_with_a_plugin():

@@ -11,11 +11,11 @@ import torch
 
 from bind import DataError
 from bind.data import build_dataset
-from bind.data.augment import AudioAugment, warp_frequency
 from bind.data.digits import EVAL_TEMPLATES, digit_captions, fsdd, mnist, moving_digits, parse_fsdd_name, read_idx
 from bind.data.manifest import manifest
 from bind.data.pairs import AnchorPairs, EpochSampler, Preprocessed
 from bind.recipe import DataSpec
+from encoders.audio_augment import AudioAugment, warp_frequency
 
 
 def test_read_idx_round_trip(tmp_path):
@@ -97,6 +97,20 @@ def test_manifest_columns_labels_and_splits(tmp_path, name):
         manifest(tmp_path, "train", name, "audio")
     with pytest.raises(DataError, match="no rows of split 'test'; its splits are eval, train"):
         manifest(tmp_path, "test", name, "text")
+
+
+def test_a_manifest_column_holds_text_when_no_cell_names_a_file_whatever_its_name(tmp_path):
+    (tmp_path / "a.png").write_text("x")
+    rows = [
+        {"photo": "a.png", "caption": "a.png", "words": "a dog"},  # "a.png" as a caption still names a file here
+        {"photo": "missing.png", "caption": "rain " * 100, "words": "x/" * 300},  # too long for a file name
+    ]
+    (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    assert list(manifest(tmp_path, "train", "m.jsonl", "words")) == ["a dog", "x/" * 300]
+    photos = manifest(tmp_path, "train", "m.jsonl", "photo")  # one missing file: still paths, not captions
+    assert list(photos) == [str((tmp_path / name).resolve()) for name in ("a.png", "missing.png")]
+    # a column that mixes a file name with text is read as paths unless the recipe says kind: text
+    assert manifest(tmp_path, "train", "m.jsonl", "caption", kind="text")[0] == "a.png"
 
 
 def test_manifest_integer_labels_sort_as_numbers(tmp_path):

@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from conftest import DATA_ROOT
 
 from bind import ConfigError, InputError, create_encoder, get_encoder_info
-from encoders.audio import AudioFrontend, load_audio, split_clips
-from encoders.video import clip_indices, read_video, write_video
+from encoders.audio_frontend import AudioFrontend
+from encoders.audio_io import load_audio, split_clips
+from encoders.video_io import clip_indices, read_video, write_video
 
 FSDD_FILE = DATA_ROOT / "fsdd" / "recordings" / "7_jackson_0.wav"
 
@@ -225,8 +226,8 @@ def test_share_ties_the_frame_trunk_and_copy_does_not(tmp_path):
     with torch.no_grad():
         for p in image.trunk.parameters():
             p.add_(torch.randn_like(p))
-    shared.use_frame_encoder_from(image, mode="share")
-    copied.use_frame_encoder_from(image, mode="copy")
+    shared.share_trunk_with(image, mode="share")
+    copied.share_trunk_with(image, mode="copy")
     pairs = list(
         zip(image.trunk.parameters(), shared.trunk.frames.parameters(), copied.trunk.frames.parameters(), strict=True)
     )
@@ -242,9 +243,9 @@ def test_share_ties_the_frame_trunk_and_copy_does_not(tmp_path):
     assert not torch.allclose(shared.embed(video), before_shared)  # the image tower's training moves the video's
     torch.testing.assert_close(copied.embed(video), before_copied)
     with pytest.raises(ConfigError, match="same frame_encoder"):
-        tiny("video_frames", tmp_path).use_frame_encoder_from(tiny("digits_cnn", tmp_path, width=8), mode="share")
+        tiny("video_frames", tmp_path).share_trunk_with(tiny("digits_cnn", tmp_path, width=8), mode="share")
     with pytest.raises(ConfigError, match="cannot copy"):
-        tiny("video_frames", tmp_path).use_frame_encoder_from(tiny("tv_resnet18", tmp_path, embed_dim=16), mode="copy")
+        tiny("video_frames", tmp_path).share_trunk_with(tiny("tv_resnet18", tmp_path, embed_dim=16), mode="copy")
 
 
 def test_attention_pooling_sees_frame_order_and_mean_pooling_does_not(tmp_path):

@@ -14,7 +14,8 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from bind import ConfigError, DataError, InputError, create_encoder, get_encoder_info
-from encoders.image import MNIST_MEAN, MNIST_STD, load_image
+from encoders.image import MNIST_MEAN, MNIST_STD
+from encoders.image_io import load_image
 
 RNG = np.random.default_rng(0)
 

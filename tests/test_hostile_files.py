@@ -22,11 +22,13 @@ from safetensors.torch import load_file, save_file
 
 from bind import ConfigError, DataError, InputError, create_encoder
 from bind.cli.retrieve import _load_gallery
-from bind.data.shards import ShardIndex, ShardStream, shards, write_shards
+from bind.data.shard_stream import ShardStream
+from bind.data.shard_writer import write_shards
+from bind.data.shards import ShardIndex, shards
 from bind.model import BindModel
 from bind.retrieval import SearchIndex, check_finite, load_embeddings
-from encoders.audio import load_audio, split_clips
-from encoders.image import load_image
+from encoders.audio_io import load_audio, split_clips
+from encoders.image_io import load_image
 
 FSDD = Path(__file__).resolve().parents[2] / "shared" / "data" / "fsdd" / "recordings"
 AUDIO_ARGS = {"embed_dim": 16, "width": 4, "depth": 2, "n_mels": 16, "clip_seconds": 0.5}

@@ -206,7 +206,7 @@ def test_a_value_out_of_range_is_refused_by_validate_naming_the_key(tmp_path, ca
         ),
         (
             lambda d: d["modalities"]["image"]["train_data"].update(augment={"shift": 0.1}),
-            "modalities.image.train_data.augment: no augmentation is defined for modality 'image'",
+            "modalities.image.train_data.augment: encoder 'digits_cnn' defines no augmentation",
         ),
         (
             lambda d: d["modalities"]["audio"]["train_data"].update(augment={"speed": "fast"}),

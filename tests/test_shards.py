@@ -17,15 +17,9 @@ from torch.utils.data import DataLoader
 
 from bind import ConfigError, DataError, create_encoder
 from bind.cli import main
-from bind.data.shards import (
-    ShardIndex,
-    ShardPairs,
-    ShardPreprocessed,
-    ShardStream,
-    collate_with_bad,
-    shards,
-    write_shards,
-)
+from bind.data.shard_stream import ShardPairs, ShardPreprocessed, ShardStream, collate_with_bad
+from bind.data.shard_writer import write_shards
+from bind.data.shards import ShardIndex, shards
 
 CLASSES = ["cat", "dog", "bird"]  # in order of appearance; class ids follow the sorted names
 CLASS_IDS = [sorted(CLASSES).index(c) for c in CLASSES]  # row i has class id CLASS_IDS[i % 3]

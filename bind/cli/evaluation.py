@@ -80,5 +80,5 @@ def run(args: argparse.Namespace) -> int:
     model.to(device)
     splits = embed_eval_splits(model, recipe, device, show_progress=not args.no_progress)
     results = evaluate_model(model, recipe, device, splits)
-    print(json.dumps(results, indent=2) if args.json else format_results(results, recipe.eval.prompt_modality))
+    print(json.dumps(results, indent=2) if args.json else format_results(results))
     return 0

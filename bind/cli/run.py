@@ -66,6 +66,6 @@ def run(args: argparse.Namespace) -> int:
     results = run_recipe(recipe, out, show_progress=not args.no_progress, resume=args.resume)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
-    print(format_results(results, recipe.eval.prompt_modality))
+    print(format_results(results))
     print(f"run directory: {out}  (model.safetensors, config.json, metrics.jsonl, eval.json)")
     return 0

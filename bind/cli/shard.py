@@ -20,14 +20,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-shard-bytes", type=int, default=None, metavar="B", help="also start a new shard before B")
     p.add_argument("--split", default=None, help="keep only the rows of this split (default: all rows)")
     p.add_argument(
-        "--text-column", action="append", default=None, metavar="NAME", help="a column holding text (default: text)"
+        "--text-column",
+        action="append",
+        default=None,
+        metavar="NAME",
+        help="a column holding text (default: each column none of whose cells names a file)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace DIR if it already holds files")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..data.shards import ShardIndex, write_shards
+    from ..data.shard_writer import write_shards
+    from ..data.shards import ShardIndex
     from ..errors import ConfigError
 
     if args.samples_per_shard < 1:
@@ -38,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
         samples_per_shard=args.samples_per_shard,
         max_shard_bytes=args.max_shard_bytes,
         split=args.split,
-        text_columns=args.text_column or ["text"],
+        text_columns=args.text_column,
         overwrite=args.overwrite,
     )
     index = ShardIndex.load(args.out)

@@ -1,112 +1,52 @@
-"""Training-time augmentation. Audio: what a speech engineer reaches for first.
+"""Training-time augmentation: the protocol an encoder's augmenter follows, and building one from a recipe.
 
-Waveform-level (before the encoder's frontend): a random onset (silence before the sound), speed
-perturbation (resampling by a random factor changes tempo and pitch together, like Kaldi's speed
-perturbation: a cheap stand-in for new vocal tracts, which FIELD_NOTES found moved unseen-speaker accuracy most), gain
-and additive noise at a random SNR. Feature-level (after it): a mel-axis warp (another vocal tract
-length) and SpecAugment frequency and time masks.
+The core defines no augmenter: an encoder registers its own (``register_encoder(...,
+augmenter=AudioAugment)``, see ``encoders/audio_augment.py``), and a recipe's ``train_data.augment``
+mapping holds that augmenter's keyword arguments. An augmenter has two methods, both drawing every
+random number from the ``torch.Generator`` they are given (the dataset seeds it per seed, epoch and
+item, so a run is reproducible whatever the number of DataLoader workers):
 
-Every draw comes from a ``torch.Generator`` the dataset seeds per (seed, epoch, item), so a run is
-reproducible whatever the number of DataLoader workers.
+* ``augment_raw(item, generator)``: the raw item (what a file reads to) before ``preprocess``;
+* ``augment_tensor(x, generator)``: the preprocessed tensor after it.
+
+The anchor of a bind stage is never augmented (its space is the target).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+import dataclasses
+from typing import Any, Protocol
 
-import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import Tensor
 
+from ..config import build
 from ..errors import ConfigError
+from ..registry import EncoderInfo
 
 
-def _uniform(g: torch.Generator, low: float, high: float) -> float:
-    return low + (high - low) * torch.rand((), generator=g).item()
+class Augmenter(Protocol):
+    def augment_raw(self, item: Any, generator: torch.Generator) -> Any: ...
+
+    def augment_tensor(self, x: Any, generator: torch.Generator) -> Any: ...
 
 
-@dataclass
-class AudioAugment:
-    """Augment raw ``(waveform, sample_rate)`` items and their features. 0 or None turns a knob off."""
-
-    shift: float = 0.15  # max silence added before the sound, as a fraction of its length
-    speed: tuple[float, float] | None = (0.8, 1.25)  # resampling factor range
-    gain_db: float = 6.0  # +- gain
-    noise_snr_db: tuple[float, float] | None = (15.0, 40.0)  # white noise at an SNR in this range
-    freq_warp: tuple[float, float] | None = None  # stretch the mel axis by a factor in this range (VTLP-like)
-    freq_masks: int = 2  # SpecAugment masks over mel bins
-    freq_mask_width: int = 8
-    time_masks: int = 2  # SpecAugment masks over frames
-    time_mask_width: int = 10
-
-    def augment_raw(self, item: Any, g: torch.Generator) -> tuple[np.ndarray, int]:
-        wave, rate = item
-        x = torch.as_tensor(np.asarray(wave, dtype=np.float32))
-        if x.ndim == 2:  # (samples, channels) from soundfile: mix down first
-            x = x.mean(1)
-        if self.speed:
-            factor = _uniform(g, *self.speed)
-            # linear interpolation is enough here (speech energy sits far below 4 kHz at 8 kHz)
-            new_len = max(8, int(round(x.numel() / factor)))
-            x = F.interpolate(x[None, None], size=new_len, mode="linear", align_corners=False)[0, 0]
-        if self.shift:  # a random onset: up to shift x length of silence before the sound
-            onset = int(torch.randint(0, int(self.shift * x.numel()) + 1, (), generator=g))
-            x = F.pad(x, (onset, 0))
-        if self.gain_db:
-            x = x * 10 ** (_uniform(g, -self.gain_db, self.gain_db) / 20)
-        if self.noise_snr_db:
-            snr = _uniform(g, *self.noise_snr_db)
-            power = x.pow(2).mean().clamp(min=1e-10)
-            x = x + torch.randn(x.shape, generator=g) * (power / 10 ** (snr / 10)).sqrt()
-        return x.numpy(), rate
-
-    def augment_tensor(self, feats: Tensor, g: torch.Generator) -> Tensor:
-        """Frequency warp and SpecAugment masks on (..., n_mels, frames) features, masks filled with the mean."""
-        if self.freq_warp:
-            feats = warp_frequency(feats, _uniform(g, *self.freq_warp))
-        feats = feats.clone()
-        fill = feats.mean()
-        n_mels, frames = feats.shape[-2:]
-        for count, width, size, dim in (
-            (self.freq_masks, self.freq_mask_width, n_mels, -2),
-            (self.time_masks, self.time_mask_width, frames, -1),
-        ):
-            for _ in range(count):
-                w = int(torch.randint(0, min(width, size) + 1, (), generator=g))
-                start = int(torch.randint(0, size - w + 1, (), generator=g))
-                feats.narrow(dim, start, w).fill_(fill)
-        return feats
-
-
-def warp_frequency(feats: Tensor, factor: float) -> Tensor:
-    """Stretch (factor > 1) or squeeze the mel axis of (..., n_mels, frames), keeping its size.
-
-    A longer or shorter vocal tract moves every formant by about the same factor: this imitates
-    another speaker (vocal tract length perturbation) without touching the time axis.
-    """
-    n_mels, frames = feats.shape[-2:]
-    flat = feats.reshape(-1, 1, n_mels, frames)
-    size = max(2, round(n_mels * factor))
-    warped = F.interpolate(flat, size=(size, frames), mode="bilinear", align_corners=True)
-    warped = warped[:, :, :n_mels] if size >= n_mels else F.pad(warped, (0, 0, 0, n_mels - size), mode="replicate")
-    return warped.reshape(feats.shape)
-
-
-AUGMENTERS: dict[str, Callable[..., Any]] = {"audio": AudioAugment}
-
-
-def build_augment(modality: str, args: dict[str, Any]) -> Any | None:
-    """The augmenter for ``modality`` from a recipe's ``augment:`` mapping (empty: none)."""
-    if not args:
-        return None
-    if modality not in AUGMENTERS:
+def check_augment(info: EncoderInfo, knobs: dict[str, Any], where: str) -> None:
+    """The encoder has an augmenter and it takes these knobs, of these types (a recipe's ``augment:``)."""
+    if info.augmenter is None:
         raise ConfigError(
-            f"augment: no augmentation is defined for modality {modality!r} (known: {', '.join(AUGMENTERS)})"
+            f"{where}: encoder {info.name!r} defines no augmentation; remove augment, or register the encoder "
+            "with an augmenter (register_encoder(..., augmenter=MyAugment))"
         )
+    if dataclasses.is_dataclass(info.augmenter):  # a plugin's may be any callable: then its own call checks it
+        build(info.augmenter, knobs, where, ranges={})
+
+
+def build_augment(info: EncoderInfo, knobs: dict[str, Any], where: str = "augment") -> Augmenter | None:
+    """The encoder's augmenter with a recipe's ``augment:`` knobs (lists become tuples); ``{}``: no augmentation."""
+    if not knobs:
+        return None
+    check_augment(info, knobs, where)
     try:
-        return AUGMENTERS[modality](**{k: tuple(v) if isinstance(v, list) else v for k, v in args.items()})
+        return info.augmenter(**{k: tuple(v) if isinstance(v, list) else v for k, v in knobs.items()})
     except TypeError as err:
-        raise ConfigError(f"augment for {modality!r}: {err}") from None
+        raise ConfigError(f"{where}: {err}") from None

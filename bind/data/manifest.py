@@ -1,7 +1,8 @@
 """Explicit pairing for your own data: a CSV or JSONL manifest, one row per paired sample.
 
-Each modality is a column. File paths are relative to the manifest's folder; a ``text`` column
-holds the text itself. Optional columns: ``label`` (a class, for label-aware losses and
+Each modality is a column. File paths are relative to the manifest's folder; a column none of whose
+cells names a file holds the text itself (:func:`column_holds_text`; ``kind`` in a recipe's ``args``
+says it outright). Optional columns: ``label`` (a class, for label-aware losses and
 class-match evaluation) and ``split`` (rows whose split differs from the requested one are
 skipped). Example ``pairs.csv``::
 
@@ -23,6 +24,8 @@ from typing import Any
 
 from ..errors import DataError
 from . import Items, register_dataset
+
+RESERVED_COLUMNS = ("id", "label", "split")  # manifest columns that are not modalities
 
 
 def read_manifest(path: Path) -> list[dict[str, Any]]:
@@ -51,7 +54,7 @@ def _split_rows(rows: list[dict[str, Any]], split: str) -> list[dict[str, Any]]:
 
 @register_dataset("manifest")
 def manifest(root: Path, split: str, path: str, column: str, kind: str | None = None) -> Items:
-    """One column of a manifest; ``kind`` is "path" (default) or "text" (default for a column named text).
+    """One column of a manifest; ``kind`` is "path" or "text" (default: text when no cell names a file).
 
     ``split`` selects rows by the ``split`` column (``*``: all rows). Labels are numbered from the
     classes of the whole file, every split included, so train and eval agree on what label 3 means.
@@ -60,10 +63,10 @@ def manifest(root: Path, split: str, path: str, column: str, kind: str | None = 
     all_rows = read_manifest(file)
     if all_rows and column not in all_rows[0]:
         raise DataError(f"manifest {file}: no column {column!r}; columns are {', '.join(all_rows[0])}")
-    kind = kind or ("text" if column == "text" else "path")
-    if kind not in ("path", "text"):
+    if kind not in (None, "path", "text"):
         raise DataError(f"manifest {file}: kind must be 'path' or 'text', got {kind!r}")
     rows = _split_rows(all_rows, split)
+    kind = kind or ("text" if column_holds_text(file.parent, all_rows, column) else "path")
     if all_rows and not rows:
         splits = sorted({str(r.get("split")) for r in all_rows if r.get("split") not in ("", None)})
         raise DataError(
@@ -79,6 +82,23 @@ def manifest(root: Path, split: str, path: str, column: str, kind: str | None = 
         items.append(value)
     class_names = manifest_classes(all_rows)
     return Items(items, labels_of(rows, class_names), [str(r[column]) for r in rows], class_names)
+
+
+def column_holds_text(base: Path, rows: list[dict[str, Any]], column: str) -> bool:
+    """Whether a column holds text rather than paths: none of its cells names a file under ``base``.
+
+    A column with a single file among its cells is a path column, so a missing file there is an error
+    (or a bad item), never quietly read as a caption."""
+    return not any(_names_file(base, row.get(column)) for row in rows)
+
+
+def _names_file(base: Path, value: Any) -> bool:
+    if not isinstance(value, str) or not value or "\0" in value:
+        return False
+    try:
+        return (base / value).is_file()
+    except (OSError, ValueError):  # a caption longer than a file name may be
+        return False
 
 
 def manifest_classes(rows: list[dict[str, Any]]) -> list[str] | None:

@@ -1,0 +1,74 @@
+"""What a training loop reports and listens to: ``metrics.jsonl`` (and TensorBoard), and stop signals."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .distributed import Dist, mean_over_ranks
+from .errors import ConfigError
+
+
+class MetricsLog:
+    """One JSON object per line in ``metrics.jsonl``; the scalars also to TensorBoard when asked."""
+
+    def __init__(self, path: Path, tensorboard: bool = False) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.writer = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as err:
+                raise ConfigError("tensorboard: true needs the tensorboard package (pip install tensorboard)") from err
+            self.writer = SummaryWriter(str(path.parent / "tensorboard"))
+
+    def write(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None and "step" in record:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self.writer.add_scalar(f"{record['stage']}/{key}", value, record["step"])
+            for key, value in record.get("losses", {}).items():
+                self.writer.add_scalar(f"{record['stage']}/loss_{key}", value, record["step"])
+
+
+class StopFlag:
+    """SIGTERM and SIGINT set a flag instead of killing the process: the loop checkpoints, then stops."""
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+        self.count = 0
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopFlag:
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        # torchrun and terminals repeat a signal (Ctrl-C reaches every process, then torchrun forwards it):
+        # the second one must not break the checkpoint being written; a third stops at once
+        self.count += 1
+        if self.count >= 3:
+            raise KeyboardInterrupt
+        self.signal_name = self.signal_name or signal.Signals(signum).name
+
+    def requested(self, dist: Dist, device: torch.device) -> bool:
+        """Whether to stop after this step; with several ranks, any rank's signal stops all at the same step."""
+        flag = float(self.signal_name is not None)
+        if dist.enabled:
+            flag = mean_over_ranks(flag, device)
+            self.signal_name = self.signal_name or ("SIGTERM" if flag else None)
+        return flag > 0
