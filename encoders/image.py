@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -180,45 +180,49 @@ def _torchvision_encoder(trunk: Trunk, head_attr: str, weights_path: str | None,
 _TV_PRETRAINED = "local torchvision ImageNet checkpoint (weights_path)"
 
 
-def _register_tv_resnet(arch: str, trunk_dim: int, doc: str) -> Callable[..., ImageEncoder]:
-    """Register the factory ``tv_<arch>``: torchvision's ResNet ``arch``, ``trunk_dim``-d pooled features, ``doc``.
-
-    Unlike the other factories these are made by a function: the ResNets take the same arguments, so a new
-    variant is one line (``tv_resnet34 = _register_tv_resnet("resnet34", 512, "ResNet-34 ...")``).
-    """
-
-    def factory(
-        embed_dim: int | None = None,
-        weights_path: str | None = None,
-        image_size: int = 224,
-        head: HeadKind = "linear",
-        logit_scale: float = 1 / 0.07,
-        learnable_logit_scale: bool = True,
-    ) -> ImageEncoder:
-        model = getattr(torchvision.models, arch)(weights=None)
-        model.fc = nn.Identity()
-        trunk = Trunk(model, trunk_dim, [model.layer1, model.layer2, model.layer3, model.layer4])
-        head_args = {"head": head, "logit_scale": logit_scale, "learnable_logit_scale": learnable_logit_scale}
-        return _torchvision_encoder(trunk, "fc", weights_path, embed_dim=embed_dim, image_size=image_size, **head_args)
-
-    factory.__name__ = factory.__qualname__ = f"tv_{arch}"
-    factory.__doc__ = doc
-    return register_encoder("image", pretrained=_TV_PRETRAINED, tiny={"image_size": 32, "embed_dim": 16})(factory)
+def tv_resnet(arch: str, trunk_dim: int, weights_path: str | None, **kwargs: Any) -> ImageEncoder:
+    """torchvision's ResNet ``arch`` (``resnet18``, ``resnet50``, ...) as an encoder: ``trunk_dim``-d pooled
+    features, its four stages as blocks. A new ResNet variant is a factory that calls this."""
+    model = getattr(torchvision.models, arch)(weights=None)
+    model.fc = nn.Identity()
+    trunk = Trunk(model, trunk_dim, [model.layer1, model.layer2, model.layer3, model.layer4])
+    return _torchvision_encoder(trunk, "fc", weights_path, **kwargs)
 
 
-tv_resnet18 = _register_tv_resnet(
-    "resnet18",
-    512,
+_RESNET_TINY = {"image_size": 32, "embed_dim": 16}
+
+
+@register_encoder("image", pretrained=_TV_PRETRAINED, tiny=_RESNET_TINY)
+def tv_resnet18(
+    embed_dim: int | None = None,
+    weights_path: str | None = None,
+    image_size: int = 224,
+    head: HeadKind = "linear",
+    logit_scale: float = 1 / 0.07,
+    learnable_logit_scale: bool = True,
+) -> ImageEncoder:
     """ResNet-18 (torchvision), optionally from a local checkpoint; 512-d pooled features.
 
     ``embed_dim=None`` keeps the feature size. Example::
 
         enc = create_encoder("tv_resnet18", weights_path="~/weights/resnet18-f37072fd.pth", embed_dim=256)
-    """,
-)
-tv_resnet50 = _register_tv_resnet(
-    "resnet50", 2048, "ResNet-50 (torchvision), optionally from a local checkpoint; 2048-d pooled features."
-)
+    """
+    head_args = {"head": head, "logit_scale": logit_scale, "learnable_logit_scale": learnable_logit_scale}
+    return tv_resnet("resnet18", 512, weights_path, embed_dim=embed_dim, image_size=image_size, **head_args)
+
+
+@register_encoder("image", pretrained=_TV_PRETRAINED, tiny=_RESNET_TINY)
+def tv_resnet50(
+    embed_dim: int | None = None,
+    weights_path: str | None = None,
+    image_size: int = 224,
+    head: HeadKind = "linear",
+    logit_scale: float = 1 / 0.07,
+    learnable_logit_scale: bool = True,
+) -> ImageEncoder:
+    """ResNet-50 (torchvision), optionally from a local checkpoint; 2048-d pooled features."""
+    head_args = {"head": head, "logit_scale": logit_scale, "learnable_logit_scale": learnable_logit_scale}
+    return tv_resnet("resnet50", 2048, weights_path, embed_dim=embed_dim, image_size=image_size, **head_args)
 
 
 @register_encoder("image", pretrained=_TV_PRETRAINED, tiny={**VIT_TINY, "embed_dim": 16})
