@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import glob
 from pathlib import Path
 
@@ -17,6 +18,16 @@ INPUTS_HELP = (
     "globs ('wavs/*.wav'); "
     "any modality: @LIST.txt, one item per line (file paths relative to the list's folder)"
 )
+
+
+def add_plugin_args(p: argparse.ArgumentParser) -> None:
+    """``--plugin MODULE`` (import it: the user's own consent) and ``--trust-plugins`` (import what a file names)."""
+    p.add_argument("--plugin", action="append", default=[], metavar="MODULE", help="import MODULE to register encoders")
+    p.add_argument(
+        "--trust-plugins",
+        action="store_true",
+        help="import the plugin modules the recipe or run names (runs their code; only for files you trust)",
+    )
 
 
 def read_inputs(model: BindModel, modality: str, inputs: list[str]) -> list[str]:

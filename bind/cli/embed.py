@@ -12,7 +12,16 @@ from pathlib import Path
 import numpy as np
 
 from ..registry import load_plugins
-from ._inputs import INPUTS_HELP, check_batch_size, embed_inputs, names_path, read_inputs, resolve_device, write_names
+from ._inputs import (
+    INPUTS_HELP,
+    add_plugin_args,
+    check_batch_size,
+    embed_inputs,
+    names_path,
+    read_inputs,
+    resolve_device,
+    write_names,
+)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -23,12 +32,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output .npy: float32 (N, D), unit-norm rows, input order")
     p.add_argument("--batch-size", type=int, default=64, help="items embedded at once (default: 64)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
-    p.add_argument("--plugin", action="append", default=[], metavar="MODULE", help="import MODULE to register encoders")
-    p.add_argument(
-        "--trust-plugins",
-        action="store_true",
-        help="import the plugin modules the recipe or run names (runs their code; only for files you trust)",
-    )
+    add_plugin_args(p)
     p.set_defaults(func=run)
 
 

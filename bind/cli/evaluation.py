@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from ..registry import load_plugins
+from ._inputs import add_plugin_args
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -31,13 +32,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-items", type=int, help="cap per modality (spread over the split)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--plugin", action="append", default=[], metavar="MODULE", help="import MODULE to register encoders")
+    add_plugin_args(p)
     p.add_argument("--data-root", help="where the run's eval data is on this machine (default: the run's data_root)")
-    p.add_argument(
-        "--trust-plugins",
-        action="store_true",
-        help="import the plugin modules the recipe or run names (runs their code; only for files you trust)",
-    )
     p.set_defaults(func=run)
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from ..registry import load_plugins
+from ._inputs import add_plugin_args
 
 # plain text, no reStructuredText markup: argparse prints it as it is
 DESCRIPTION = """\
@@ -42,12 +43,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default="pca",
         help="projection: pca (default) or umap (needs the umap extra)",
     )
-    p.add_argument("--plugin", action="append", default=[], metavar="MODULE", help="import MODULE to register encoders")
-    p.add_argument(
-        "--trust-plugins",
-        action="store_true",
-        help="import the plugin modules the recipe or run names (runs their code; only for files you trust)",
-    )
+    add_plugin_args(p)
     p.set_defaults(func=run)
 
 

@@ -16,6 +16,7 @@ from ..errors import ConfigError, DataError
 from ..registry import load_plugins
 from ._inputs import (
     INPUTS_HELP,
+    add_plugin_args,
     check_batch_size,
     check_modality,
     embed_inputs,
@@ -42,12 +43,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=64, help="items embedded at once (default: 64)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--json", action="store_true", help="print a JSON list of {query, results: [{item, score}]}")
-    p.add_argument("--plugin", action="append", default=[], metavar="MODULE", help="import MODULE to register encoders")
-    p.add_argument(
-        "--trust-plugins",
-        action="store_true",
-        help="import the plugin modules the recipe or run names (runs their code; only for files you trust)",
-    )
+    add_plugin_args(p)
     p.set_defaults(func=run)
 
 

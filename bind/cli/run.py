@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from ..registry import load_plugins
+from ._inputs import add_plugin_args
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -18,15 +19,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("recipe", help="recipe YAML file, e.g. recipes/digits.yaml")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override recipe keys (values are YAML)")
     p.add_argument("--out", help="run directory (default: runs/RECIPE_NAME)")
-    p.add_argument("--plugin", action="append", default=[], metavar="MODULE", help="import MODULE to register encoders")
+    add_plugin_args(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--nproc", type=int, default=1, metavar="N", help="data-parallel processes on this machine")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the run directory")
-    p.add_argument(
-        "--trust-plugins",
-        action="store_true",
-        help="import the plugin modules the recipe or run names (runs their code; only for files you trust)",
-    )
     p.set_defaults(func=run)
 
 

@@ -5,18 +5,14 @@ from __future__ import annotations
 import argparse
 
 from ..registry import load_plugins
+from ._inputs import add_plugin_args
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("validate", help="check a recipe without training", description=__doc__)
     p.add_argument("recipe", help="recipe YAML file, e.g. recipes/digits.yaml")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override recipe keys (values are YAML)")
-    p.add_argument("--plugin", action="append", default=[], metavar="MODULE", help="import MODULE to register encoders")
-    p.add_argument(
-        "--trust-plugins",
-        action="store_true",
-        help="import the plugin modules the recipe or run names (runs their code; only for files you trust)",
-    )
+    add_plugin_args(p)
     p.set_defaults(func=run)
 
 
