@@ -133,7 +133,16 @@ def build_stage_loaders(
 class _Builder:
     """The pieces of :func:`build_stage_loaders`, sharing its arguments."""
 
-    def __init__(self, model, recipe, stage, train_sets, cached, dist, device) -> None:
+    def __init__(
+        self,
+        model: BindModel,
+        recipe: Recipe,
+        stage: StageSpec,
+        train_sets: dict[str, Items],
+        cached: set[str],
+        dist: Dist,
+        device: torch.device,
+    ) -> None:
         self.model, self.recipe, self.stage, self.train_sets = model, recipe, stage, train_sets
         self.cached, self.dist, self.device = cached, dist, device
 
