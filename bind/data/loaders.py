@@ -41,6 +41,9 @@ class StageLoaders:
     loaders: dict[str, DataLoader]
     epoch_batches: dict[str, int]
 
+    def add(self, modality: str, loader: DataLoader, epoch_batches: int) -> None:
+        self.loaders[modality], self.epoch_batches[modality] = loader, epoch_batches
+
     def iterators(self) -> dict[str, Iterator[Any]]:
         """An endless iterator over each loader (each pass a new epoch)."""
         return {m: endless(loader) for m, loader in self.loaders.items()}
@@ -96,55 +99,53 @@ def build_stage_loaders(
     device: torch.device,
 ) -> StageLoaders:
     """The loaders of ``stage``; the modalities in ``cached`` yield item indices into their feature caches."""
-    build = _Builder(model, recipe, stage, train_sets, cached, dist, device)
-    anchor = recipe.anchor_modality
-    if stage.kind == "pretrain":
-        m = stage.modality
-        collate = build.collate(m)
-
-        def single(batch: list) -> tuple:
-            return collate([b[0] for b in batch]), torch.tensor([b[1] for b in batch])
-
-        if recipe.modalities[m].train_data.stream:
-            built = {m: build.stream_loader(m, build.stream(m), stage.batch_size, single)}
-        else:
-            built = {m: build.indexed_loader(build.dataset(m), stage.batch_size, single)}
-        return StageLoaders({m: b[0] for m, b in built.items()}, {m: b[1] for m, b in built.items()})
-    anchor_set, built = build.dataset(anchor), {}
-    for m, pair in stage.pairs.items():
-        anchor_collate, collate = build.collate(anchor), build.collate(m)
-
-        def paired(batch: list, anchor_collate=anchor_collate, collate=collate) -> tuple:
-            return (
-                anchor_collate([b[0] for b in batch]),
-                collate([b[1] for b in batch]),
-                torch.tensor([b[2] for b in batch]),
-            )
-
-        if recipe.modalities[m].train_data.stream:
-            stream = build.stream(m, recipe.modalities[anchor].train_data.args["column"])
-            built[m] = build.stream_loader(m, stream, pair.batch_size, paired)
-        else:
-            pairs = AnchorPairs(anchor_set, build.dataset(m), pair.pairing, recipe.seed)
-            built[m] = build.indexed_loader(pairs, pair.batch_size, paired)
-    return StageLoaders({m: b[0] for m, b in built.items()}, {m: b[1] for m, b in built.items()})
+    return _Builder(model, recipe, stage, train_sets, cached, dist, device).loaders()
 
 
+@dataclass
 class _Builder:
     """The pieces of :func:`build_stage_loaders`, sharing its arguments."""
 
-    def __init__(
-        self,
-        model: BindModel,
-        recipe: Recipe,
-        stage: StageSpec,
-        train_sets: dict[str, Items],
-        cached: set[str],
-        dist: Dist,
-        device: torch.device,
-    ) -> None:
-        self.model, self.recipe, self.stage, self.train_sets = model, recipe, stage, train_sets
-        self.cached, self.dist, self.device = cached, dist, device
+    model: BindModel
+    recipe: Recipe
+    stage: StageSpec
+    train_sets: dict[str, Items]
+    cached: set[str]
+    dist: Dist
+    device: torch.device
+
+    def loaders(self) -> StageLoaders:
+        recipe, stage, anchor = self.recipe, self.stage, self.recipe.anchor_modality
+        loaders = StageLoaders({}, {})
+        if stage.kind == "pretrain":
+            m, collate = stage.modality, self.collate(stage.modality)
+
+            def single(batch: list) -> tuple:
+                return collate([b[0] for b in batch]), torch.tensor([b[1] for b in batch])
+
+            if recipe.modalities[m].train_data.stream:
+                loaders.add(m, *self.stream_loader(self.stream(m), stage.batch_size, single))
+            else:
+                loaders.add(m, *self.indexed_loader(self.dataset(m), stage.batch_size, single))
+            return loaders
+        anchor_set = self.dataset(anchor)
+        for m, pair in stage.pairs.items():
+            anchor_collate, collate = self.collate(anchor), self.collate(m)
+
+            def paired(batch: list, anchor_collate=anchor_collate, collate=collate) -> tuple:
+                return (
+                    anchor_collate([b[0] for b in batch]),
+                    collate([b[1] for b in batch]),
+                    torch.tensor([b[2] for b in batch]),
+                )
+
+            if recipe.modalities[m].train_data.stream:
+                stream = self.stream(m, recipe.modalities[anchor].train_data.args["column"])
+                loaders.add(m, *self.stream_loader(stream, pair.batch_size, paired))
+            else:
+                pairs = AnchorPairs(anchor_set, self.dataset(m), pair.pairing, recipe.seed)
+                loaders.add(m, *self.indexed_loader(pairs, pair.batch_size, paired))
+        return loaders
 
     def dataset(self, modality: str) -> Any:
         if modality in self.cached:
@@ -180,7 +181,7 @@ class _Builder:
         anchor_preprocess = self.model[recipe.anchor_modality].preprocess
         return ShardPairs(path, anchor_column, spec.args["column"], anchor_preprocess, preprocess, **options)
 
-    def stream_loader(self, modality: str, stream: ShardStream, batch_size: int, collate) -> tuple[DataLoader, int]:
+    def stream_loader(self, stream: ShardStream, batch_size: int, collate) -> tuple[DataLoader, int]:
         """Batches from a shard stream; an epoch is the shards' sample count over the global batch, on every rank."""
         local_batch = self.local_batch(batch_size, stream.index.samples)
         epoch_batches = max(1, stream.index.samples // (local_batch * self.dist.world_size))
