@@ -45,8 +45,10 @@ def register_decoder(*extensions: str) -> Callable[[Decoder], Decoder]:
 
 def decode(ext: str, data: bytes, where: str) -> Any:
     """A member's bytes -> the raw item a loose file would give the encoders; raises :class:`BadItem`."""
-    load_plugins()  # encoders register their decoders on import, in a DataLoader worker too
     decoder = _DECODERS.get(ext.lower())
+    if decoder is None:  # encoders register theirs on import: load them once (a DataLoader worker too)
+        load_plugins()
+        decoder = _DECODERS.get(ext.lower())
     if decoder is None:
         return data  # unknown formats: the encoder's preprocess gets the bytes
     try:
