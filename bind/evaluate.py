@@ -16,11 +16,13 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .data import Items, build_dataset
+from .data.augment import build_augment
 from .data.pairs import Preprocessed
 from .distributed import SINGLE_PROCESS, Dist
 from .encoder import move_to
 from .errors import DataError
 from .model import BindModel
+from .registry import get_encoder_info
 
 
 @torch.no_grad()
@@ -32,18 +34,37 @@ def embed_items(
     batch_size: int = 256,
     num_workers: int = 0,
     show_progress: bool = False,
+    views: list[Any] | None = None,
 ) -> Tensor:
-    """(N, D) embeddings of a dataset's items, in order."""
+    """(N, D) embeddings of a dataset's items, in order.
+
+    ``views`` (fixed augmenters, from an augmenter's ``test_views``): each item's embedding is the normalised mean
+    of its embeddings under each view (test-time augmentation)."""
     encoder = model[modality]
-    loader = DataLoader(
-        Preprocessed(items, encoder.preprocess),
-        batch_size=batch_size,
-        num_workers=num_workers,
-        collate_fn=lambda b: encoder.collate([x for x, _ in b]),
-        generator=torch.Generator(),  # leaves the global RNG as it was (exact resume)
-    )
-    bar = tqdm(loader, desc=f"eval: embed {modality}", unit="batch", disable=not show_progress, leave=False)
-    return torch.cat([encoder(move_to(batch, device)).float().cpu() for batch in bar])
+    total = None
+    for view in views or [None]:
+        loader = DataLoader(
+            Preprocessed(items, encoder.preprocess, augment=view),
+            batch_size=batch_size,
+            num_workers=num_workers,
+            collate_fn=lambda b: encoder.collate([x for x, _ in b]),
+            generator=torch.Generator(),  # leaves the global RNG as it was (exact resume)
+        )
+        bar = tqdm(loader, desc=f"eval: embed {modality}", unit="batch", disable=not show_progress, leave=False)
+        z = torch.cat([encoder(move_to(batch, device)).float().cpu() for batch in bar])
+        total = z if total is None else total + z
+    return total if views is None else F.normalize(total, dim=-1)
+
+
+def tta_views(recipe: Any, modality: str) -> list[Any] | None:
+    """The fixed views ``eval.tta`` asks for, from the augmenter ``modality`` trains with (its ``test_views``);
+    ``None`` when tta is off or the modality trains unaugmented (text, the anchor of a plain recipe)."""
+    spec = recipe.modalities[modality]
+    if recipe.eval.tta <= 1 or spec.train_data is None or not spec.train_data.augment:
+        return None
+    augmenter = build_augment(get_encoder_info(spec.encoder), spec.train_data.augment)
+    make = getattr(augmenter, "test_views", None)
+    return make(recipe.eval.tta) if make is not None else None
 
 
 def align_labels(items: Items, class_names: list[str] | None, where: str) -> Items:
@@ -128,39 +149,68 @@ def embed_items_distributed(
     dist: Dist,
     num_workers: int = 0,
     show_progress: bool = False,
+    views: list[Any] | None = None,
 ) -> Tensor:
     """:func:`embed_items` with the items split over ranks in contiguous shards, gathered back in order."""
     if not dist.enabled:
-        return embed_items(model, modality, items, device, num_workers=num_workers, show_progress=show_progress)
+        return embed_items(
+            model, modality, items, device, num_workers=num_workers, show_progress=show_progress, views=views
+        )
     bounds = [len(items) * r // dist.world_size for r in range(dist.world_size + 1)]
     shard = items.subset(range(bounds[dist.rank], bounds[dist.rank + 1]))
-    mine = embed_items(model, modality, shard, device, num_workers=num_workers) if len(shard) else None
+    mine = embed_items(model, modality, shard, device, num_workers=num_workers, views=views) if len(shard) else None
     parts: list[Any] = [None] * dist.world_size
     torch.distributed.all_gather_object(parts, mine)
     return torch.cat([part for part in parts if part is not None])
 
 
 def embed_eval_splits(
-    model: BindModel, recipe: Any, device: torch.device, dist: Dist = SINGLE_PROCESS, show_progress: bool = False
+    model: BindModel,
+    recipe: Any,
+    device: torch.device,
+    dist: Dist = SINGLE_PROCESS,
+    show_progress: bool = False,
+    data: dict[str, Any] | None = None,
 ) -> dict[str, tuple[Tensor, Items]]:
     """Embeddings and items of every modality's eval split (capped at ``eval.max_items``, spread over the split).
 
+    ``data`` (modality -> DataSpec) embeds those modalities' data instead (one of ``eval.sets``) and only them.
     Under torchrun each rank embeds its shard; every rank gets all embeddings, in item order."""
+    specs = data if data is not None else {m: s.eval_data for m, s in recipe.modalities.items()}
     out = {}
-    for modality, mspec in recipe.modalities.items():
-        if mspec.eval_data is None:
+    for modality, spec in specs.items():
+        if spec is None:
             continue
-        items = build_dataset(mspec.eval_data, recipe.data_root)
-        items = align_labels(items, model.class_names, f"modalities.{modality}.eval_data")
+        items = build_dataset(spec, recipe.data_root)
+        where = f"eval.sets: {modality}" if data is not None else f"modalities.{modality}.eval_data"
+        items = align_labels(items, model.class_names, where)
         cap = recipe.eval.max_items
         if cap is not None and len(items) > cap:
             step = len(items) / cap  # every class stays represented
             items = items.subset([int(i * step) for i in range(cap)])
+        views = tta_views(recipe, modality)
         embeddings = embed_items_distributed(
-            model, modality, items, device, dist, recipe.num_workers, show_progress and dist.is_main
+            model, modality, items, device, dist, recipe.num_workers, show_progress and dist.is_main, views
         )
         out[modality] = (embeddings, items)
     return out
+
+
+def evaluate_all(
+    model: BindModel, recipe: Any, device: torch.device, dist: Dist = SINGLE_PROCESS, show_progress: bool = False
+) -> dict[str, Any]:
+    """:func:`evaluate_model` on the eval splits, and on each of ``eval.sets`` (under ``"sets"``): a set's
+    modalities are embedded from its data, the others' embeddings are reused."""
+    splits = embed_eval_splits(model, recipe, device, dist, show_progress)
+    results = evaluate_model(model, recipe, device, splits)
+    if recipe.eval.sets:
+        results["sets"] = {
+            name: evaluate_model(
+                model, recipe, device, splits | embed_eval_splits(model, recipe, device, dist, show_progress, data)
+            )
+            for name, data in recipe.eval.sets.items()
+        }
+    return results
 
 
 def evaluate_model(
@@ -211,4 +261,6 @@ def format_results(results: dict[str, Any]) -> str:
                 f"  {pair:<16} R@1 {r['R@1']:.3f}  R@5 {r['R@5']:.3f}  R@10 {r['R@10']:.3f}  "
                 f"MdR {r['median_rank']:g}  mAP {r['mAP']:.3f}  ({r['pair']})"
             )
+    for name, set_results in results.get("sets", {}).items():
+        lines += ["", f"eval set {name}:", *("  " + line for line in format_results(set_results).splitlines())]
     return "\n".join(lines)

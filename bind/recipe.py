@@ -139,6 +139,10 @@ class EvalSpec:
         None  # zero-shot prototypes: mean of this modality's eval items per class; null: the one whose encoder reads text
     )
     max_items: int | None = None  # cap per modality, for quick runs
+    tta: int = 1  # test-time augmentation: average each item's embedding over this many fixed views (1: off)
+    sets: dict[str, dict[str, DataSpec]] = field(
+        default_factory=dict
+    )  # more eval sets by name: modality -> data replacing its eval_data there (the others keep theirs)
 
 
 @dataclass
@@ -204,7 +208,7 @@ RANGES: Ranges = {
         "log_every": POSITIVE_INT,
         "chunk_size": POSITIVE_INT,
     },
-    EvalSpec: {"max_items": POSITIVE_INT},
+    EvalSpec: {"max_items": POSITIVE_INT, "tta": Range("an integer in 1..16", lambda v: 1 <= v <= 16)},
 }
 
 

@@ -29,6 +29,15 @@ def check_recipe(r: Recipe, check_data: bool = True, trust_plugins: bool = False
         raise ConfigError(
             f"{src}: eval.prompt_modality: expected one of {', '.join(r.modalities)} or null, got {r.eval.prompt_modality!r}"
         )
+    for name, data in r.eval.sets.items():
+        for m, spec in data.items():
+            where = f"{src}: eval.sets.{name}.{m}"
+            if m not in r.modalities:
+                raise ConfigError(f"{where}: expected a modality of the recipe ({', '.join(r.modalities)}), got {m!r}")
+            if spec.stream or spec.augment:
+                raise ConfigError(f"{where}: evaluation reads by index, unaugmented; drop stream and augment there")
+            if check_data:
+                check_data_spec(spec, r.data_root, where)
     if not r.stages:
         raise ConfigError(f"{src}: stages: at least one stage is needed")
     for i, stage in enumerate(r.stages):

@@ -53,7 +53,7 @@ from .distributed import (
     shutdown_distributed,
 )
 from .errors import ConfigError, DataError
-from .evaluate import embed_eval_splits, evaluate_model
+from .evaluate import evaluate_all
 from .init import init_from_encoder
 from .lora import apply_lora
 from .model import BindModel
@@ -206,7 +206,7 @@ def _run_locked(
     model.class_names = _class_names(recipe, train_sets)
     if dist.is_main:  # saved before evaluating: a failing evaluation loses no training
         model.save_pretrained(out_dir)
-    results = evaluate_model(model, recipe, device, embed_eval_splits(model, recipe, device, dist, show_progress))
+    results = evaluate_all(model, recipe, device, dist, show_progress)
     if dist.is_main:
         metrics.write({"stage": "eval", **results})
         atomic_write(out_dir / "eval.json", json.dumps(results, indent=2).encode())

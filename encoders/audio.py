@@ -154,13 +154,16 @@ def audio_cnn(
     dropout: float = 0.1,
     feature_mean: float = -4.27,
     feature_std: float = 9.14,
+    lifter: int | None = None,
 ) -> SpectrogramEncoder:
     """2-D CNN over log-mel spectrograms of short clips (spoken words, sound events).
 
     Example: ``create_encoder("audio_cnn", embed_dim=64, depth=6)``. On spoken digits, 64 log-mel bins over
     50-4000 Hz at 8 kHz with ``normalize="utterance_bins"`` generalised best to an unseen speaker (recipes/digits.yaml).
     """
-    frontend = AudioFrontend(sample_rate, features, n_mels, f_min, f_max, normalize, feature_mean, feature_std)
+    frontend = AudioFrontend(
+        sample_rate, features, n_mels, f_min, f_max, normalize, feature_mean, feature_std, lifter=lifter
+    )
     trunk = AudioCNN(width, depth, dropout)
     return SpectrogramEncoder(
         trunk, trunk.out_dim, embed_dim, frontend, clip_seconds, max_clips, head, logit_scale, learnable_logit_scale

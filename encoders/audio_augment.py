@@ -14,6 +14,7 @@ reproducible whatever the number of DataLoader workers.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +26,16 @@ from torch import Tensor
 
 def _uniform(g: torch.Generator, low: float, high: float) -> float:
     return low + (high - low) * torch.rand((), generator=g).item()
+
+
+def spread(bounds: tuple[float, float] | None, n: int) -> list[float]:
+    """``n`` factors spaced evenly in log scale over ``bounds`` (their geometric mean for one; 1.0 without bounds)."""
+    if bounds is None:
+        return [1.0] * n
+    if n == 1:
+        return [math.sqrt(bounds[0] * bounds[1])]
+    low, high = math.log(bounds[0]), math.log(bounds[1])
+    return [math.exp(low + (high - low) * i / (n - 1)) for i in range(n)]
 
 
 @dataclass
@@ -61,6 +72,17 @@ class AudioAugment:
             power = x.pow(2).mean().clamp(min=1e-10)
             x = x + torch.randn(x.shape, generator=g) * (power / 10 ** (snr / 10)).sqrt()
         return x.numpy(), rate
+
+    def test_views(self, n: int) -> list[AudioAugment]:
+        """``n`` fixed views for test-time augmentation: other vocal tract lengths (``freq_warp`` factors spread
+        over its range in log scale), or, without it, other speeds; no shift, gain, noise or masks."""
+        warps = spread(self.freq_warp, n) if self.freq_warp else [None] * n
+        speeds = spread(self.speed, n) if self.speed and not self.freq_warp else [None] * n
+        fixed = {"shift": 0, "gain_db": 0, "noise_snr_db": None, "freq_masks": 0, "time_masks": 0}
+        return [
+            AudioAugment(speed=(s, s) if s else None, freq_warp=(w, w) if w else None, **fixed)
+            for s, w in zip(speeds, warps, strict=True)
+        ]
 
     def augment_tensor(self, feats: Tensor, g: torch.Generator) -> Tensor:
         """Frequency warp and SpecAugment masks on (..., n_mels, frames) features, masks filled with the mean."""

@@ -33,7 +33,9 @@ class AudioFrontend:
     mean removed, Hanning window, no dither, edge frames snipped). ``normalize="utterance"`` uses the
     mean and std of each clip's real frames (``valid_samples``), so padding changes neither;
     ``"utterance_bins"`` subtracts one mean per mel bin instead; ``"fixed"`` uses ``mean``/``std``
-    (AudioSet fbank statistics by default).
+    (AudioSet fbank statistics by default). ``lifter=K`` keeps the first K cepstral coefficients of each
+    frame (the DCT of its log-mel spectrum) and turns them back into K-smooth log-mel bins: the vocal tract's
+    envelope (what the word is) without the harmonics of the voice's pitch (who says it).
 
     Example::
 
@@ -52,6 +54,7 @@ class AudioFrontend:
     frame_ms: float = 25.0
     hop_ms: float = 10.0
     eps: float = 1e-8  # about the power of 16-bit quantisation noise, so digital silence looks like quiet audio
+    lifter: int | None = None  # keep this many cepstral coefficients: the spectral envelope without pitch harmonics
     win_length: int = field(init=False)
     hop_length: int = field(init=False)
     n_fft: int = field(init=False)
@@ -72,6 +75,15 @@ class AudioFrontend:
         self.hop_length = round(self.sample_rate * self.hop_ms / 1000)
         self.n_fft = 2 ** math.ceil(math.log2(self.win_length))
         self.window = torch.hann_window(self.win_length)
+        if self.lifter is not None and not 1 <= self.lifter <= self.n_mels:
+            raise ConfigError(
+                f"lifter must be a number of cepstral coefficients in 1..n_mels={self.n_mels}, got {self.lifter}"
+            )
+        # the log-mel spectrum through its first `lifter` DCT coefficients and back: a smooth envelope, same shape
+        self.smoother = None
+        if self.lifter is not None:
+            dct = AF.create_dct(self.lifter, self.n_mels, norm="ortho")  # (n_mels, lifter)
+            self.smoother = dct @ dct.T
         if self.features == "logmel":  # Kaldi fbank builds its own filters
             self.mel_filters = AF.melscale_fbanks(
                 self.n_fft // 2 + 1, self.f_min, self.f_max or nyquist, self.n_mels, self.sample_rate
@@ -98,6 +110,8 @@ class AudioFrontend:
             feats = torch.log(torch.einsum("bft,fm->bmt", spec.abs() ** 2, self.mel_filters) + self.eps)
         else:
             feats = torch.stack([self._fbank(row) for row in flat])
+        if self.smoother is not None:
+            feats = torch.einsum("bmt,mn->bnt", feats, self.smoother)
         if self.normalize == "fixed":
             feats = (feats - self.mean) / self.std
         elif self.normalize != "none":

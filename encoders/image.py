@@ -30,6 +30,7 @@ from bind.errors import ConfigError, DataError
 
 from ._hf import TINY_TRANSFORMER, HFEncoder, load_hf_model, load_hf_processor, save_tiny_hf
 from ._vision import VIT_TINY, Trunk, cnn_trunk, vit_trunk
+from .image_augment import ImageAugment
 from .image_io import IMAGE_SUFFIXES, example_images, load_image
 
 log = logging.getLogger(__name__)
@@ -95,7 +96,7 @@ class ImageEncoder(ModalityEncoder):
         return list(self.blocks)
 
 
-@register_encoder("image", pretrained="none", tiny={"width": 4, "embed_dim": 16})
+@register_encoder("image", augmenter=ImageAugment, pretrained="none", tiny={"width": 4, "embed_dim": 16})
 def digits_cnn(
     embed_dim: int = 128,
     width: int = 32,
@@ -192,7 +193,7 @@ def tv_resnet(arch: str, trunk_dim: int, weights_path: str | None, **kwargs: Any
 _RESNET_TINY = {"image_size": 32, "embed_dim": 16}
 
 
-@register_encoder("image", pretrained=_TV_PRETRAINED, tiny=_RESNET_TINY)
+@register_encoder("image", augmenter=ImageAugment, pretrained=_TV_PRETRAINED, tiny=_RESNET_TINY)
 def tv_resnet18(
     embed_dim: int | None = None,
     weights_path: str | None = None,
@@ -211,7 +212,7 @@ def tv_resnet18(
     return tv_resnet("resnet18", 512, weights_path, embed_dim=embed_dim, image_size=image_size, **head_args)
 
 
-@register_encoder("image", pretrained=_TV_PRETRAINED, tiny=_RESNET_TINY)
+@register_encoder("image", augmenter=ImageAugment, pretrained=_TV_PRETRAINED, tiny=_RESNET_TINY)
 def tv_resnet50(
     embed_dim: int | None = None,
     weights_path: str | None = None,
@@ -225,7 +226,7 @@ def tv_resnet50(
     return tv_resnet("resnet50", 2048, weights_path, embed_dim=embed_dim, image_size=image_size, **head_args)
 
 
-@register_encoder("image", pretrained=_TV_PRETRAINED, tiny={**VIT_TINY, "embed_dim": 16})
+@register_encoder("image", augmenter=ImageAugment, pretrained=_TV_PRETRAINED, tiny={**VIT_TINY, "embed_dim": 16})
 def tv_vit_b_16(
     embed_dim: int | None = None,
     weights_path: str | None = None,
@@ -279,7 +280,9 @@ def _tiny_clip_vision(scratch_dir: Path) -> dict[str, Any]:
     return {"path": path, "embed_dim": 16}
 
 
-@register_encoder("image", pretrained="local Hugging Face CLIP directory (path)", tiny=_tiny_clip_vision)
+@register_encoder(
+    "image", augmenter=ImageAugment, pretrained="local Hugging Face CLIP directory (path)", tiny=_tiny_clip_vision
+)
 def hf_clip_vision(
     path: str,
     load_weights: bool = True,

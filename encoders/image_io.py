@@ -79,8 +79,8 @@ def example_images(n: int, seed: int = 0) -> list[np.ndarray]:
     return [rng.integers(0, 256, (28, 28), dtype=np.uint8) for _ in range(n)]
 
 
-def load_image(item: Any, channels: int = 3) -> Tensor:
-    """One raw image -> float tensor (channels, H, W) in [0, 1], on the CPU.
+def load_image(item: Any, channels: int | None = 3) -> Tensor:
+    """One raw image -> float tensor (channels, H, W) in [0, 1], on the CPU (``channels=None``: its own, 1 or 3).
 
     ``item`` is a file path (any format PIL reads: PNG, JPEG, ...), a PIL image, a numpy array
     (H, W) or (H, W, C), or a tensor (C, H, W) or (H, W), with C in 1, 3, 4 (alpha is dropped).
@@ -90,8 +90,8 @@ def load_image(item: Any, channels: int = 3) -> Tensor:
 
         load_image("digit.png", channels=1).shape  # torch.Size([1, 28, 28])
     """
-    if channels not in (1, 3):
-        raise ConfigError(f"load_image: channels must be 1 (grayscale) or 3 (RGB), got {channels}")
+    if channels not in (1, 3, None):
+        raise ConfigError(f"load_image: channels must be 1 (grayscale), 3 (RGB) or None (as stored), got {channels}")
     if isinstance(item, (str, os.PathLike)):
         image = _from_array(_read_file(Path(item)), f"image file {str(item)!r}")
     elif isinstance(item, Image.Image):

@@ -27,6 +27,7 @@ from bind.encoder import HeadKind
 
 from ._hf import TINY_TRANSFORMER, HFEncoder, load_hf_model, load_hf_processor, save_tiny_hf
 from ._transformer import pre_norm_layer
+from .image_augment import VideoAugment
 from .video_io import VIDEO_SUFFIXES, clip_indices, example_videos, frames_to_unit_float, load_frames
 
 TemporalKind = Literal["mean", "attention"]
@@ -187,6 +188,7 @@ class VideoFramesEncoder(ModalityEncoder):
 
 @register_encoder(
     "video",
+    augmenter=VideoAugment,
     tiny={
         "frame_encoder": "digits_cnn",
         "frame_encoder_kwargs": {"width": 4, "embed_dim": 16},
@@ -266,7 +268,9 @@ def _tiny_videomae(scratch_dir: Path) -> dict[str, Any]:
     return {"path": save_tiny_hf(Path(scratch_dir) / "videomae", VideoMAEModel, config, processor), "embed_dim": 16}
 
 
-@register_encoder("video", pretrained="local Hugging Face VideoMAEModel directory", tiny=_tiny_videomae)
+@register_encoder(
+    "video", augmenter=VideoAugment, pretrained="local Hugging Face VideoMAEModel directory", tiny=_tiny_videomae
+)
 def hf_videomae(
     path: str,
     load_weights: bool = True,

@@ -26,7 +26,13 @@ def test_encoders_json_lists_name_and_modality():
     assert by_name["digits_cnn"]["modality"] == "image"
     assert {r["modality"] for r in rows} >= {"image", "text", "audio", "video"}
     assert by_name["digits_cnn"]["parameters"] > 0
-    assert by_name["audio_cnn"]["augmenter"] == "AudioAugment" and by_name["digits_cnn"]["augmenter"] is None
+    augmenters = {name: by_name[name]["augmenter"] for name in ("audio_cnn", "digits_cnn", "video_frames", "minilm")}
+    assert augmenters == {
+        "audio_cnn": "AudioAugment",
+        "digits_cnn": "ImageAugment",
+        "video_frames": "VideoAugment",
+        "minilm": None,
+    }
 
 
 def test_losses_lists_the_builtin_losses_and_a_plugins(tmp_path):

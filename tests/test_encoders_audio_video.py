@@ -264,3 +264,19 @@ def test_videomae_takes_clips_of_its_own_length(tmp_path):
     assert enc.preprocess(moving_square(frames=2)[..., 0]).shape == (1, 4, 3, 32, 32)  # grayscale, repeated frames
     with pytest.raises(InputError, match=r"\[0, 1\]"):
         enc.preprocess(np.full((4, 28, 28), 3.0, np.float32))
+
+
+def test_the_lifter_keeps_the_envelope_and_drops_the_pitch_ripple():
+    """lifter=K is a projection onto the first K DCT coefficients of each frame's log-mel spectrum: all of them
+    change nothing, and a fast ripple across the bins (a voice's harmonics) is removed while a slow tilt stays."""
+    wave = torch.randn(2, 4000, generator=torch.Generator().manual_seed(0))
+    plain = AudioFrontend(8000, n_mels=32, normalize="none")
+    torch.testing.assert_close(AudioFrontend(8000, n_mels=32, normalize="none", lifter=32)(wave), plain(wave))
+    smooth = AudioFrontend(8000, n_mels=32, normalize="none", lifter=6)
+    bins = torch.arange(32.0) + 0.5
+    envelope = torch.cos(torch.pi * 2 * bins / 32)[None, :, None]  # DCT basis 2: a slow envelope
+    ripple = torch.cos(torch.pi * 30 * bins / 32)[None, :, None]  # DCT basis 30: harmonics, bin to bin
+    out = torch.einsum("bmt,mn->bnt", (envelope + ripple).expand(1, 32, 5), smooth.smoother)
+    torch.testing.assert_close(out, envelope.expand(1, 32, 5), atol=1e-5, rtol=0)
+    with pytest.raises(ConfigError, match="lifter must be a number of cepstral coefficients in 1..n_mels=32"):
+        AudioFrontend(8000, n_mels=32, lifter=40)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -42,3 +44,32 @@ def test_zero_shot_against_template_averaged_prototypes():
     torch.testing.assert_close(protos.norm(dim=-1), torch.ones(2))
     queries = torch.tensor([[0.9, 0.2], [0.2, 0.9], [0.8, -0.1]])
     assert zero_shot_accuracy(queries, torch.tensor([3, 5, 5]), protos, classes) == pytest.approx(2 / 3)
+
+
+def test_eval_sets_embed_only_their_modalities_and_reuse_the_others(tiny_run):
+    """The digits recipe's eval.sets.rescaled replaces image and video data; audio and text are the same items,
+    so their figures are the eval split's exactly, and the prompts (text) are shared."""
+    results = json.loads((tiny_run / "eval.json").read_text())
+    rescaled = results["sets"]["rescaled"]
+    assert set(rescaled["zero_shot"]) == set(results["zero_shot"]) == {"image", "audio", "video"}
+    assert rescaled["zero_shot"]["audio"] == results["zero_shot"]["audio"]
+    assert rescaled["retrieval"]["audio->text"] == results["retrieval"]["audio->text"]
+    assert rescaled["retrieval"]["image->audio"] != results["retrieval"]["image->audio"]  # other images
+
+
+def test_tta_averages_the_augmented_towers_views_only(tiny_run):
+    """eval.tta=3: the towers trained with an augmenter get its three fixed views; text (no augmenter) none."""
+    from bind.evaluate import evaluate_all, tta_views
+    from bind.recipe import parse_recipe, recipe_to_dict
+    from bind.runs import load_run
+
+    model, recipe = load_run(tiny_run)
+    data = recipe_to_dict(recipe)
+    data["eval"] |= {"tta": 3, "sets": {}}
+    recipe = parse_recipe(data, "tta", check_data=False)
+    assert tta_views(recipe, "text") is None
+    assert [len(tta_views(recipe, m)) for m in ("image", "audio", "video")] == [3, 3, 3]
+    with_tta = evaluate_all(model, recipe, torch.device("cpu"))
+    plain = json.loads((tiny_run / "eval.json").read_text())
+    for pair in ("audio->image", "image->video", "video->text"):
+        assert with_tta["retrieval"][pair] != plain["retrieval"][pair]

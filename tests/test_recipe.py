@@ -205,8 +205,22 @@ def test_a_value_out_of_range_is_refused_by_validate_naming_the_key(tmp_path, ca
             r"stages\[1\] \(b\): nothing would train: image, audio frozen 'all'",
         ),
         (
-            lambda d: d["modalities"]["image"]["train_data"].update(augment={"shift": 0.1}),
-            "modalities.image.train_data.augment: encoder 'digits_cnn' defines no augmentation",
+            lambda d: d["modalities"].update(
+                text={"encoder": "minilm", "train_data": {"source": "digit_captions", "augment": {"shift": 0.1}}}
+            ),
+            "modalities.text.train_data.augment: encoder 'minilm' defines no augmentation",
+        ),
+        (
+            lambda d: d["modalities"]["image"]["train_data"].update(augment={"scale": [2, 1]}),
+            r"modalities.image.train_data.augment: scale must be a range \[low, high\] with 0 < low <= high",
+        ),
+        (
+            lambda d: d.update(eval={"sets": {"big": {"depth": {"source": "mnist", "split": "eval"}}}}),
+            r"eval.sets.big.depth: expected a modality of the recipe \(audio, image\), got .depth.",
+        ),
+        (
+            lambda d: d.update(eval={"sets": {"big": {"image": {"source": "mnist", "augment": {"scale": [1, 2]}}}}}),
+            "eval.sets.big.image: evaluation reads by index, unaugmented; drop stream and augment there",
         ),
         (
             lambda d: d["modalities"]["audio"]["train_data"].update(augment={"speed": "fast"}),

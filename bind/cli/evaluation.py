@@ -40,7 +40,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..data import check_data_spec
     from ..data.manifest import read_manifest
-    from ..evaluate import embed_eval_splits, evaluate_model, format_results
+    from ..evaluate import evaluate_all, format_results
     from ..recipe import parse_recipe, recipe_to_dict, set_override
     from ..runs import load_run
     from ._inputs import resolve_device
@@ -74,7 +74,6 @@ def run(args: argparse.Namespace) -> int:
         if spec.eval_data is not None:
             check_data_spec(spec.eval_data, recipe.data_root, f"{args.run_dir}: modalities.{modality}.eval_data")
     model.to(device)
-    splits = embed_eval_splits(model, recipe, device, show_progress=not args.no_progress)
-    results = evaluate_model(model, recipe, device, splits)
+    results = evaluate_all(model, recipe, device, show_progress=not args.no_progress)
     print(json.dumps(results, indent=2) if args.json else format_results(results))
     return 0

@@ -1,5 +1,8 @@
 """``bindkit run RECIPE [key.sub=value ...]``: train a recipe's stages, save the model, evaluate it.
 
+``--seeds 0 1 2`` trains once per seed into ``OUT/seed-N`` and writes ``OUT/seeds.json``, the mean and spread of
+every figure (:mod:`bind.seeds`); with ``--resume`` the seeds already evaluated are kept as they are.
+
 ``--nproc N`` trains data-parallel on N processes of this machine (``torchrun --standalone``; one
 GPU each on CUDA, gloo on CPU); ``torchrun --nproc_per_node N -m bind run RECIPE`` does the same.
 """
@@ -8,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from ..errors import ConfigError
 from ..registry import load_plugins
@@ -23,16 +27,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--nproc", type=int, default=1, metavar="N", help="data-parallel processes on this machine")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the run directory")
+    p.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        metavar="SEED",
+        help="run once per seed into OUT/seed-N and report each figure's mean and spread (OUT/seeds.json)",
+    )
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    import os
-
-    from ..distributed import launch
-    from ..evaluate import format_results
     from ..recipe import load_recipe
-    from ..trainer import run_recipe
 
     load_plugins(args.plugin)
     recipe = load_recipe(
@@ -41,25 +47,67 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out or Path("runs") / Path(args.recipe).stem)
     if args.nproc < 1:
         raise ConfigError(f"--nproc: expected a number of processes >= 1, got {args.nproc}")
+    if args.seeds is None:
+        return _run_one(args, recipe, args.overrides, out, args.resume)
+    return _run_seeds(args, out)
+
+
+def _run_seeds(args: argparse.Namespace, out: Path) -> int:
+    from ..recipe import load_recipe
+    from ..seeds import format_summary, read_eval, summarize_seeds, write_summary
+
+    if len(set(args.seeds)) != len(args.seeds):
+        raise ConfigError(f"--seeds: each seed once, got {' '.join(map(str, args.seeds))}")
+    per_seed = {}
+    for seed in args.seeds:
+        seed_out = out / f"seed-{seed}"
+        done = read_eval(seed_out) if args.resume else None
+        if done is None:
+            overrides = [*args.overrides, f"seed={seed}"]
+            recipe = load_recipe(args.recipe, overrides, trust_plugins=args.trust_plugins)
+            # --resume continues a seed that has checkpoints; a seed never started starts
+            resume = args.resume and (seed_out / "checkpoints").is_dir()
+            code = _run_one(args, recipe, overrides, seed_out, resume)
+            if code:
+                return code
+            done = read_eval(seed_out)
+        else:
+            print(f"seed {seed}: evaluated already in {seed_out} (kept)")
+        if done is None:
+            raise ConfigError(f"{seed_out}: the run left no eval.json")
+        per_seed[seed] = done
+    summary = summarize_seeds(per_seed)
+    print(format_summary(summary))
+    print(f"summary: {write_summary(out, summary)}")
+    return 0
+
+
+def _run_one(args: argparse.Namespace, recipe: Any, overrides: list[str], out: Path, resume: bool) -> int:
+    import os
+
+    from ..distributed import launch
+    from ..evaluate import format_results
+    from ..trainer import run_recipe
+
     if args.nproc > 1:
         from ..runlock import run_lock
 
         with run_lock(out):  # a live run there is refused here, in one line, before torchrun starts workers
             pass
         flags = [flag for flag, on in (("--debug", args.debug), ("--verbose", args.verbose)) if on]
-        argv = [*flags, "run", args.recipe, *args.overrides, "--out", str(out)]
+        argv = [*flags, "run", args.recipe, *overrides, "--out", str(out)]
         argv += [f"--plugin={module}" for module in args.plugin]
         argv += [
             flag
             for flag, on in (
                 ("--no-progress", args.no_progress),
-                ("--resume", args.resume),
+                ("--resume", resume),
                 ("--trust-plugins", args.trust_plugins),
             )
             if on
         ]
         return launch(args.nproc, argv)
-    results = run_recipe(recipe, out, show_progress=not args.no_progress, resume=args.resume)
+    results = run_recipe(recipe, out, show_progress=not args.no_progress, resume=resume)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     print(format_results(results))

@@ -38,7 +38,10 @@ def check_augment(info: EncoderInfo, knobs: dict[str, Any], where: str) -> None:
             "with an augmenter (register_encoder(..., augmenter=MyAugment))"
         )
     if dataclasses.is_dataclass(info.augmenter):  # a plugin's may be any callable: then its own call checks it
-        build(info.augmenter, knobs, where, ranges={})
+        try:
+            build(info.augmenter, knobs, where, ranges={})
+        except ValueError as err:  # the augmenter's own check of its values (a range given high to low)
+            raise ConfigError(f"{where}: {err}") from None
 
 
 def build_augment(info: EncoderInfo, knobs: dict[str, Any], where: str = "augment") -> Augmenter | None:
@@ -48,5 +51,5 @@ def build_augment(info: EncoderInfo, knobs: dict[str, Any], where: str = "augmen
     check_augment(info, knobs, where)
     try:
         return info.augmenter(**{k: tuple(v) if isinstance(v, list) else v for k, v in knobs.items()})
-    except TypeError as err:
+    except (TypeError, ValueError) as err:
         raise ConfigError(f"{where}: {err}") from None

@@ -9,13 +9,17 @@ use wordings never seen in training.
 from __future__ import annotations
 
 import gzip
+import io
 import re
 import struct
+from fractions import Fraction
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import soundfile
+from PIL import Image
 
 from ..errors import DataError
 from . import Items, register_dataset
@@ -167,3 +171,130 @@ def moving_digits(
 
 moving_digits.required_paths = mnist.required_paths
 moving_digits.splits = tuple(MNIST_SPLITS)
+
+
+def _draw_range(rng: np.random.Generator, value: list[float] | tuple[float, float] | float) -> float:
+    return float(rng.uniform(*value)) if isinstance(value, (list, tuple)) else float(value)
+
+
+def _check_rescaled(name: str, canvas: Any, height: Any) -> None:
+    low, high = (canvas, canvas) if isinstance(canvas, int) else canvas
+    h_low, h_high = (height, height) if isinstance(height, (int, float)) else height
+    if not 16 <= low <= high <= 1024 or not 0.1 <= h_low <= h_high <= 1.0:
+        raise DataError(
+            f"{name}: canvas must lie in 16..1024 pixels and height (the digit's, over the frame's) in 0.1..1.0; "
+            f"got canvas {canvas}, height {height}"
+        )
+
+
+def fit_digit(image: np.ndarray, canvas: int, height: float) -> np.ndarray:
+    """The digit cropped to its ink and resized (bicubic, by PIL) to ``height`` x ``canvas`` pixels tall."""
+    rows, cols = np.nonzero(image > 0)
+    glyph = image[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1] if len(rows) else image
+    target_h = max(2, round(height * canvas))
+    target_w = min(canvas, max(1, round(glyph.shape[1] * target_h / glyph.shape[0])))
+    return np.asarray(Image.fromarray(glyph).resize((target_w, target_h), Image.Resampling.BICUBIC))
+
+
+@register_dataset("mnist_rescaled")
+def mnist_rescaled(
+    root: Path,
+    split: str,
+    canvas: list[int] | int = (28, 128),
+    height: list[float] | float = (0.35, 1.0),
+    image_format: str = "png",
+    seed: int = 0,
+    limit: int | None = None,
+) -> Items:
+    """MNIST digits drawn again at other sizes, as other programs' files are: each on a black square canvas of a
+    random side in ``canvas`` pixels, its ink ``height`` of the frame tall at a random place, saved as a PNG (or
+    JPEG) and read back. Tests whether the image tower learned the digit or MNIST's framing."""
+    _check_rescaled("mnist_rescaled", canvas, height)
+    if image_format not in ("png", "jpeg"):
+        raise DataError(f"mnist_rescaled: image_format must be 'png' or 'jpeg', got {image_format!r}")
+    images, labels = _mnist(root)
+    idx = list(_split_range(split, MNIST_SPLITS))[:limit]
+
+    def make(i: int) -> np.ndarray:
+        rng = np.random.default_rng([seed, idx[i], 1])
+        side = round(_draw_range(rng, canvas))
+        glyph = fit_digit(images[idx[i]], side, _draw_range(rng, height))
+        frame = np.zeros((side, side), np.uint8)
+        y, x = rng.integers(0, side - glyph.shape[0] + 1), rng.integers(0, side - glyph.shape[1] + 1)
+        frame[y : y + glyph.shape[0], x : x + glyph.shape[1]] = glyph
+        file = io.BytesIO()
+        Image.fromarray(frame).save(file, format=image_format, **({"quality": 90} if image_format == "jpeg" else {}))
+        return np.asarray(Image.open(io.BytesIO(file.getvalue())).convert("L"))
+
+    return Items(make, labels[idx], [f"mnist_rescaled/{i}.{image_format}" for i in idx], DIGIT_WORDS)
+
+
+mnist_rescaled.required_paths = mnist.required_paths
+mnist_rescaled.splits = tuple(MNIST_SPLITS)
+
+
+@register_dataset("moving_digits_mp4")
+def moving_digits_mp4(
+    root: Path,
+    split: str,
+    canvas: list[int] | int = (28, 128),
+    height: list[float] | float = (0.35, 1.0),
+    num_frames: list[int] | int = (8, 32),
+    fps: list[float] | float = (6.0, 30.0),
+    seed: int = 0,
+    limit: int | None = None,
+) -> Items:
+    """Moving digits as a camera and an encoder would hand them over: each clip on a square canvas of a random
+    side in ``canvas`` (even: H.264 needs it), the digit's ink ``height`` of the frame tall, ``num_frames`` frames
+    at ``fps`` frames per second moving at 0.2-0.6 frame heights a second, encoded to H.264 (yuv420p, FFmpeg's
+    default) in an mp4 container and decoded back to RGB frames (T, H, W, 3)."""
+    _check_rescaled("moving_digits_mp4", canvas, height)
+    frames_low, frames_high = (num_frames, num_frames) if isinstance(num_frames, int) else num_frames
+    if not 1 <= frames_low <= frames_high <= 256:
+        raise DataError(f"moving_digits_mp4: num_frames must lie in 1..256, got {num_frames}")
+    images, labels = _mnist(root)
+    idx = list(_split_range(split, MNIST_SPLITS))[:limit]
+
+    def make(i: int) -> np.ndarray:
+        rng = np.random.default_rng([seed, idx[i], 2])
+        side = round(_draw_range(rng, canvas)) // 2 * 2
+        glyph = fit_digit(images[idx[i]], side, _draw_range(rng, height))
+        count = int(rng.integers(frames_low, frames_high + 1))
+        rate = _draw_range(rng, fps)
+        room = np.array([side - glyph.shape[0], side - glyph.shape[1]], float)
+        pos = rng.uniform(0, 1, 2) * room
+        velocity = rng.normal(size=2)
+        velocity *= rng.uniform(0.2, 0.6) * side / rate / (np.linalg.norm(velocity) + 1e-9)
+        frames = np.zeros((count, side, side), np.uint8)
+        for t in range(count):
+            y, x = np.round(pos).astype(int)
+            frames[t, y : y + glyph.shape[0], x : x + glyph.shape[1]] = glyph
+            pos += velocity
+            for axis in range(2):  # bounce off the edges
+                if not 0 <= pos[axis] <= room[axis]:
+                    velocity[axis] = -velocity[axis]
+                    pos[axis] = np.clip(pos[axis], 0, room[axis])
+        return h264_round_trip(frames, rate)
+
+    return Items(make, labels[idx], [f"moving_digits_mp4/{i}.mp4" for i in idx], DIGIT_WORDS)
+
+
+moving_digits_mp4.required_paths = mnist.required_paths
+moving_digits_mp4.splits = tuple(MNIST_SPLITS)
+
+
+def h264_round_trip(frames: np.ndarray, fps: float) -> np.ndarray:
+    """Grayscale uint8 frames (T, H, W) -> an H.264 yuv420p mp4 in memory -> decoded RGB frames (T, H, W, 3)."""
+    import av  # only these datasets need it
+
+    file = io.BytesIO()
+    with av.open(file, mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1000))
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        for frame in frames:
+            rgb = np.repeat(frame[..., None], 3, axis=2)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))
+        container.mux(stream.encode())
+    file.seek(0)
+    with av.open(file, mode="r") as container:
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
