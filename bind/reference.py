@@ -27,7 +27,7 @@ REFRESH_COMMAND = "bindkit recipe-keys --out docs/recipe-keys.md"
 SECTIONS: list[tuple[type, tuple[str, ...]]] = [
     (Recipe, ()),
     (ModalitySpec, ("modalities.<name>",)),
-    (DataSpec, ("modalities.<name>.train_data", "modalities.<name>.eval_data")),
+    (DataSpec, ("modalities.<name>.train_data", "modalities.<name>.eval_data", "eval.sets.<set>.<modality>")),
     (LoraSpec, ("modalities.<name>.lora",)),
     (StageSpec, ("stages[i]",)),
     (PairSpec, ("stages[i].pairs.<modality>",)),

@@ -19,7 +19,12 @@ from bind.reference import documented_fields, field_docs, recipe_reference
 
 ROOT = Path(__file__).parents[1]
 DOC = ROOT / "docs" / "recipe-keys.md"
-PLACEHOLDERS = {"modalities": "<name>", "pairs": "<modality>"}  # mapping keys a user names
+PLACEHOLDERS = {  # mapping keys a user names, by the path of the mapping
+    "modalities": "<name>",
+    "stages[i].pairs": "<modality>",
+    "eval.sets": "<set>",
+    "eval.sets.<set>": "<modality>",
+}
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +97,7 @@ def _walk(value: Any, tp: Any, path: str, used: list[tuple[str, str]]) -> None:
             _walk(sub, hints[key], f"{path}.{key}" if path else key, used)
     elif origin is dict:  # dict[str, Any] (args, augment) is free-form: its keys are not recipe keys
         for sub in value.values() if args[1] is not Any else ():
-            _walk(sub, args[1], f"{path}.{PLACEHOLDERS[path.rsplit('.', 1)[-1]]}", used)
+            _walk(sub, args[1], f"{path}.{PLACEHOLDERS[path]}", used)
     elif origin is list:
         for sub in value:
             _walk(sub, args[0], f"{path}[i]", used)
