@@ -242,3 +242,16 @@ def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
     data = dataclasses.asdict(recipe)
     data.pop("source")
     return json.loads(json.dumps(data))  # tuples -> lists, so a safe YAML dumper can write it
+
+
+# keys that change where and how a run reads and writes, not what it computes
+RUN_ONLY_KEYS = frozenset(
+    {"source", "data_root", "num_workers", "cache_dir", "tensorboard", "checkpoint_every", "keep_checkpoints"}
+)
+
+
+def changed_keys(saved: Any, recipe: Recipe) -> list[str]:
+    """Top-level keys whose values differ between a saved recipe (plain data) and ``recipe``, run-only keys aside."""
+    saved = saved if isinstance(saved, dict) else {}
+    current = recipe_to_dict(recipe)
+    return sorted(k for k in (set(saved) | set(current)) - RUN_ONLY_KEYS if saved.get(k) != current.get(k))

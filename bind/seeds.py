@@ -15,8 +15,10 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from .errors import DataError
+from .config import read_recipe_file
+from .errors import ConfigError, DataError
 from .model_files import atomic_write
+from .recipe import Recipe, changed_keys
 
 SUMMARY_NAME = "seeds.json"
 
@@ -65,6 +67,23 @@ def read_eval(run_dir: Path) -> dict[str, Any] | None:
     if not isinstance(results, dict):
         raise DataError(f"{path}: expected a JSON object of evaluation results")
     return results
+
+
+def same_recipe(run_dir: Path, recipe: Recipe) -> None:
+    """Refuse a finished run whose ``recipe.yaml`` is not ``recipe`` (its eval.json would be kept as if it were)."""
+    path = run_dir / "recipe.yaml"
+    try:
+        saved = read_recipe_file(path)
+    except ConfigError as err:
+        raise ConfigError(
+            f"{err}; `bindkit run` writes it with eval.json: delete {run_dir} to run that seed again"
+        ) from None
+    changed = changed_keys(saved, recipe)
+    if changed:
+        raise ConfigError(
+            f"--resume: {run_dir} was run with another recipe (keys: {', '.join(changed)}), so its eval.json is not "
+            f"this recipe's figure; delete {run_dir} or give another --out"
+        )
 
 
 def write_summary(out: Path, summary: dict[str, Any]) -> Path:

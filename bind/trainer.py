@@ -59,7 +59,7 @@ from .lora import apply_lora
 from .model import BindModel
 from .model_files import atomic_write
 from .monitor import MetricsLog, StopFlag
-from .recipe import Recipe, StageSpec, recipe_to_dict
+from .recipe import Recipe, StageSpec, changed_keys, recipe_to_dict
 from .registry import create_encoder
 from .runlock import run_lock
 from .stage import StageRunner
@@ -266,18 +266,7 @@ def _checkpoint_to_resume(recipe: Recipe, directory: Path) -> Checkpoint:
         )
     if checkpoint is None:
         raise ConfigError(f"--resume: no checkpoint in {directory}; run without --resume to start from scratch")
-    saved = checkpoint.state.get("recipe", {})
-    current = json.loads(json.dumps(recipe_to_dict(recipe)))
-    harmless = {
-        "source",
-        "data_root",
-        "num_workers",
-        "cache_dir",
-        "tensorboard",
-        "checkpoint_every",
-        "keep_checkpoints",
-    }
-    changed = sorted(k for k in (set(saved) | set(current)) - harmless if saved.get(k) != current.get(k))
+    changed = changed_keys(checkpoint.state.get("recipe", {}), recipe)
     if changed:
         raise ConfigError(
             f"--resume: the recipe differs from the one {checkpoint.path} was trained with (keys: {', '.join(changed)});"

@@ -69,3 +69,9 @@ def test_run_seeds_writes_one_run_per_seed_and_their_summary_and_resume_keeps_th
     (out / "seed-4" / "eval.json").write_text("{not json")
     assert cli([*argv, "--resume"]) != 0
     assert "seed-4/eval.json: not a readable eval.json" in capsys.readouterr().err
+    # a seed folder trained with another recipe (here: seed 3's run copied to seed-4) is refused, not averaged
+    (out / "seed-4" / "eval.json").write_text(json.dumps(per_seed[4]))
+    (out / "seed-4" / "recipe.yaml").write_text((out / "seed-3" / "recipe.yaml").read_text())
+    assert cli([*argv, "--resume"]) != 0
+    err = capsys.readouterr().err
+    assert "seed-4 was run with another recipe (keys: seed)" in err and len(err.strip().splitlines()) == 1

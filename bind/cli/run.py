@@ -54,25 +54,26 @@ def run(args: argparse.Namespace) -> int:
 
 def _run_seeds(args: argparse.Namespace, out: Path) -> int:
     from ..recipe import load_recipe
-    from ..seeds import format_summary, read_eval, summarize_seeds, write_summary
+    from ..seeds import format_summary, read_eval, same_recipe, summarize_seeds, write_summary
 
     if len(set(args.seeds)) != len(args.seeds):
         raise ConfigError(f"--seeds: each seed once, got {' '.join(map(str, args.seeds))}")
     per_seed = {}
     for seed in args.seeds:
         seed_out = out / f"seed-{seed}"
+        overrides = [*args.overrides, f"seed={seed}"]
+        recipe = load_recipe(args.recipe, overrides, trust_plugins=args.trust_plugins)
         done = read_eval(seed_out) if args.resume else None
-        if done is None:
-            overrides = [*args.overrides, f"seed={seed}"]
-            recipe = load_recipe(args.recipe, overrides, trust_plugins=args.trust_plugins)
+        if done is not None:
+            same_recipe(seed_out, recipe)  # a kept figure must come from this recipe at this seed
+            print(f"seed {seed}: evaluated already in {seed_out} (kept)")
+        else:
             # --resume continues a seed that has checkpoints; a seed never started starts
             resume = args.resume and (seed_out / "checkpoints").is_dir()
             code = _run_one(args, recipe, overrides, seed_out, resume)
             if code:
                 return code
             done = read_eval(seed_out)
-        else:
-            print(f"seed {seed}: evaluated already in {seed_out} (kept)")
         if done is None:
             raise ConfigError(f"{seed_out}: the run left no eval.json")
         per_seed[seed] = done
