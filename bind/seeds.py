@@ -45,9 +45,10 @@ def summarize_seeds(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
     for path in paths:
         values = {seed: figures[path] for seed, figures in flat.items() if path in figures}
         numbers = list(values.values())
+        finite = all(math.isfinite(v) for v in numbers)  # a median rank is inf where no query finds its class
         figures[path] = {
             "mean": statistics.fmean(numbers),
-            "sd": statistics.stdev(numbers) if len(numbers) > 1 else 0.0,
+            "sd": (statistics.stdev(numbers) if len(numbers) > 1 else 0.0) if finite else math.nan,
             "min": min(numbers),
             "max": max(numbers),
             "values": {str(seed): value for seed, value in values.items()},

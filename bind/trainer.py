@@ -156,6 +156,7 @@ def _run_locked(
     checkpoint_dir = out_dir / "checkpoints"
     if dist.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "eval.json").unlink(missing_ok=True)  # an earlier run's figures are not this run's
         (out_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
     seed_everything(recipe.seed)
     if device.type == "cuda":  # TF32 matmuls: ~fp32 accuracy at tensor-core speed for what runs outside autocast

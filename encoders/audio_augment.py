@@ -38,6 +38,16 @@ def spread(bounds: tuple[float, float] | None, n: int) -> list[float]:
     return [math.exp(low + (high - low) * i / (n - 1)) for i in range(n)]
 
 
+def view_factors(bounds: tuple[float, float] | None, n: int) -> list[float]:
+    """Factors of up to ``n`` test-time views: 1.0 first (the item as it is), then ``n - 1`` spread over ``bounds``;
+    a factor equal to one already listed is dropped, so a knob that is off gives the one plain view."""
+    factors = [1.0]
+    for f in spread(bounds, n - 1) if bounds and n > 1 else []:
+        if all(abs(f - kept) > 1e-6 for kept in factors):
+            factors.append(f)
+    return factors
+
+
 @dataclass
 class AudioAugment:
     """Augment raw ``(waveform, sample_rate)`` items and their features. 0 or None turns a knob off."""
@@ -74,14 +84,15 @@ class AudioAugment:
         return x.numpy(), rate
 
     def test_views(self, n: int) -> list[AudioAugment]:
-        """``n`` fixed views for test-time augmentation: other vocal tract lengths (``freq_warp`` factors spread
-        over its range in log scale), or, without it, other speeds; no shift, gain, noise or masks."""
-        warps = spread(self.freq_warp, n) if self.freq_warp else [None] * n
-        speeds = spread(self.speed, n) if self.speed and not self.freq_warp else [None] * n
+        """Up to ``n`` fixed views for test-time augmentation: the recording as it is, then other vocal tract
+        lengths (``freq_warp`` factors spread over its range in log scale), or, without it, other speeds; no
+        shift, gain, noise or masks."""
         fixed = {"shift": 0, "gain_db": 0, "noise_snr_db": None, "freq_masks": 0, "time_masks": 0}
+        knob = "freq_warp" if self.freq_warp else "speed"
+        factors = view_factors(getattr(self, knob), n)
         return [
-            AudioAugment(speed=(s, s) if s else None, freq_warp=(w, w) if w else None, **fixed)
-            for s, w in zip(speeds, warps, strict=True)
+            AudioAugment(**fixed, **{"freq_warp": None, "speed": None, knob: (f, f) if f != 1 else None})
+            for f in factors
         ]
 
     def augment_tensor(self, feats: Tensor, g: torch.Generator) -> Tensor:

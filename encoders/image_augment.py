@@ -37,7 +37,7 @@ import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 from torch import Tensor
 
-from .audio_augment import _uniform, spread
+from .audio_augment import _uniform, view_factors
 from .image_io import load_image
 from .video_io import load_frames
 
@@ -87,8 +87,13 @@ class ImageAugment:
         if not 0 <= self.p <= 1:
             raise ValueError(f"p must be a probability in [0, 1], got {self.p}")
 
-    def draw(self, g: torch.Generator) -> Draw:
-        if self.p < 1 and torch.rand((), generator=g).item() >= self.p:
+    def passes(self, g: torch.Generator) -> bool:
+        """Whether this item passes as it is (probability ``1 - p``)."""
+        return self.p < 1 and torch.rand((), generator=g).item() >= self.p
+
+    def draw(self, g: torch.Generator, gate: bool = True) -> Draw:
+        """One random transform; :data:`PLAIN` for the items that pass as they are (``gate=False``: never)."""
+        if gate and self.passes(g):
             return PLAIN
         scale = _uniform(g, *self.scale) if self.scale else 1.0
         room = abs(1 - scale) / 2 + self.translate  # how far the content can move and stay (mostly) in frame
@@ -111,8 +116,9 @@ class ImageAugment:
         return x
 
     def test_views(self, n: int) -> list[FixedView]:
-        """``n`` fixed views for test-time augmentation: the content centred at zooms spread over ``scale``."""
-        return [FixedView(dataclasses.replace(PLAIN, scale=s), video=False) for s in spread(self.scale, n)]
+        """Up to ``n`` fixed views for test-time augmentation: the image as it is, then the content centred at
+        zooms spread over ``scale`` (one view when ``scale`` is off)."""
+        return [FixedView(dataclasses.replace(PLAIN, scale=s), video=False) for s in view_factors(self.scale, n)]
 
 
 @dataclass(frozen=True)
@@ -186,17 +192,19 @@ class VideoAugment(ImageAugment):
     def augment_raw(self, item: Any, g: torch.Generator) -> Tensor:
         """Raw video -> augmented float frames (T', C, H', W') in [0, 1]."""
         frames = frames_as_float(load_frames(item))
+        if self.passes(g):  # p gates the whole clip: the frames, their rate and the spatial draw
+            return frames
         total = frames.shape[0]
         length = max(1, round(total * _uniform(g, *self.keep))) if self.keep else total
         start = int(torch.randint(0, total - length + 1, (), generator=g))
         rate = math.exp(_uniform(g, *map(math.log, self.rate))) if self.rate else 1.0
         steps = max(1, round(length / rate))
         index = (start + np.minimum((np.arange(steps) * rate).astype(int), length - 1)).tolist()
-        return apply_draw(frames[index], self.draw(g))
+        return apply_draw(frames[index], self.draw(g, gate=False))
 
     def test_views(self, n: int) -> list[FixedView]:
-        """``n`` fixed views: every frame, the content centred at zooms spread over ``scale``."""
-        return [FixedView(dataclasses.replace(PLAIN, scale=s), video=True) for s in spread(self.scale, n)]
+        """Up to ``n`` fixed views: every frame, as it is, then the content centred at zooms spread over ``scale``."""
+        return [FixedView(dataclasses.replace(PLAIN, scale=s), video=True) for s in view_factors(self.scale, n)]
 
 
 def frames_as_float(frames: np.ndarray) -> Tensor:

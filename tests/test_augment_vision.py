@@ -95,6 +95,10 @@ def test_a_video_gets_one_spatial_draw_for_all_its_frames_and_temporal_jitter():
     out = counted.augment_raw(ramp, torch.Generator().manual_seed(0))
     assert out.shape[0] == 6  # twice the frame rate: every other frame
     torch.testing.assert_close(out[:, 0, 0, 0] * 255, torch.arange(0, 12, 2).float() * 20)
+    # p gates the whole clip: the clips that pass keep every frame at their rate, the others are all changed
+    gated = VideoAugment(scale=None, rotate=0, translate=0, rate=(2.0, 2.0), keep=None, p=0.5)
+    lengths = [gated.augment_raw(ramp, torch.Generator().manual_seed(s)).shape[0] for s in range(40)]
+    assert set(lengths) == {12, 6} and 10 <= lengths.count(12) <= 30
 
 
 @pytest.mark.parametrize(
@@ -109,6 +113,15 @@ def test_bad_knobs_are_one_line_naming_the_key(knobs, message):
     with pytest.raises(ConfigError, match="modalities.image.train_data.augment") as err:
         build_augment(get_encoder_info("digits_cnn"), knobs, "modalities.image.train_data.augment")
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_the_augmenter_gets_the_checked_values_not_the_text_they_were_written_as():
+    # YAML reads 1e1 and 5e-2 as strings; the recipe check converts them, and the augmenter must get those numbers
+    augment = build_augment(
+        get_encoder_info("digits_cnn"), {"rotate": "1e1", "translate": "5e-2", "scale": [0.5, 1]}, "a"
+    )
+    assert (augment.rotate, augment.translate, augment.scale) == (10.0, 0.05, (0.5, 1.0))
+    assert augment.draw(torch.Generator().manual_seed(0)) != PLAIN
 
 
 def test_every_image_and_video_encoder_offers_its_augmenter():
@@ -159,24 +172,55 @@ def test_rescaled_sets_refuse_absurd_sizes():
     from bind.data.digits import moving_digits_mp4
     from bind.errors import DataError
 
-    with pytest.raises(DataError, match="canvas must lie in 16..1024 pixels"):
+    with pytest.raises(DataError, match="canvas must lie in 16..1024"):
         moving_digits_mp4(DATA_ROOT, "eval", canvas=[8, 100000])
+
+
+@pytest.mark.parametrize(
+    ("source", "args", "message"),
+    [
+        ("moving_digits_mp4", {"fps": 0}, "moving_digits_mp4: fps must lie in 1..240"),
+        ("moving_digits_mp4", {"canvas": [28]}, "canvas must be an integer or a range [low, high] of them, got [28]"),
+        ("moving_digits_mp4", {"num_frames": 8.0}, "num_frames must be an integer or a range"),
+        ("mnist_rescaled", {"height": "0.5"}, "height (the digit's, over the frame's) must be a number or a range"),
+        ("mnist_rescaled", {"image_format": "gif"}, "image_format must be 'png' or 'jpeg', got 'gif'"),
+        ("moving_digits", {"canvas": 20}, "moving_digits: canvas must be an integer in 28..1024, got 20"),
+    ],
+)
+def test_eval_set_arguments_are_checked_when_the_recipe_loads_not_after_training(source, args, message):
+    from bind.data import check_data_spec
+    from bind.errors import DataError
+    from bind.recipe import DataSpec
+
+    spec = DataSpec(source=source, split="eval", args=args)
+    with pytest.raises(DataError) as err:
+        check_data_spec(spec, str(DATA_ROOT), "eval.sets.rescaled.video")
+    text = str(err.value)
+    assert text.startswith("eval.sets.rescaled.video: ") and message in text and "\n" not in text
 
 
 # ---- test-time augmentation ------------------------------------------------------------------------------
 
 
-def test_test_views_are_fixed_zooms_spread_over_the_training_range():
+def test_test_views_are_the_item_as_it_is_then_fixed_zooms_spread_over_the_training_range():
     from encoders.audio_augment import AudioAugment
 
     views = ImageAugment(scale=(0.5, 2.0)).test_views(3)
-    assert [v.draw.scale for v in views] == pytest.approx([0.5, 1.0, 2.0])  # log-spaced: the middle one is plain
+    assert views[0].draw == PLAIN and [v.draw.scale for v in views] == pytest.approx([1.0, 0.5, 2.0])
+    assert [v.draw.scale for v in ImageAugment(scale=(0.45, 1.45)).test_views(4)] == pytest.approx(
+        [1.0, 0.45, (0.45 * 1.45) ** 0.5, 1.45]  # log-spaced over the range, after the plain view
+    )
+    assert [v.draw for v in ImageAugment(scale=None).test_views(5)] == [PLAIN]  # nothing varies: one view, not five
     assert all(v.draw.shift == (0.0, 0.0) and v.draw.angle == 0 for v in views)
     digit = np.random.default_rng(0).integers(0, 256, (28, 28), dtype=np.uint8)
     one, two = (views[0].augment_raw(digit, torch.Generator().manual_seed(s)) for s in (0, 1))
     assert torch.equal(one, two)  # no randomness left
     audio = AudioAugment(freq_warp=(0.8, 1.25)).test_views(3)
-    assert [v.freq_warp for v in audio] == [pytest.approx((f, f)) for f in (0.8, 1.0, 1.25)]
+    assert [v.freq_warp for v in audio] == [None, pytest.approx((0.8, 0.8)), pytest.approx((1.25, 1.25))]
+    assert all(v.speed is None for v in audio)
+    speeds = AudioAugment(freq_warp=None, speed=(0.8, 1.2)).test_views(2)
+    assert [v.speed for v in speeds] == [None, pytest.approx((0.96**0.5, 0.96**0.5))]  # plain, then the middle speed
+    assert len(AudioAugment(freq_warp=None, speed=(0.8, 1.25)).test_views(2)) == 1  # its middle speed is 1: plain
     assert all(v.shift == 0 and v.noise_snr_db is None and v.freq_masks == v.time_masks == 0 for v in audio)
 
 

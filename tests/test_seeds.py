@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import shutil
 import statistics
 
 import pytest
@@ -25,6 +27,8 @@ def test_the_summary_is_the_mean_and_sample_spread_of_each_figure():
     assert (figure["min"], figure["max"], figure["values"]) == (0.5, 0.9, {"0": 0.5, "1": 0.7, "2": 0.9})
     assert summary["figures"]["sets.s.x"]["values"] == {"1": 1.0}  # only the seeds that report it
     assert set(flatten_figures(per_seed[0])) == {"zero_shot.a.accuracy"}  # text is no figure
+    ranks = summarize_seeds({0: {"r": {"median_rank": math.inf}}, 1: {"r": {"median_rank": 3.0}}})["figures"]
+    assert ranks["r.median_rank"]["mean"] == math.inf and math.isnan(ranks["r.median_rank"]["sd"])
 
 
 def toy_recipe(tmp_path):
@@ -75,3 +79,9 @@ def test_run_seeds_writes_one_run_per_seed_and_their_summary_and_resume_keeps_th
     assert cli([*argv, "--resume"]) != 0
     err = capsys.readouterr().err
     assert "seed-4 was run with another recipe (keys: seed)" in err and len(err.strip().splitlines()) == 1
+    # a seed killed before its first checkpoint (only a temporary folder left) starts again under --resume
+    shutil.rmtree(out / "seed-4")
+    (out / "seed-4" / "checkpoints" / ".stage0-step5-tmp").mkdir(parents=True)
+    (out / "seed-4" / "recipe.yaml").write_text((out / "seed-3" / "recipe.yaml").read_text())
+    assert cli([*argv, "--resume"]) == 0
+    assert json.loads((out / "seed-4" / "eval.json").read_text()) == per_seed[4]  # the same seed, the same figures

@@ -53,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_seeds(args: argparse.Namespace, out: Path) -> int:
+    from ..checkpoint import list_checkpoints
     from ..recipe import load_recipe
     from ..seeds import format_summary, read_eval, same_recipe, summarize_seeds, write_summary
 
@@ -68,8 +69,8 @@ def _run_seeds(args: argparse.Namespace, out: Path) -> int:
             same_recipe(seed_out, recipe)  # a kept figure must come from this recipe at this seed
             print(f"seed {seed}: evaluated already in {seed_out} (kept)")
         else:
-            # --resume continues a seed that has checkpoints; a seed never started starts
-            resume = args.resume and (seed_out / "checkpoints").is_dir()
+            # --resume continues a seed that has checkpoints; a seed never started (or killed before its first) starts
+            resume = args.resume and bool(list_checkpoints(seed_out / "checkpoints", complete=False))
             code = _run_one(args, recipe, overrides, seed_out, resume)
             if code:
                 return code

@@ -30,25 +30,31 @@ class Augmenter(Protocol):
     def augment_tensor(self, x: Any, generator: torch.Generator) -> Any: ...
 
 
-def check_augment(info: EncoderInfo, knobs: dict[str, Any], where: str) -> None:
-    """The encoder has an augmenter and it takes these knobs, of these types (a recipe's ``augment:``)."""
+def check_augment(info: EncoderInfo, knobs: dict[str, Any], where: str) -> Augmenter | None:
+    """The encoder has an augmenter and it takes these knobs, of these types (a recipe's ``augment:``).
+
+    Returns the augmenter built from the checked values (numbers written as text converted, lists as tuples),
+    or ``None`` for a plugin's augmenter that is no dataclass (its own call checks its arguments)."""
     if info.augmenter is None:
         raise ConfigError(
             f"{where}: encoder {info.name!r} defines no augmentation; remove augment, or register the encoder "
             "with an augmenter (register_encoder(..., augmenter=MyAugment))"
         )
-    if dataclasses.is_dataclass(info.augmenter):  # a plugin's may be any callable: then its own call checks it
-        try:
-            build(info.augmenter, knobs, where, ranges={})
-        except ValueError as err:  # the augmenter's own check of its values (a range given high to low)
-            raise ConfigError(f"{where}: {err}") from None
+    if not dataclasses.is_dataclass(info.augmenter):
+        return None
+    try:
+        return build(info.augmenter, knobs, where, ranges={})
+    except ValueError as err:  # the augmenter's own check of its values (a range given high to low)
+        raise ConfigError(f"{where}: {err}") from None
 
 
 def build_augment(info: EncoderInfo, knobs: dict[str, Any], where: str = "augment") -> Augmenter | None:
     """The encoder's augmenter with a recipe's ``augment:`` knobs (lists become tuples); ``{}``: no augmentation."""
     if not knobs:
         return None
-    check_augment(info, knobs, where)
+    built = check_augment(info, knobs, where)
+    if built is not None:  # the values the check converted, not the text they were written as
+        return built
     try:
         return info.augmenter(**{k: tuple(v) if isinstance(v, list) else v for k, v in knobs.items()})
     except (TypeError, ValueError) as err:

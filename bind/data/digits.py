@@ -9,6 +9,7 @@ use wordings never seen in training.
 from __future__ import annotations
 
 import gzip
+import inspect
 import io
 import re
 import struct
@@ -153,15 +154,33 @@ def moving_digit(image: np.ndarray, num_frames: int, canvas: int, rng: np.random
     return frames
 
 
+def _check_when_loaded(builder: Any, check: Any) -> None:
+    """``builder.check``: ``check(name, ...)`` on the builder's arguments, defaults filled in, when a recipe is
+    loaded (an eval set is built only after training: a bad argument must not wait for it)."""
+    signature, wanted = inspect.signature(builder), list(inspect.signature(check).parameters)[1:]
+
+    def run(root: Path, split: str, **args: Any) -> None:
+        bound = signature.bind(root, split, **args)
+        bound.apply_defaults()
+        check(builder.__name__, *(bound.arguments[name] for name in wanted))
+
+    builder.check = run
+
+
+def _check_moving(name: str, num_frames: Any, canvas: Any) -> None:
+    for key, value, low, high in (("num_frames", num_frames, 8, 64), ("canvas", canvas, 28, 1024)):
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+            raise DataError(f"{name}: {key} must be an integer in {low}..{high}, got {value!r}")
+
+
 @register_dataset("moving_digits")
 def moving_digits(
     root: Path, split: str, num_frames: int = 8, canvas: int = 36, seed: int = 0, limit: int | None = None
 ) -> Items:
     """Moving-digit videos (uint8 (T, canvas, canvas)) made on the fly from the MNIST images of ``split``."""
     images, labels = _mnist(root)
+    _check_moving("moving_digits", num_frames, canvas)
     idx = list(_split_range(split, MNIST_SPLITS))[:limit]
-    if not 8 <= num_frames <= 64 or canvas < 28:
-        raise DataError(f"moving_digits: num_frames must be in 8..64 and canvas >= 28, got {num_frames}, {canvas}")
 
     def make(i: int) -> np.ndarray:  # the same video for the same index and seed, in any worker
         return moving_digit(images[idx[i]], num_frames, canvas, np.random.default_rng([seed, idx[i]]))
@@ -171,20 +190,34 @@ def moving_digits(
 
 moving_digits.required_paths = mnist.required_paths
 moving_digits.splits = tuple(MNIST_SPLITS)
+_check_when_loaded(moving_digits, _check_moving)
 
 
 def _draw_range(rng: np.random.Generator, value: list[float] | tuple[float, float] | float) -> float:
     return float(rng.uniform(*value)) if isinstance(value, (list, tuple)) else float(value)
 
 
+def _range(name: str, key: str, value: Any, low: float, high: float, integer: bool = False) -> tuple[float, float]:
+    """A builder argument given as one number or a ``[low, high]`` pair within ``[low, high]``, as a pair."""
+    kinds = (int,) if integer else (int, float)
+    pair = value if isinstance(value, (list, tuple)) else (value, value)
+    if len(pair) != 2 or not all(isinstance(v, kinds) and not isinstance(v, bool) for v in pair):
+        kind = "an integer" if integer else "a number"
+        raise DataError(f"{name}: {key} must be {kind} or a range [low, high] of them, got {value!r}")
+    if not low <= pair[0] <= pair[1] <= high:
+        raise DataError(f"{name}: {key} must lie in {low:g}..{high:g} (a range low to high), got {value!r}")
+    return pair[0], pair[1]
+
+
 def _check_rescaled(name: str, canvas: Any, height: Any) -> None:
-    low, high = (canvas, canvas) if isinstance(canvas, int) else canvas
-    h_low, h_high = (height, height) if isinstance(height, (int, float)) else height
-    if not 16 <= low <= high <= 1024 or not 0.1 <= h_low <= h_high <= 1.0:
-        raise DataError(
-            f"{name}: canvas must lie in 16..1024 pixels and height (the digit's, over the frame's) in 0.1..1.0; "
-            f"got canvas {canvas}, height {height}"
-        )
+    _range(name, "canvas", canvas, 16, 1024, integer=True)
+    _range(name, "height (the digit's, over the frame's)", height, 0.1, 1.0)
+
+
+def _check_image_set(name: str, canvas: Any, height: Any, image_format: Any) -> None:
+    _check_rescaled(name, canvas, height)
+    if image_format not in ("png", "jpeg"):
+        raise DataError(f"{name}: image_format must be 'png' or 'jpeg', got {image_format!r}")
 
 
 def fit_digit(image: np.ndarray, canvas: int, height: float) -> np.ndarray:
@@ -209,9 +242,7 @@ def mnist_rescaled(
     """MNIST digits drawn again at other sizes, as other programs' files are: each on a black square canvas of a
     random side in ``canvas`` pixels, its ink ``height`` of the frame tall at a random place, saved as a PNG (or
     JPEG) and read back. Tests whether the image tower learned the digit or MNIST's framing."""
-    _check_rescaled("mnist_rescaled", canvas, height)
-    if image_format not in ("png", "jpeg"):
-        raise DataError(f"mnist_rescaled: image_format must be 'png' or 'jpeg', got {image_format!r}")
+    _check_image_set("mnist_rescaled", canvas, height, image_format)
     images, labels = _mnist(root)
     idx = list(_split_range(split, MNIST_SPLITS))[:limit]
 
@@ -231,6 +262,13 @@ def mnist_rescaled(
 
 mnist_rescaled.required_paths = mnist.required_paths
 mnist_rescaled.splits = tuple(MNIST_SPLITS)
+_check_when_loaded(mnist_rescaled, _check_image_set)
+
+
+def _check_mp4(name: str, canvas: Any, height: Any, num_frames: Any, fps: Any) -> tuple[int, int]:
+    _check_rescaled(name, canvas, height)
+    _range(name, "fps", fps, 1, 240)
+    return _range(name, "num_frames", num_frames, 1, 256, integer=True)
 
 
 @register_dataset("moving_digits_mp4")
@@ -248,10 +286,7 @@ def moving_digits_mp4(
     side in ``canvas`` (even: H.264 needs it), the digit's ink ``height`` of the frame tall, ``num_frames`` frames
     at ``fps`` frames per second moving at 0.2-0.6 frame heights a second, encoded to H.264 (yuv420p, FFmpeg's
     default) in an mp4 container and decoded back to RGB frames (T, H, W, 3)."""
-    _check_rescaled("moving_digits_mp4", canvas, height)
-    frames_low, frames_high = (num_frames, num_frames) if isinstance(num_frames, int) else num_frames
-    if not 1 <= frames_low <= frames_high <= 256:
-        raise DataError(f"moving_digits_mp4: num_frames must lie in 1..256, got {num_frames}")
+    frames_low, frames_high = _check_mp4("moving_digits_mp4", canvas, height, num_frames, fps)
     images, labels = _mnist(root)
     idx = list(_split_range(split, MNIST_SPLITS))[:limit]
 
@@ -281,6 +316,7 @@ def moving_digits_mp4(
 
 moving_digits_mp4.required_paths = mnist.required_paths
 moving_digits_mp4.splits = tuple(MNIST_SPLITS)
+_check_when_loaded(moving_digits_mp4, _check_mp4)
 
 
 def h264_round_trip(frames: np.ndarray, fps: float) -> np.ndarray:
