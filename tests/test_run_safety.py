@@ -64,8 +64,13 @@ def names(directory: Path) -> list[str]:
 
 
 def snapshot(run: Path) -> dict[str, int]:
-    """Every file under ``run`` (hidden ones included) and its size."""
-    return {str(p.relative_to(run)): p.stat().st_size for p in sorted(run.rglob("*")) if p.is_file()}
+    """Every file under ``run`` (hidden ones included) and its size; the lock file only by name (whoever takes the
+    lock writes its own pid there, whose digits vary)."""
+    return {
+        str(p.relative_to(run)): 0 if p.name == LOCK_NAME else p.stat().st_size
+        for p in sorted(run.rglob("*"))
+        if p.is_file()
+    }
 
 
 def logged_steps(run: Path) -> list[tuple[str, int]]:
