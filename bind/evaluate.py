@@ -171,10 +171,11 @@ def embed_eval_splits(
     dist: Dist = SINGLE_PROCESS,
     show_progress: bool = False,
     data: dict[str, Any] | None = None,
+    set_name: str = "",
 ) -> dict[str, tuple[Tensor, Items]]:
     """Embeddings and items of every modality's eval split (capped at ``eval.max_items``, spread over the split).
 
-    ``data`` (modality -> DataSpec) embeds those modalities' data instead (one of ``eval.sets``) and only them.
+    ``data`` (modality -> DataSpec) embeds those modalities' data instead (``eval.sets[set_name]``) and only them.
     Under torchrun each rank embeds its shard; every rank gets all embeddings, in item order."""
     specs = data if data is not None else {m: s.eval_data for m, s in recipe.modalities.items()}
     out = {}
@@ -182,7 +183,7 @@ def embed_eval_splits(
         if spec is None:
             continue
         items = build_dataset(spec, recipe.data_root)
-        where = f"eval.sets: {modality}" if data is not None else f"modalities.{modality}.eval_data"
+        where = f"eval.sets.{set_name}.{modality}" if data is not None else f"modalities.{modality}.eval_data"
         items = align_labels(items, model.class_names, where)
         cap = recipe.eval.max_items
         if cap is not None and len(items) > cap:
@@ -206,7 +207,10 @@ def evaluate_all(
     if recipe.eval.sets:
         results["sets"] = {
             name: evaluate_model(
-                model, recipe, device, splits | embed_eval_splits(model, recipe, device, dist, show_progress, data)
+                model,
+                recipe,
+                device,
+                splits | embed_eval_splits(model, recipe, device, dist, show_progress, data, name),
             )
             for name, data in recipe.eval.sets.items()
         }
