@@ -178,8 +178,8 @@ def moving_digits(
     root: Path, split: str, num_frames: int = 8, canvas: int = 36, seed: int = 0, limit: int | None = None
 ) -> Items:
     """Moving-digit videos (uint8 (T, canvas, canvas)) made on the fly from the MNIST images of ``split``."""
-    images, labels = _mnist(root)
     _check_moving("moving_digits", num_frames, canvas)
+    images, labels = _mnist(root)
     idx = list(_split_range(split, MNIST_SPLITS))[:limit]
 
     def make(i: int) -> np.ndarray:  # the same video for the same index and seed, in any worker
