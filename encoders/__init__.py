@@ -5,4 +5,4 @@ Each encoder module registers its factories with :func:`bind.register_encoder`, 
 public API a third-party plugin uses; nothing in ``bind/`` names a modality.
 """
 
-from . import audio, audio_io, depth, image, image_io, imu, text, thermal, video  # noqa: F401  (registers on import)
+from . import audio, audio_io, depth, image, image_io, imagebind, imu, openclip, text, thermal, video  # noqa: F401

@@ -1,4 +1,8 @@
-"""Hugging Face towers: loading them from local directories (never from a hub), and a base class for their encoders.
+"""Hugging Face towers: loading them from local directories or hub ids, and a base class for their encoders.
+
+A hub id (``"sentence-transformers/all-MiniLM-L6-v2"``) resolves through Hugging Face's standard cache
+(``$HF_HOME``, ``$HF_HUB_CACHE``), downloading what is missing unless ``$HF_HUB_OFFLINE=1``; a model that is
+neither cached nor downloadable is a one-line :class:`~bind.errors.DataError` saying what to download.
 
 A saved bindkit model keeps the tower's weights in its own ``model.safetensors``; what it also
 needs to rebuild the tower (the HF config, the tokenizer or processor files) is exported next to
@@ -8,6 +12,7 @@ it by :func:`export_hf`, and reloaded with ``load_weights=False``.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -17,30 +22,65 @@ from bind import ModalityEncoder, find_blocks
 from bind.encoder import HeadKind
 from bind.errors import DataError
 
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")  # "bert-base-uncased", "org/name"
 
-def check_local_dir(path: str | os.PathLike[str], what: str) -> Path:
-    """``path`` as a Path if it is a directory holding ``config.json``; a clear error otherwise."""
+
+def resolve_hf(path: str | os.PathLike[str], what: str) -> Path | str:
+    """A local model directory (a Path: it must hold ``config.json``) or a hub id (a str), or a clear error."""
     p = Path(path).expanduser()
-    if not (p / "config.json").is_file():
-        raise DataError(
-            f"{what}: {str(p)!r} is not a local Hugging Face model directory (expected {p / 'config.json'}); "
-            "bindkit never downloads weights: save the model with `save_pretrained(DIR)` and pass DIR"
-        )
-    return p
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise DataError(
+                f"{what}: {str(p)!r} is a directory without config.json; expected a Hugging Face model directory "
+                "(saved with `save_pretrained(DIR)`) or a hub id such as 'sentence-transformers/all-MiniLM-L6-v2'"
+            )
+        return p
+    text = os.fspath(path)
+    if HUB_ID.fullmatch(text) and ".." not in text and "--" not in text and not p.exists():
+        return text
+    raise DataError(
+        f"{what}: {text!r} is neither a local Hugging Face model directory (with config.json) nor a hub id "
+        "(name or org/name); expected e.g. 'sentence-transformers/all-MiniLM-L6-v2' or a folder from save_pretrained"
+    )
+
+
+def hub_hint(repo: str, what: str, err: BaseException) -> str:
+    """One line: ``repo`` is not cached and could not be downloaded (or this process is offline); how to get it."""
+    from huggingface_hub import constants
+
+    first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+    state = "is offline ($HF_HUB_OFFLINE=1)" if constants.HF_HUB_OFFLINE else "could not download it"
+    return (
+        f"{what}: {repo!r} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and this process {state}: "
+        f"run `hf download {repo}` on a machine with network access (with the same $HF_HOME), or pass a local "
+        f"directory ({first})"
+    )
+
+
+def from_source(load: Any, source: Path | str, what: str, **kwargs: Any) -> Any:
+    """``load(source)`` (a ``from_pretrained``): a directory with ``local_files_only``, a hub id through the cache."""
+    if isinstance(source, Path):
+        return load(source, local_files_only=True, **kwargs)
+    try:  # transformers reads $HF_HUB_OFFLINE and $HF_HOME through huggingface_hub
+        return load(source, **kwargs)
+    except OSError as err:  # not cached and offline, no network, or no such repository
+        raise DataError(hub_hint(source, what, err)) from None
 
 
 def load_hf_model(model_cls: Any, path: str | os.PathLike[str], load_weights: bool = True, what: str = "model") -> Any:
-    """``model_cls.from_pretrained(path)``, or only its architecture from the config when ``load_weights`` is False."""
-    p = check_local_dir(path, what)
+    """``model_cls.from_pretrained(path)``, or only its architecture from the config when ``load_weights`` is False.
+
+    ``path`` is a local directory or a hub id (resolved through Hugging Face's cache, ``$HF_HUB_OFFLINE`` honoured).
+    """
+    source = resolve_hf(path, what)
     if load_weights:
-        return model_cls.from_pretrained(p, local_files_only=True)
-    config = model_cls.config_class.from_pretrained(p, local_files_only=True)
-    return model_cls._from_config(config)
+        return from_source(model_cls.from_pretrained, source, what)
+    return model_cls._from_config(from_source(model_cls.config_class.from_pretrained, source, what))
 
 
 def load_hf_processor(processor_cls: Any, path: str | os.PathLike[str], what: str = "processor") -> Any:
-    """``processor_cls.from_pretrained(path)`` (a tokenizer, an image or feature processor) from a local directory."""
-    return processor_cls.from_pretrained(check_local_dir(path, what), local_files_only=True)
+    """``processor_cls.from_pretrained(path)`` (a tokenizer, an image or feature processor): a directory or a hub id."""
+    return from_source(processor_cls.from_pretrained, resolve_hf(path, what), what)
 
 
 def export_hf(directory: Path, model: Any, *processors: Any) -> dict[str, Any]:

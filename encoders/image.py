@@ -6,7 +6,7 @@ reuse an image encoder's ``preprocess`` frame by frame.
 
 Example::
 
-    enc = create_encoder("tv_resnet18", weights_path="resnet18-f37072fd.pth", embed_dim=512)
+    enc = create_encoder("tv_resnet18", weights="IMAGENET1K_V1", embed_dim=512)  # via torch.hub's cache
     z = enc.embed(["cat.jpg", np.zeros((64, 64, 3), np.uint8)])  # (2, 512), unit norm
 """
 
@@ -130,7 +130,7 @@ def load_checkpoint(model: nn.Module, weights_path: str | os.PathLike[str], skip
     if not path.is_file():
         raise DataError(
             f"{what} does not exist; expected a local torchvision checkpoint (.pth, .pt or .safetensors). "
-            "bindkit never downloads weights: fetch the file once (URLs are in torchvision's model docs) and pass its path"
+            "pass weights= (a torchvision weights name such as IMAGENET1K_V1, fetched through torch.hub's cache) instead"
         )
     try:
         if path.suffix == ".safetensors":
@@ -166,7 +166,48 @@ class TorchvisionEncoder(ImageEncoder):
     """A torchvision backbone; its weights travel in the saved model, so a reload needs no checkpoint."""
 
     def export_assets(self, directory: Path) -> dict[str, Any]:
-        return {"weights_path": None}
+        return {"weights_path": None, "weights": None}
+
+
+def torchvision_weights(builder: str, name: str) -> Path:
+    """The file of torchvision's weights ``name`` (``"IMAGENET1K_V1"``, ``"DEFAULT"``, ...) for model ``builder``.
+
+    It is looked up in torch.hub's cache (``$TORCH_HOME/hub/checkpoints``), where torchvision keeps it, and
+    downloaded there when missing, unless ``$HF_HUB_OFFLINE=1`` (bindkit's one offline switch). Offline and not
+    cached, or when the download fails, a one-line :class:`DataError` says which URL to put where.
+    """
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    enum = torchvision.models.get_model_weights(builder)
+    if name not in enum.__members__:
+        raise ConfigError(
+            f"weights: {name!r} is not one of torchvision's {enum.__name__}: {', '.join(enum.__members__)}"
+        )
+    url = enum[name].url
+    file = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
+    if file.is_file():
+        return file
+    if constants.HF_HUB_OFFLINE:
+        raise DataError(
+            f"weights: torchvision's {enum.__name__}.{name} is not in torch.hub's cache and this process is offline "
+            f"($HF_HUB_OFFLINE=1): download {url} to {file} on a machine with network access, or pass weights_path="
+        )
+    try:
+        torch.hub.download_url_to_file(url, str(file), progress=False)  # a temporary file, renamed when complete
+    except OSError as err:  # URLError, HTTPError, timeouts
+        raise DataError(
+            f"weights: could not download torchvision's {enum.__name__}.{name} ({err}): download {url} to {file} "
+            "yourself, or pass weights_path="
+        ) from None
+    return file
+
+
+def _weights_file(builder: str, weights_path: str | None, weights: str | None) -> str | None:
+    if weights is not None and weights_path is not None:
+        raise ConfigError("pass weights= (a torchvision weights name) or weights_path= (a local file), not both")
+    return str(torchvision_weights(builder, weights)) if weights is not None else weights_path
 
 
 def _torchvision_encoder(trunk: Trunk, head_attr: str, weights_path: str | None, **kwargs: Any) -> ImageEncoder:
@@ -178,7 +219,7 @@ def _torchvision_encoder(trunk: Trunk, head_attr: str, weights_path: str | None,
     return TorchvisionEncoder(trunk, channels=3, mean=IMAGENET_MEAN, std=IMAGENET_STD, **kwargs)
 
 
-_TV_PRETRAINED = "local torchvision ImageNet checkpoint (weights_path)"
+_TV_PRETRAINED = "torchvision ImageNet weights (weights= name through torch.hub's cache, or weights_path= file)"
 
 
 def tv_resnet(arch: str, trunk_dim: int, weights_path: str | None, **kwargs: Any) -> ImageEncoder:
@@ -197,39 +238,45 @@ _RESNET_TINY = {"image_size": 32, "embed_dim": 16}
 def tv_resnet18(
     embed_dim: int | None = None,
     weights_path: str | None = None,
+    weights: str | None = None,
     image_size: int = 224,
     head: HeadKind = "linear",
     logit_scale: float = 1 / 0.07,
     learnable_logit_scale: bool = True,
 ) -> ImageEncoder:
-    """ResNet-18 (torchvision), optionally from a local checkpoint; 512-d pooled features.
+    """ResNet-18 (torchvision), optionally pretrained; 512-d pooled features.
 
-    ``embed_dim=None`` keeps the feature size. Example::
+    ``weights="IMAGENET1K_V1"`` takes torchvision's weights through torch.hub's cache (:func:`torchvision_weights`),
+    ``weights_path=`` a local checkpoint. ``embed_dim=None`` keeps the feature size. Example::
 
-        enc = create_encoder("tv_resnet18", weights_path="~/weights/resnet18-f37072fd.pth", embed_dim=256)
+        enc = create_encoder("tv_resnet18", weights="IMAGENET1K_V1", embed_dim=256)
     """
     head_args = {"head": head, "logit_scale": logit_scale, "learnable_logit_scale": learnable_logit_scale}
-    return tv_resnet("resnet18", 512, weights_path, embed_dim=embed_dim, image_size=image_size, **head_args)
+    file = _weights_file("resnet18", weights_path, weights)
+    return tv_resnet("resnet18", 512, file, embed_dim=embed_dim, image_size=image_size, **head_args)
 
 
 @register_encoder("image", augmenter=ImageAugment, pretrained=_TV_PRETRAINED, tiny=_RESNET_TINY)
 def tv_resnet50(
     embed_dim: int | None = None,
     weights_path: str | None = None,
+    weights: str | None = None,
     image_size: int = 224,
     head: HeadKind = "linear",
     logit_scale: float = 1 / 0.07,
     learnable_logit_scale: bool = True,
 ) -> ImageEncoder:
-    """ResNet-50 (torchvision), optionally from a local checkpoint; 2048-d pooled features."""
+    """ResNet-50 (torchvision), optionally pretrained (``weights=`` name or ``weights_path=``); 2048-d features."""
     head_args = {"head": head, "logit_scale": logit_scale, "learnable_logit_scale": learnable_logit_scale}
-    return tv_resnet("resnet50", 2048, weights_path, embed_dim=embed_dim, image_size=image_size, **head_args)
+    file = _weights_file("resnet50", weights_path, weights)
+    return tv_resnet("resnet50", 2048, file, embed_dim=embed_dim, image_size=image_size, **head_args)
 
 
 @register_encoder("image", augmenter=ImageAugment, pretrained=_TV_PRETRAINED, tiny={**VIT_TINY, "embed_dim": 16})
 def tv_vit_b_16(
     embed_dim: int | None = None,
     weights_path: str | None = None,
+    weights: str | None = None,
     image_size: int = 224,
     patch_size: int = 16,
     num_layers: int = 12,
@@ -240,10 +287,11 @@ def tv_vit_b_16(
     logit_scale: float = 1 / 0.07,
     learnable_logit_scale: bool = True,
 ) -> ImageEncoder:
-    """ViT-B/16 (torchvision), optionally from a local checkpoint; class-token features (hidden_dim).
+    """ViT-B/16 (torchvision), optionally pretrained (``weights=`` name or ``weights_path=``); class-token features.
 
     The architecture arguments default to ViT-B/16; ImageNet checkpoints need them and image_size=224.
     """
+    weights_path = _weights_file("vit_b_16", weights_path, weights)
     trunk = vit_trunk("tv_vit_b_16", image_size, patch_size, num_layers, num_heads, hidden_dim, mlp_dim)
     head_args = {"head": head, "logit_scale": logit_scale, "learnable_logit_scale": learnable_logit_scale}
     return _torchvision_encoder(trunk, "heads", weights_path, embed_dim=embed_dim, image_size=image_size, **head_args)
@@ -281,7 +329,10 @@ def _tiny_clip_vision(scratch_dir: Path) -> dict[str, Any]:
 
 
 @register_encoder(
-    "image", augmenter=ImageAugment, pretrained="local Hugging Face CLIP directory (path)", tiny=_tiny_clip_vision
+    "image",
+    augmenter=ImageAugment,
+    pretrained="Hugging Face CLIP hub id or local directory (path)",
+    tiny=_tiny_clip_vision,
 )
 def hf_clip_vision(
     path: str,
@@ -291,7 +342,7 @@ def hf_clip_vision(
     logit_scale: float = 1 / 0.07,
     learnable_logit_scale: bool = True,
 ) -> HFCLIPVisionEncoder:
-    """CLIP vision tower + image processor from a local Hugging Face directory; projection_dim features.
+    """CLIP vision tower + image processor from a Hugging Face hub id or local directory; projection_dim features.
 
     Example::
 

@@ -79,12 +79,14 @@ def example_images(n: int, seed: int = 0) -> list[np.ndarray]:
     return [rng.integers(0, 256, (28, 28), dtype=np.uint8) for _ in range(n)]
 
 
-def load_image(item: Any, channels: int | None = 3) -> Tensor:
+def load_image(item: Any, channels: int | None = 3, upright: bool = True) -> Tensor:
     """One raw image -> float tensor (channels, H, W) in [0, 1], on the CPU (``channels=None``: its own, 1 or 3).
 
     ``item`` is a file path (any format PIL reads: PNG, JPEG, ...), a PIL image, a numpy array
     (H, W) or (H, W, C), or a tensor (C, H, W) or (H, W), with C in 1, 3, 4 (alpha is dropped).
     uint8 values are divided by 255, uint16 (arrays, 16-bit PNG) by 65535; floats must lie in [0, 1].
+    A file is turned upright by its EXIF orientation unless ``upright=False`` (the stored pixels, as a tower
+    whose reference code ignores EXIF reads them).
 
     Example::
 
@@ -93,7 +95,7 @@ def load_image(item: Any, channels: int | None = 3) -> Tensor:
     if channels not in (1, 3, None):
         raise ConfigError(f"load_image: channels must be 1 (grayscale), 3 (RGB) or None (as stored), got {channels}")
     if isinstance(item, (str, os.PathLike)):
-        image = _from_array(_read_file(Path(item)), f"image file {str(item)!r}")
+        image = _from_array(_read_file(Path(item), upright), f"image file {str(item)!r}")
     elif isinstance(item, Image.Image):
         where = f"PIL image of mode {item.mode}"
         check_image_size(item.size, where)  # an Image.open()ed image is not decoded yet
@@ -122,7 +124,7 @@ def load_image(item: Any, channels: int | None = 3) -> Tensor:
     return image.contiguous()
 
 
-def _read_file(path: Path) -> np.ndarray:
+def _read_file(path: Path, upright: bool = True) -> np.ndarray:
     where = f"image file {str(path)!r}"
     if not path.is_file():
         raise InputError(f"{where} does not exist; expected a PNG/JPEG (or other PIL-readable) file")
@@ -131,7 +133,7 @@ def _read_file(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as img:  # reads the header only: the size is known before any pixel is decoded
             check_image_size(img.size, where)
-            return _pil_to_array(ImageOps.exif_transpose(img))  # phones store rotation in EXIF, not pixels
+            return _pil_to_array(ImageOps.exif_transpose(img) if upright else img)  # phones store rotation in EXIF
     except (ConfigError, InputError):  # the pixel budget's own clear line (ValueErrors, caught below otherwise)
         raise
     except Image.DecompressionBombError as err:  # PIL's own limit, when the budget is raised past it

@@ -25,7 +25,7 @@ from bind import register_encoder
 from bind.encoder import HeadKind
 from bind.errors import ConfigError, InputError
 
-from ._hf import TINY_TRANSFORMER, HFEncoder, check_local_dir, load_hf_model, load_hf_processor, save_tiny_hf
+from ._hf import TINY_TRANSFORMER, HFEncoder, from_source, load_hf_model, load_hf_processor, resolve_hf, save_tiny_hf
 
 log = logging.getLogger(__name__)
 
@@ -127,16 +127,16 @@ class HFTextEncoder(HFEncoder):
 def _load_auto_model(path: str | os.PathLike[str], load_weights: bool) -> nn.Module:
     from transformers import AutoConfig, AutoModel
 
-    directory = check_local_dir(path, "hf_text")
-    config = AutoConfig.from_pretrained(directory, local_files_only=True)
+    source = resolve_hf(path, "hf_text")
+    config = from_source(AutoConfig.from_pretrained, source, "hf_text")
     if getattr(config, "is_encoder_decoder", False):
         raise ConfigError(
-            f"hf_text: {str(directory)!r} holds an encoder-decoder model ({config.model_type}); "
+            f"hf_text: {str(source)!r} holds an encoder-decoder model ({config.model_type}); "
             "pass an encoder-only model (BERT, RoBERTa, MiniLM, ...)"
         )
     # load_hf_model needs model_cls.config_class, which AutoModel lacks; hence from_config here.
     if load_weights:
-        return AutoModel.from_pretrained(directory, local_files_only=True)
+        return from_source(AutoModel.from_pretrained, source, "hf_text")
     return AutoModel.from_config(config)
 
 
@@ -174,7 +174,7 @@ def _tiny_bert(scratch_dir: Path) -> dict[str, Any]:
     return {"path": save_tiny_hf(Path(scratch_dir) / "tiny_bert", BertModel, config, tokenizer), "embed_dim": 16}
 
 
-@register_encoder("text", pretrained="local Hugging Face directory (path)", tiny=_tiny_bert)
+@register_encoder("text", pretrained="Hugging Face hub id or local directory (path)", tiny=_tiny_bert)
 def hf_text(
     path: str,
     pooling: Literal["mean", "cls"] = "mean",
@@ -242,7 +242,7 @@ def _tiny_clip_text(scratch_dir: Path) -> dict[str, Any]:
     return {"path": path, "max_length": 32, "embed_dim": 16}
 
 
-@register_encoder("text", pretrained="local Hugging Face CLIP directory (path)", tiny=_tiny_clip_text)
+@register_encoder("text", pretrained="Hugging Face CLIP hub id or local directory (path)", tiny=_tiny_clip_text)
 def hf_clip_text(
     path: str,
     max_length: int = 77,
@@ -252,7 +252,7 @@ def hf_clip_text(
     logit_scale: float = 1 / 0.07,
     learnable_logit_scale: bool = True,
 ) -> HFTextEncoder:
-    """CLIP text tower + tokenizer from a local Hugging Face directory; projection_dim features.
+    """CLIP text tower + tokenizer from a Hugging Face hub id or local directory; projection_dim features.
 
     Example::
 

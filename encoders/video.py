@@ -213,7 +213,7 @@ def video_frames(
 ) -> VideoFramesEncoder:
     """Any registered image encoder applied per frame, then mean or attention pooling over time.
 
-    ``path`` is passed to the frame encoder (the local directory of a Hugging Face image tower).
+    ``path`` is passed to the frame encoder (a hub id or local directory of a Hugging Face image tower).
 
     Example: ``create_encoder("video_frames", frame_encoder="tv_resnet18", frame_encoder_kwargs={"weights_path": W})``
     """
@@ -269,7 +269,7 @@ def _tiny_videomae(scratch_dir: Path) -> dict[str, Any]:
 
 
 @register_encoder(
-    "video", augmenter=VideoAugment, pretrained="local Hugging Face VideoMAEModel directory", tiny=_tiny_videomae
+    "video", augmenter=VideoAugment, pretrained="Hugging Face VideoMAEModel hub id or local directory (path)", tiny=_tiny_videomae
 )
 def hf_videomae(
     path: str,

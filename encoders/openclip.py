@@ -1,0 +1,274 @@
+"""OpenCLIP's towers (the ``open_clip_torch`` package): bind a new modality into an OpenCLIP image-text space.
+
+``open_clip_image`` and ``open_clip_text`` build an OpenCLIP model by architecture name and weights, as
+``open_clip.create_model_and_transforms`` does, and keep one tower of it:
+
+- ``model="ViT-B-32", pretrained="laion2b_s34b_b79k"``: a tag from ``open_clip.list_pretrained()``; the weights
+  come through Hugging Face's cache (``$HF_HOME``; ``$HF_HUB_OFFLINE=1`` is honoured). Offline and not cached, the
+  error says which repository to download.
+- ``pretrained="/path/to/weights.bin"``: a local checkpoint for that architecture.
+- ``model="hf-hub:org/name"``: config and weights of a model published on the hub, through the same cache.
+- ``path=DIR``: a folder with ``open_clip_config.json`` and weights (OpenCLIP's ``local-dir:``).
+
+The tower's own preprocessing (OpenCLIP's evaluation transform, its tokenizer) turns raw items into inputs, and
+``head="identity"`` (the default) keeps OpenCLIP's projection, so ``embed`` gives ``encode_image`` /
+``encode_text`` after L2 normalisation. The extra installs the package:
+``pip install -c constraints.txt -e '.[openclip]'``.
+
+Example::
+
+    image = create_encoder("open_clip_image", model="ViT-B-32", pretrained="laion2b_s34b_b79k").eval()
+    image.embed(["dog.jpg"]).shape   # (1, 512)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor, nn
+
+from bind import ModalityEncoder, find_blocks, register_encoder
+from bind.encoder import HeadKind
+from bind.errors import ConfigError, DataError, InputError, did_you_mean
+
+from .image_augment import ImageAugment
+from .image_io import IMAGE_SUFFIXES, example_images, load_image
+
+log = logging.getLogger(__name__)
+
+EXTRA = "pip install -c constraints.txt -e '.[openclip]'"
+PRETRAINED = "OpenCLIP (model= architecture, pretrained= tag or file; hf-hub: ids; path= local folder)"
+
+
+def import_open_clip() -> Any:
+    try:
+        import open_clip
+    except ImportError as err:
+        raise ConfigError(f"the open_clip_* encoders need the open_clip_torch package ({err}): {EXTRA}") from None
+    return open_clip
+
+
+def load_open_clip(
+    model: str | None, pretrained: str | None, path: str | None, load_weights: bool, cache_dir: str | None
+) -> tuple[nn.Module, Any, Any, dict[str, Any]]:
+    """``(clip model, evaluation transform, tokenizer, config)`` from OpenCLIP, or a one-line error saying what is wrong.
+
+    ``config`` is what OpenCLIP's ``open_clip_config.json`` holds: the architecture and the preprocessing."""
+    open_clip = import_open_clip()
+    if path is not None:
+        folder = Path(path).expanduser()
+        if not (folder / "open_clip_config.json").is_file():
+            raise ConfigError(f"path: {str(folder)!r} has no open_clip_config.json; expected an OpenCLIP model folder")
+        if pretrained is not None:
+            raise ConfigError("pass pretrained= with model=, not with path= (the folder holds its own weights)")
+        name, pretrained = f"local-dir:{folder}", None
+    elif model is None:
+        raise ConfigError("open_clip encoders need model= (an OpenCLIP architecture, e.g. 'ViT-B-32') or path=")
+    elif model.startswith("hf-hub:"):
+        name = model
+    else:
+        name = model
+        if model not in open_clip.list_models():
+            raise ConfigError(
+                f"model: {model!r} is not an OpenCLIP architecture; {did_you_mean(model, open_clip.list_models())}"
+                "open_clip.list_models() lists them"
+            )
+        tags = open_clip.list_pretrained_tags_by_model(model)
+        if pretrained is not None and not Path(pretrained).expanduser().is_file() and pretrained not in tags:
+            raise ConfigError(
+                f"pretrained: {pretrained!r} is neither a file nor a weights tag of OpenCLIP's {model}; "
+                f"its tags: {', '.join(tags) or 'none'}"
+            )
+    try:
+        clip, _, transform = open_clip.create_model_and_transforms(
+            name, pretrained=pretrained, load_weights=load_weights, cache_dir=cache_dir
+        )
+        tokenizer = open_clip.get_tokenizer(name, cache_dir=cache_dir)
+    except (RuntimeError, OSError, ValueError) as err:
+        downloads = name.startswith("hf-hub:") or (pretrained is not None and not Path(pretrained).expanduser().is_file())
+        if downloads:
+            raise DataError(_download_hint(open_clip, name, pretrained, err)) from None
+        first = str(err).splitlines()[0][:300] if str(err) else type(err).__name__
+        raise ConfigError(f"OpenCLIP could not build {name} (pretrained={pretrained!r}): {first}") from None
+    config = {"model_cfg": open_clip.get_model_config(name), "preprocess_cfg": open_clip.get_model_preprocess_cfg(clip)}
+    return clip.eval(), transform, tokenizer, config
+
+
+def _download_hint(open_clip: Any, name: str, pretrained: str | None, err: Exception) -> str:
+    from huggingface_hub import constants
+
+    first = str(err).splitlines()[0][:300] if str(err) else type(err).__name__
+    repo = name[len("hf-hub:") :] if name.startswith("hf-hub:") else None
+    if repo is None and pretrained is not None:
+        repo = (open_clip.get_pretrained_cfg(name, pretrained).get("hf_hub") or "").strip("/") or None
+    state = "is offline ($HF_HUB_OFFLINE=1)" if constants.HF_HUB_OFFLINE else "could not download it"
+    fetch = f"`hf download {repo}` on a machine with network access" if repo else "download the weights"
+    return (
+        f"OpenCLIP {name} {pretrained or ''} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and this "
+        f"process {state}: {fetch} (the same $HF_HOME), or pass pretrained=FILE ({first})"
+    ).replace("  ", " ")
+
+
+def export_open_clip(directory: Path, config: dict[str, Any]) -> dict[str, Any]:
+    """Write the architecture (``open_clip_config.json``) to ``directory``; the kwargs that rebuild it from there."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "open_clip_config.json").write_text(json.dumps(config, indent=1))
+    return {"path": str(Path(directory.parent.name) / directory.name), "model": None, "pretrained": None,
+            "load_weights": False}  # fmt: skip
+
+
+def _open_image(item: Any) -> Image.Image:
+    """An RGB PIL image as OpenCLIP's transform takes it: a file's stored pixels, a PIL image, an array or a tensor."""
+    if isinstance(item, Image.Image):
+        return item.convert("RGB")
+    unit = load_image(item, channels=3, upright=False)
+    return Image.fromarray(unit.mul(255).round().byte().permute(1, 2, 0).numpy())
+
+
+class OpenCLIPImageEncoder(ModalityEncoder):
+    """OpenCLIP's image tower (``model.visual``, its projection included) and its evaluation transform."""
+
+    file_suffixes = IMAGE_SUFFIXES
+
+    def __init__(self, clip: nn.Module, transform: Any, config: dict[str, Any], head: HeadKind, embed_dim: int | None):
+        out_dim = config["model_cfg"]["embed_dim"]
+        scale = min(float(clip.logit_scale.detach().exp()), 100.0)
+        super().__init__("image", clip.visual, out_dim, embed_dim or out_dim, head, scale, False)
+        self.transform, self.open_clip_config = transform, config
+        self.blocks = find_blocks(clip.visual)
+
+    def preprocess(self, item: Any) -> Tensor:
+        return self.transform(_open_image(item))
+
+    def example_inputs(self, n: int, seed: int = 0) -> list[np.ndarray]:
+        return example_images(n, seed)
+
+    def trunk_blocks(self) -> list[nn.Module]:
+        return list(self.blocks)
+
+    def export_assets(self, directory: Path) -> dict[str, Any]:
+        return export_open_clip(directory, self.open_clip_config)
+
+
+class TextTower(nn.Module):
+    """The text half of an OpenCLIP model: ``encode_text``, with the image tower and the logit scale removed."""
+
+    def __init__(self, clip: nn.Module) -> None:
+        super().__init__()
+        clip.visual = None
+        for attr in ("logit_scale", "logit_bias"):
+            if isinstance(getattr(clip, attr, None), nn.Parameter):
+                delattr(clip, attr)
+        self.clip = clip
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.clip.encode_text(tokens)
+
+
+class OpenCLIPTextEncoder(ModalityEncoder):
+    """OpenCLIP's text tower (``encode_text``: transformer, pooling, projection) and its tokenizer."""
+
+    takes_text = True
+
+    def __init__(self, clip: nn.Module, tokenizer: Any, config: dict[str, Any], head: HeadKind, embed_dim: int | None):
+        out_dim = config["model_cfg"]["embed_dim"]
+        scale = min(float(clip.logit_scale.detach().exp()), 100.0)
+        super().__init__("text", TextTower(clip), out_dim, embed_dim or out_dim, head, scale, True)
+        self.tokenizer, self.open_clip_config = tokenizer, config
+        self.blocks = find_blocks(self.trunk)
+
+    def preprocess(self, item: Any) -> Tensor:
+        if not isinstance(item, str):
+            raise InputError(f"OpenCLIP's text tower takes strings, got a {type(item).__name__}")
+        return self.tokenizer([item])[0]
+
+    def example_inputs(self, n: int, seed: int = 0) -> list[str]:
+        rng = np.random.default_rng(seed)
+        return [f"a photo of {i} birds, number {int(rng.integers(100))}" for i in range(n)]
+
+    def trunk_blocks(self) -> list[nn.Module]:
+        return list(self.blocks)
+
+    def export_assets(self, directory: Path) -> dict[str, Any]:
+        return export_open_clip(directory, self.open_clip_config)
+
+
+def _build(
+    modality: str,
+    model: str | None,
+    pretrained: str | None,
+    path: str | None,
+    load_weights: bool,
+    cache_dir: str | None,
+    head: HeadKind,
+    embed_dim: int | None,
+) -> ModalityEncoder:
+    clip, transform, tokenizer, config = load_open_clip(model, pretrained, path, load_weights, cache_dir)
+    if modality == "image":
+        return OpenCLIPImageEncoder(clip, transform, config, head, embed_dim)
+    return OpenCLIPTextEncoder(clip, tokenizer, config, head, embed_dim)
+
+
+TINY_CONFIG = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+def save_tiny_open_clip(folder: Path, seed: int = 0) -> Path:
+    """A random tiny OpenCLIP model in OpenCLIP's local-folder format (config + weights), unless one is there."""
+    if (folder / "open_clip_config.json").is_file():
+        return folder
+    open_clip = import_open_clip()
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {"model_cfg": TINY_CONFIG, "preprocess_cfg": {"mean": [0.48145466, 0.4578275, 0.40821073],
+              "std": [0.26862954, 0.26130258, 0.27577711], "interpolation": "bicubic", "resize_mode": "shortest"}}  # fmt: skip
+    tmp = folder / f".config.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(config))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        clip = open_clip.CLIP(**TINY_CONFIG)
+    torch.save(clip.state_dict(), folder / "open_clip_pytorch_model.bin")
+    os.replace(tmp, folder / "open_clip_config.json")  # the config last: a folder with it is complete
+    return folder
+
+
+def _tiny(scratch_dir: Path) -> dict[str, Any]:
+    # a linear head: the contract trains the head of a frozen trunk (the default identity head has nothing to train)
+    return {"path": str(save_tiny_open_clip(scratch_dir / "open_clip_tiny")), "head": "linear"}
+
+
+@register_encoder("image", pretrained=PRETRAINED, tiny=_tiny, augmenter=ImageAugment)
+def open_clip_image(
+    model: str | None = "ViT-B-32",
+    pretrained: str | None = None,
+    path: str | None = None,
+    load_weights: bool = True,
+    cache_dir: str | None = None,
+    head: HeadKind = "identity",
+    embed_dim: int | None = None,
+) -> ModalityEncoder:
+    """OpenCLIP's image tower (``encode_image``) with its evaluation transform; needs the openclip extra."""
+    return _build("image", model, pretrained, path, load_weights, cache_dir, head, embed_dim)
+
+
+@register_encoder("text", pretrained=PRETRAINED, tiny=_tiny)
+def open_clip_text(
+    model: str | None = "ViT-B-32",
+    pretrained: str | None = None,
+    path: str | None = None,
+    load_weights: bool = True,
+    cache_dir: str | None = None,
+    head: HeadKind = "identity",
+    embed_dim: int | None = None,
+) -> ModalityEncoder:
+    """OpenCLIP's text tower (``encode_text``) with its tokenizer; needs the openclip extra."""
+    return _build("text", model, pretrained, path, load_weights, cache_dir, head, embed_dim)
