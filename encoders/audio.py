@@ -285,7 +285,9 @@ def _tiny_ast(scratch_dir: Path) -> dict[str, Any]:
     return {"path": str(path), "embed_dim": 16}
 
 
-@register_encoder("audio", pretrained="Hugging Face ASTModel hub id or local directory (path)", tiny=_tiny_ast, augmenter=AudioAugment)
+@register_encoder(
+    "audio", pretrained="Hugging Face ASTModel hub id or local directory (path)", tiny=_tiny_ast, augmenter=AudioAugment
+)
 def hf_ast(
     path: str,
     load_weights: bool = True,

@@ -92,7 +92,9 @@ def load_open_clip(
         )
         tokenizer = open_clip.get_tokenizer(name, cache_dir=cache_dir)
     except (RuntimeError, OSError, ValueError) as err:
-        downloads = name.startswith("hf-hub:") or (pretrained is not None and not Path(pretrained).expanduser().is_file())
+        downloads = name.startswith("hf-hub:") or (
+            pretrained is not None and not Path(pretrained).expanduser().is_file()
+        )
         if downloads:
             raise DataError(_download_hint(open_clip, name, pretrained, err)) from None
         first = str(err).splitlines()[0][:300] if str(err) else type(err).__name__

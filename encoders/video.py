@@ -269,7 +269,10 @@ def _tiny_videomae(scratch_dir: Path) -> dict[str, Any]:
 
 
 @register_encoder(
-    "video", augmenter=VideoAugment, pretrained="Hugging Face VideoMAEModel hub id or local directory (path)", tiny=_tiny_videomae
+    "video",
+    augmenter=VideoAugment,
+    pretrained="Hugging Face VideoMAEModel hub id or local directory (path)",
+    tiny=_tiny_videomae,
 )
 def hf_videomae(
     path: str,
