@@ -304,6 +304,34 @@ def _audio_stride(kernel: int, patches: int, n_mels: int, target_length: int, wh
     )
 
 
+LIMITS = {"width": 16384, "depth": 256, "heads": 512, "out_dim": 16384, "vocab_size": 1_000_000, "context_length": 4096}
+SIZE_KEYS = {"kernel": 1024, "stride": 1024, "input_size": 1_000_000}
+NEEDED = {"text": ("vocab_size", "context_length")}
+
+
+def check_config(cfg: Any) -> None:
+    """A tower's sizes (from a checkpoint, a recipe or a saved run's config.json) are sane before anything is built."""
+    if not isinstance(cfg, dict) or cfg.get("modality") not in RELEASED:
+        raise ConfigError(
+            f"ImageBind config: expected a mapping with modality one of {', '.join(RELEASED)}, got {cfg!r:.200}"
+        )
+    m = cfg["modality"]
+    keys = ("width", "depth", "heads", "out_dim", *NEEDED.get(m, ("kernel", "stride", "input_size")))
+    for key in keys:
+        value = cfg.get(key)
+        values = value if key in SIZE_KEYS and isinstance(value, list) else [value]
+        limit = SIZE_KEYS.get(key) or LIMITS[key]
+        if not values or not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= limit for v in values):
+            raise ConfigError(
+                f"ImageBind {m} config: {key} must be a whole number (or list of them) in 1..{limit}, got {value!r}"
+            )
+    if cfg["width"] % cfg["heads"]:
+        raise ConfigError(f"ImageBind {m} config: heads={cfg['heads']} does not divide width={cfg['width']}")
+    for flag in ("add_bias_kv", "pre_norm"):
+        if not isinstance(cfg.get(flag), bool):
+            raise ConfigError(f"ImageBind {m} config: {flag} must be true or false, got {cfg.get(flag)!r}")
+
+
 def causal_mask(length: int) -> Tensor:
     """Additive causal attention mask: position i sees positions <= i."""
     return torch.full((length, length), float("-inf")).triu_(1)
@@ -359,6 +387,7 @@ class ImageBindTrunk(nn.Module):
 
     def __init__(self, cfg: dict[str, Any]) -> None:
         super().__init__()
+        check_config(cfg)
         self.cfg = dict(cfg)
         m, width = cfg["modality"], cfg["width"]
         self.modality = m
@@ -569,6 +598,7 @@ class ImageBindEncoder(ModalityEncoder):
         clips: int | None = None,
         video: bool = False,
     ) -> None:
+        check_config(cfg)
         m = cfg["modality"]
         if head == "imagebind" and embed_dim not in (None, cfg["out_dim"]):
             raise ConfigError(
@@ -724,6 +754,7 @@ def _build(
         config = infer_config(state, modality, num_heads, where=where, **audio)
     elif config is None:
         config = _released_config(modality)
+    check_config(config)
     config = {**config, "heads": num_heads or config["heads"]}
     encoder = ImageBindEncoder(config, head, embed_dim, kwargs.get("bpe_path"), kwargs.get("clips"), video)
     if state is not None:

@@ -102,7 +102,7 @@ def test_an_asset_path_inside_the_run_is_followed(run_with_asset):
     run, point_to = run_with_asset
     (run / "assets" / "text").mkdir(parents=True)
     point_to("assets/text")  # passes the check; the folder is then read (and found not to hold an HF model)
-    with pytest.raises(DataError, match="not a local Hugging Face model directory") as err:
+    with pytest.raises(DataError, match="is a directory without config.json") as err:
         BindModel.from_pretrained(run)
     assert str((run / "assets" / "text").resolve()) in str(err.value)
 

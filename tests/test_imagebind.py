@@ -269,3 +269,18 @@ def test_a_tensor_of_the_wrong_shape_is_named(tmp_path, state):
     torch.save(broken, path)
     with pytest.raises(ConfigError, match=r"'trunk\.norm\.weight' has shape \(5,\); the audio tower expects \(32,\)"):
         create_encoder("imagebind_audio", checkpoint=str(path), num_heads=2)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"width": 10**9}, r"width must be a whole number \(or list of them\) in 1..16384"),
+        ({"heads": 3}, "heads=3 does not divide width=32"),
+        ({"kernel": [0, 4]}, "kernel must be"),
+        ({"modality": "smell"}, "modality one of vision, text"),
+        ({"pre_norm": "yes"}, "pre_norm must be true or false"),
+    ],
+)
+def test_absurd_sizes_in_a_config_are_refused_before_building(change, message):
+    with pytest.raises(ConfigError, match=message):
+        create_encoder("imagebind_thermal", config={**ib.tiny_config("thermal"), **change})

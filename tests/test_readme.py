@@ -3,7 +3,7 @@
 The copy has the repository's files, the real ``../shared`` beside it, this test session's virtual
 environment as ``.venv``, and a smoke-size digits run as ``runs/digits`` (the Quickstart's first line
 would train the real one for minutes). Installs are skipped too. Python blocks that start with ``# NAME.py`` are saved as that file. Skipped: the Quickstart's
-lines (they install), commands
+lines (they install), downloads (``curl``), commands
 that train or benchmark for minutes (``bindkit run``, ``bindkit bench``, the lock refresh that
 downloads), and blocks the README marks ``<!-- long: ... -->``. Everything else must exit 0.
 """
@@ -28,6 +28,7 @@ SKIP_COMMANDS = (
     "pip install uv",
     "python3 -m venv ",
     ".venv/bin/pip install",
+    "curl ",  # downloads (ImageBind's weights)
 )
 
 
