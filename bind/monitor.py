@@ -39,6 +39,31 @@ class MetricsLog:
                 self.writer.add_scalar(f"{record['stage']}/loss_{key}", value, record["step"])
 
 
+def stage_summaries(path: Path) -> list[dict[str, Any]]:
+    """The ``stage_done`` records of a ``metrics.jsonl`` (the last one of each stage: a resumed run's own)."""
+    last: dict[str, dict[str, Any]] = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and record.get("event") == "stage_done":
+                last[str(record.get("stage"))] = record
+    return list(last.values())
+
+
+def format_stage_summaries(summaries: list[dict[str, Any]]) -> str:
+    """Where each stage's time went, one line per stage."""
+    lines = ["time per stage (data wait: blocked on the loaders; the rest is forward, backward and update):"]
+    for s in summaries:
+        lines.append(
+            f"  {s['stage']:<20} {s['steps']:>6} steps  {s['seconds']:>8.1f} s  data wait {100 * s['data_wait_fraction']:5.1f}%"
+            f"  {s['samples_per_s']:>8.0f} samples/s"
+        )
+    return "\n".join(lines)
+
+
 class StopFlag:
     """SIGTERM and SIGINT set a flag instead of killing the process: the loop checkpoints, then stops."""
 

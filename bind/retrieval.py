@@ -2,7 +2,7 @@
 
 Exact search is a blocked matrix product with a running top-k: the gallery is processed in blocks
 of ``block_size`` rows, so memory stays at ``queries x block_size`` scores whatever the gallery
-size, and the gallery itself may be a memory-mapped ``.npy`` larger than RAM. ``SearchIndex`` wraps
+size (a block's scores are compared with each query's current k-th best; only those above it are merged), and the gallery itself may be a memory-mapped ``.npy`` larger than RAM. ``SearchIndex`` wraps
 it with names and saving; ``backend="faiss"`` uses FAISS ``IndexFlatIP`` when ``faiss-cpu`` is
 installed (the ``faiss`` extra).
 
@@ -27,11 +27,14 @@ from .errors import ConfigError, DataError, InputError
 
 
 def exact_search(
-    queries: np.ndarray | torch.Tensor, gallery: np.ndarray | torch.Tensor, k: int, block_size: int = 65536
+    queries: np.ndarray | torch.Tensor, gallery: np.ndarray | torch.Tensor, k: int, block_size: int = 4096
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top ``k`` gallery rows by inner product for each query: ``(scores (Q, k), indices (Q, k))``, best first.
 
-    Memory: one ``(Q, block_size)`` block of scores at a time, never ``(Q, N)``.
+    Memory: one ``(Q, block_size)`` block of scores at a time, never ``(Q, N)``; the default block stays in the
+    CPU's cache. Once every query holds ``k`` results, a block's scores are only compared with each query's
+    current ``k``-th best score, and the few that beat it are merged: the selection costs one comparison per
+    score instead of a top-k over every block.
     """
     check_k(k)
     q = torch.as_tensor(np.asarray(queries, dtype=np.float32))
@@ -41,16 +44,59 @@ def exact_search(
     k = min(k, n)
     best_scores = torch.full((len(q), 0), -torch.inf)
     best_index = torch.zeros((len(q), 0), dtype=torch.long)
+    buffer = torch.empty(len(q), min(block_size, n))  # one allocation: a fresh (Q, block) per block faults pages in
+    pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # candidates not merged yet
+
+    def flush() -> None:  # merge the pending candidates into the queries they beat (few queries, few rows)
+        if pending:
+            queries_, scores_, index_ = (torch.cat(parts) for parts in zip(*pending, strict=True))
+            pending.clear()
+            hit, rows = torch.unique(queries_, return_inverse=True)
+            best_scores[hit], best_index[hit] = _merge(best_scores[hit], best_index[hit], rows, scores_, index_)
+
     for start in range(0, n, block_size):
         rows = np.ascontiguousarray(gallery[start : start + block_size], dtype=np.float32)
         block = torch.from_numpy(rows if rows.flags.writeable else rows.copy())  # memory-mapped rows are read-only
-        scores = q @ block.T  # (Q, block)
+        scores = torch.mm(q, block.T, out=buffer[:, : len(block)])  # (Q, block)
+        if best_scores.shape[1] == k and len(q):
+            threshold = best_scores[:, -1]  # as of the last merge: candidates merged late are a few more, no error
+            hit = (scores.amax(dim=1) > threshold).nonzero().squeeze(1)  # the queries a block improves: usually few
+            if not len(hit):
+                continue
+            hit_rows, cols = (scores[hit] > threshold[hit, None]).nonzero(as_tuple=True)
+            if len(hit_rows) <= 4 * k * len(q):  # the usual case: few scores beat the k-th best
+                if len(hit_rows):
+                    queries_ = hit[hit_rows]
+                    pending.append((queries_, scores[queries_, cols], cols + start))
+                    if sum(len(p[0]) for p in pending) >= k * len(q):
+                        flush()
+                continue
+        flush()
         top_scores, top_index = scores.topk(min(k, scores.shape[1]), dim=1)
         merged_scores = torch.cat([best_scores, top_scores], dim=1)
         merged_index = torch.cat([best_index, top_index + start], dim=1)
         best_scores, order = merged_scores.topk(min(k, merged_scores.shape[1]), dim=1)
         best_index = merged_index.gather(1, order)
+    flush()
     return best_scores.numpy(), best_index.numpy()
+
+
+def _merge(
+    best_scores: torch.Tensor, best_index: torch.Tensor, rows: torch.Tensor, scores: torch.Tensor, index: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each query's ``k`` best of its current results and the candidates ``(rows, scores, index)``."""
+    if not len(rows):
+        return best_scores, best_index
+    num_queries, k = best_scores.shape
+    all_rows = torch.cat([torch.arange(num_queries).repeat_interleave(k), rows])
+    all_scores = torch.cat([best_scores.reshape(-1), scores])
+    all_index = torch.cat([best_index.reshape(-1), index])
+    order = torch.sort(all_scores, descending=True, stable=True).indices  # best first; earlier rows win ties
+    order = order[torch.sort(all_rows[order], stable=True).indices]  # grouped by query, best first within
+    counts = torch.bincount(all_rows, minlength=num_queries)
+    rank = torch.arange(len(order)) - (torch.cumsum(counts, 0) - counts).repeat_interleave(counts)
+    keep = order[rank < k]  # every query has at least its k current results
+    return all_scores[keep].view(num_queries, k), all_index[keep].view(num_queries, k)
 
 
 def check_k(k: int) -> None:

@@ -54,6 +54,7 @@ class StepResult:
     samples: int
     grad_norm: float
     stepped: bool
+    data_s: float = 0.0  # seconds blocked on the loaders (open_clip's data_time); the rest of the step is compute
 
 
 def stage_modalities(recipe: Recipe, stage: StageSpec) -> list[str]:
@@ -101,6 +102,7 @@ class StageRunner:
         for modality, cache in self.caches.items():
             self.note_bad_items(modality, cache.bad)
         self.nonfinite_steps = 0
+        self.data_wait = 0.0  # seconds blocked on the loaders, since the last train_step read it
         self.data = build_stage_loaders(model, recipe, stage, train_sets, set(self.caches), dist, device)
         self.steps_per_epoch = self.data.steps_per_epoch(stage.optimizer.grad_accum_steps)
         self.total_steps = stage.steps or max(1, math.ceil(stage.epochs * self.steps_per_epoch))
@@ -145,11 +147,12 @@ class StageRunner:
     # ---- the step -------------------------------------------------------------------------------------
     def train_step(self, iterators: dict[str, Iterator[Any]]) -> StepResult:
         """One optimizer step: the gradients of all its micro-batches (averaged over ranks), then the update."""
+        self.data_wait = 0.0
         loss, parts, samples = self.backward(iterators)
         grad_norm, stepped = apply_update(
             self.model, self.params, self.optimizer, self.scheduler, loss, self.stage.optimizer.grad_clip
         )
-        return StepResult(loss, parts, samples, grad_norm, stepped)
+        return StepResult(loss, parts, samples, grad_norm, stepped, self.data_wait)
 
     def backward(self, iterators: dict[str, Iterator[Any]]) -> tuple[float, dict[str, float], int]:
         """Forward and backward of one step's ``grad_accum_steps`` micro-batches; gradients averaged over ranks.
@@ -157,7 +160,9 @@ class StageRunner:
         Returns the loss (the mean over micro-batches, of the global batch), its parts and the samples seen."""
         accum, samples, total = self.stage.optimizer.grad_accum_steps, 0, 0.0
         for _ in range(accum):
+            waiting = time.perf_counter()
             batches = {m: next(iterator) for m, iterator in iterators.items()}
+            self.data_wait += time.perf_counter() - waiting
             with self.autocast():
                 loss, parts, n, replays = self.micro_batch_loss(batches)
             (loss / accum).backward()
@@ -265,11 +270,17 @@ class StageRunner:
             total=self.total_steps,
         )
         window_start, window_samples, nonfinite_in_a_row = time.perf_counter(), 0, 0
+        window = {"steps": 0, "data_s": 0.0}
+        stage_start, stage_data_s, stage_samples = time.perf_counter(), 0.0, 0
         postfix: dict[str, Any] = {}
         for step in bar:
             done = step + 1
             result = self.train_step(iterators)
             window_samples += result.samples
+            window["steps"] += 1
+            window["data_s"] += result.data_s
+            stage_data_s += result.data_s
+            stage_samples += result.samples
             if show:  # the loss from the first step on; the throughput at each log step
                 postfix["loss"] = f"{result.loss:.3f}"
                 bar.set_postfix(postfix, refresh=False)
@@ -287,10 +298,17 @@ class StageRunner:
                         "check the inputs, or raise max_nonfinite_steps"
                     )
             if metrics is not None and (done % stage.log_every == 0 or done == self.total_steps):
-                rate = window_samples / max(time.perf_counter() - window_start, 1e-9)
-                window_start, window_samples = time.perf_counter(), 0
-                metrics.write(self._record(done, result, rate))
+                elapsed = max(time.perf_counter() - window_start, 1e-9)
+                rate = window_samples / elapsed
+                timing = {
+                    "batch_s": round(elapsed / window["steps"], 5),  # wall time per step
+                    "data_s": round(window["data_s"] / window["steps"], 5),  # of which blocked on the loaders
+                    "data_wait_fraction": round(min(window["data_s"] / elapsed, 1.0), 4),
+                }
+                window_start, window_samples, window = time.perf_counter(), 0, {"steps": 0, "data_s": 0.0}
+                metrics.write({**self._record(done, result, rate), **timing})
                 postfix.update({"loss": f"{result.loss:.3f}", "samples_s": f"{rate:.0f}"})
+                postfix["data"] = f"{timing['data_wait_fraction']:.0%}"
                 if self.bad_items:
                     postfix["bad"] = len(self.bad_items)
                 if self.nonfinite_steps:
@@ -307,6 +325,32 @@ class StageRunner:
                 bar.close()
                 raise Interrupted(stop.signal_name, stage.name, done, checkpoints.last if checkpoints else None)
         bar.close()
+        self.summary = self._summary(
+            self.total_steps - start_step, time.perf_counter() - stage_start, stage_data_s, stage_samples
+        )
+        if metrics is not None:
+            metrics.write(self.summary)
+        if self.dist.is_main:
+            log.info(
+                "stage %s: %d steps in %.1f s, %.0f samples/s; %.1f%% of the time waiting for data",
+                stage.name, self.summary["steps"], self.summary["seconds"], self.summary["samples_per_s"],
+                100 * self.summary["data_wait_fraction"],
+            )  # fmt: skip
+
+    def _summary(self, steps: int, seconds: float, data_s: float, samples: int) -> dict[str, Any]:
+        """Where a stage's time went: ``data_wait_s`` blocked on the loaders, ``compute_s`` in forward, backward
+        and the update (checkpointing and logging included)."""
+        seconds = max(seconds, 1e-9)
+        return {
+            "stage": self.stage.name,
+            "event": "stage_done",
+            "steps": steps,
+            "seconds": round(seconds, 3),
+            "data_wait_s": round(data_s, 3),
+            "compute_s": round(seconds - data_s, 3),
+            "data_wait_fraction": round(min(data_s / seconds, 1.0), 4),
+            "samples_per_s": round(samples / seconds, 1),
+        }
 
     def _record(self, step: int, result: StepResult, rate: float) -> dict[str, Any]:
         return {

@@ -223,3 +223,31 @@ def test_on_bad_item_fail_and_too_many_bad_items_stop_with_the_files(tmp_path):
     recipe = parse_recipe(manifest_recipe(manifest, max_bad_fraction=0.05))
     with pytest.raises(DataError, match=r"(?s)items are bad, more than max_bad_fraction=0\.05.*img\d+\.png"):
         run_recipe(recipe, tmp_path / "b", show_progress=False)
+
+
+# ---- where each second goes ------------------------------------------------------------------------------
+def test_a_slow_loader_shows_as_data_wait_not_compute(data_root, tmp_path):
+    from bind.monitor import MetricsLog
+
+    runner = runner_for(data_root)
+    real_iterators = runner.data.iterators
+
+    def slow_iterators():
+        def slow(iterator):
+            for batch in iterator:
+                time.sleep(0.05)  # a loader that cannot keep up
+                yield batch
+
+        return {m: slow(it) for m, it in real_iterators().items()}
+
+    runner.data.iterators = slow_iterators
+    runner.stage.log_every = 1
+    runner.run(MetricsLog(tmp_path / "metrics.jsonl"), show_progress=False)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps, (summary,) = [r for r in records if "step" in r], [r for r in records if r.get("event") == "stage_done"]
+    assert len(steps) == runner.total_steps
+    for r in steps:
+        assert 0.05 <= r["data_s"] <= r["batch_s"] and 0 < r["data_wait_fraction"] <= 1
+    assert summary["steps"] == runner.total_steps and summary["data_wait_s"] >= 0.05 * runner.total_steps
+    assert summary["compute_s"] + summary["data_wait_s"] == pytest.approx(summary["seconds"], abs=2e-3)
+    assert summary["data_wait_s"] > summary["compute_s"]  # 50 ms per step waiting against a tiny model's step

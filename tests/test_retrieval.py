@@ -32,6 +32,24 @@ def test_exact_search_matches_a_full_sort(block_size):
     np.testing.assert_allclose(scores, np.take_along_axis(full, expected, 1), rtol=1e-6)
 
 
+@pytest.mark.parametrize("order", ["random", "ascending", "ties"])
+def test_the_threshold_merge_matches_a_full_sort_on_many_blocks(order):
+    # ascending: every block beats the k-th best (the top-k path); ties: equal scores keep the earlier row
+    queries, gallery = unit_rows(7, 6, 3), unit_rows(3000, 6, 4)
+    if order == "ascending":
+        gallery = gallery[np.argsort(gallery @ queries[0])]
+    if order == "ties":
+        gallery = np.repeat(gallery[:300], 10, axis=0)
+    scores, indices = exact_search(queries, gallery, k=5, block_size=64)
+    full = queries @ gallery.T
+    expected = np.argsort(-full, axis=1, kind="stable")[:, :5]
+    np.testing.assert_allclose(scores, np.take_along_axis(full, expected, 1), rtol=1e-6)
+    if order != "ties":
+        np.testing.assert_array_equal(indices, expected)
+    else:  # float rounding may order equal rows differently: the scores agree, and each found row has that score
+        np.testing.assert_allclose(np.take_along_axis(full, indices, 1), scores, rtol=1e-6)
+
+
 def test_k_larger_than_gallery_and_memmapped_gallery(tmp_path):
     gallery = unit_rows(6, 4, 2)
     np.save(tmp_path / "g.npy", gallery)

@@ -28,6 +28,7 @@ BENCHMARKS: dict[str, str] = {
     "gradcache": "gradcache:bench_gradcache",
     "gpu": "gpu:bench_gpu",
     "data": "data:bench_data",
+    "step": "step:bench_step",
 }
 
 

@@ -89,6 +89,7 @@ def _run_one(args: argparse.Namespace, recipe: Any, overrides: list[str], out: P
 
     from ..distributed import launch
     from ..evaluate import format_results
+    from ..monitor import format_stage_summaries, stage_summaries
     from ..trainer import run_recipe
 
     if args.nproc > 1:
@@ -113,5 +114,8 @@ def _run_one(args: argparse.Namespace, recipe: Any, overrides: list[str], out: P
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     print(format_results(results))
+    summaries = stage_summaries(out / "metrics.jsonl")
+    if summaries:
+        print(format_stage_summaries(summaries))
     print(f"run directory: {out}  (model.safetensors, config.json, metrics.jsonl, eval.json)")
     return 0
