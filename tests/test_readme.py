@@ -29,6 +29,7 @@ SKIP_COMMANDS = (
     "python3 -m venv ",
     ".venv/bin/pip install",
     "curl ",  # downloads (ImageBind's weights)
+    "torchrun ",  # trains, on several machines
 )
 
 

@@ -80,3 +80,23 @@ def test_a_loader_that_gives_no_full_batch_is_an_error_not_an_endless_loop():
 
     with pytest.raises(DataError, match="gave no full batch of 4"):
         next(endless(DataLoader(list(range(3)), batch_size=4, drop_last=True)))
+
+
+def test_bench_step_compares_every_stage_with_a_bare_loop(tmp_path, data_root):
+    """The plumbing of `bindkit bench step` (its figures are measured by the benchmark, not here)."""
+    import yaml
+
+    from bind.bench import run_benchmark
+    from bind.bench.ddp import check_recipe
+
+    recipe = check_recipe(str(data_root), 16, local_loss=False, chunk_size=None)
+    recipe["stages"].insert(
+        0, {"name": "audio_alone", "kind": "pretrain", "modality": "audio", "batch_size": 8, "steps": 1}
+    )
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(json.loads(json.dumps(recipe))))
+    result = run_benchmark("step", recipe=str(path), steps=2, warmup=1, overrides=["stages.1.steps=9"])
+    assert list(result["stages"]) == ["audio_alone", "bind"] and result["overrides"] == ["stages.1.steps=9"]
+    for stage in result["stages"].values():
+        assert stage["trainer_samples_per_s"] > 0 and stage["bare_samples_per_s"] > 0
+        assert 0 <= stage["data_wait_fraction"] <= 1 and stage["overhead"] < 1

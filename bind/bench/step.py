@@ -23,20 +23,23 @@ def bench_step(
     warmup: int = 3,
     data_root: str | None = None,
     stages: list[str] | None = None,
+    overrides: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Trainer against bare loop, per stage of ``recipe`` (``stages``: only those names)."""
+    """Trainer against bare loop, per stage of ``recipe`` (``stages``: only those names; ``overrides``: recipe
+    ``key=value`` overrides, e.g. ``["num_workers=2"]``)."""
     from ..data import build_dataset
     from ..distributed import SINGLE_PROCESS
     from ..recipe import load_recipe
     from ..stage import StageRunner
     from ..trainer import build_model, resolve_device, seed_everything
 
-    spec = load_recipe(recipe, [f"data_root={data_root}"] if data_root else [])
+    spec = load_recipe(recipe, [*(overrides or []), *([f"data_root={data_root}"] if data_root else [])])
     device = resolve_device(spec.device)
     seed_everything(spec.seed)
     model = build_model(spec)
     train_sets = {m: build_dataset(s.train_data, spec.data_root) for m, s in spec.modalities.items() if s.train_data}
-    result: dict[str, Any] = {"recipe": recipe, "steps": steps, "device": str(device), "stages": {}}
+    result: dict[str, Any] = {"recipe": recipe, "overrides": overrides or [], "steps": steps, "device": str(device)}
+    result["stages"] = {}
     for stage in spec.stages:
         if stages and stage.name not in stages:
             continue

@@ -26,7 +26,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_plugin_args(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--nproc", type=int, default=1, metavar="N", help="data-parallel processes on this machine")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the run directory")
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const="yes",
+        choices=["yes", "auto"],
+        help="continue from the newest checkpoint in the run directory; `--resume auto`: when there is one, else "
+        "start (restarted torchrun workers resume so by themselves)",
+    )
     p.add_argument(
         "--seeds",
         type=int,
@@ -48,8 +55,22 @@ def run(args: argparse.Namespace) -> int:
     if args.nproc < 1:
         raise ConfigError(f"--nproc: expected a number of processes >= 1, got {args.nproc}")
     if args.seeds is None:
-        return _run_one(args, recipe, args.overrides, out, args.resume)
+        return _run_one(args, recipe, args.overrides, out, resume_wanted(args.resume, out))
     return _run_seeds(args, out)
+
+
+def resume_wanted(mode: str | None, out: Path) -> bool:
+    """``--resume``: yes; ``--resume auto``, or a worker torchrun restarted after a failure (its
+    ``TORCHELASTIC_RESTART_COUNT`` > 0): when the run directory holds a checkpoint."""
+    import os
+
+    from ..checkpoint import list_checkpoints
+
+    if mode == "yes":
+        return True
+    if mode == "auto" or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0:
+        return bool(list_checkpoints(out / "checkpoints", complete=False))
+    return False
 
 
 def _run_seeds(args: argparse.Namespace, out: Path) -> int:
@@ -70,7 +91,7 @@ def _run_seeds(args: argparse.Namespace, out: Path) -> int:
             print(f"seed {seed}: evaluated already in {seed_out} (kept)")
         else:
             # --resume continues a seed that has checkpoints; a seed never started (or killed before its first) starts
-            resume = args.resume and bool(list_checkpoints(seed_out / "checkpoints", complete=False))
+            resume = bool(args.resume) and bool(list_checkpoints(seed_out / "checkpoints", complete=False))
             code = _run_one(args, recipe, overrides, seed_out, resume)
             if code:
                 return code
