@@ -150,16 +150,7 @@ def apply_draw(x: Tensor, d: Draw) -> Tensor:
     sx, sy = d.scale * math.sqrt(d.aspect) * out_w / w, d.scale / math.sqrt(d.aspect) * out_h / h
     if min(sx, sy) < 1:
         x = TF.resize(x, [max(1, round(h * min(sy, 1))), max(1, round(w * min(sx, 1)))], antialias=True)
-    a, s = math.radians(d.angle), math.radians(d.shear)
-    rotate = torch.tensor([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]], dtype=torch.float64)
-    shear = torch.tensor([[1.0, math.tan(s)], [0.0, 1.0]], dtype=torch.float64)
-    zoom = torch.diag(torch.tensor([d.scale * math.sqrt(d.aspect), d.scale / math.sqrt(d.aspect)], dtype=torch.float64))
-    frame = torch.diag(torch.tensor([out_w / 2, out_h / 2], dtype=torch.float64))  # normalised -> output pixels
-    # a point of the input frame lands at frame @ v before the zoom (v normalised), at forward @ frame @ v + shift after
-    forward = rotate @ shear @ zoom
-    back = torch.linalg.inv(frame) @ torch.linalg.inv(forward)  # output pixels (centred) -> normalised input
-    shift = torch.tensor([d.shift[0] * out_w, d.shift[1] * out_h], dtype=torch.float64)
-    theta = torch.cat([back @ frame, (-back @ shift)[:, None]], 1).float()
+    theta = torch.tensor([_theta(d, out_w, out_h)], dtype=torch.float32)
     grid = F.affine_grid(theta.expand(x.shape[0], 2, 3), [x.shape[0], x.shape[1], out_h, out_w], align_corners=False)
     fill = fill.view(1, -1, 1, 1)
     out = F.grid_sample(x - fill, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + fill
@@ -167,6 +158,27 @@ def apply_draw(x: Tensor, d: Draw) -> Tensor:
         mean = out.mean(dim=(-3, -2, -1), keepdim=True)
         out = (out - mean) * d.contrast + mean
     return (out * d.brightness).clamp(0, 1).reshape(*lead, -1, out_h, out_w)
+
+
+def _theta(d: Draw, out_w: int, out_h: int) -> list[list[float]]:
+    """The 2 x 3 map from output pixels (normalised) to the input (normalised) of one draw, in float64 arithmetic.
+
+    A point of the input frame lands at ``frame @ v`` before the zoom (``v`` normalised) and at
+    ``rotate @ shear @ zoom @ frame @ v + shift`` after it; this is that map's inverse, written out for 2 x 2
+    matrices (a dozen torch calls on tiny tensors cost more than the resampling of a digit)."""
+    a, t = math.radians(d.angle), math.tan(math.radians(d.shear))
+    cos, sin = math.cos(a), math.sin(a)
+    zx, zy = d.scale * math.sqrt(d.aspect), d.scale / math.sqrt(d.aspect)
+    # inverse(rotate @ shear @ zoom) = inverse(zoom) @ inverse(shear) @ inverse(rotate), rotate^-1 = rotate^T
+    m00, m01 = (cos + t * sin) / zx, (sin - t * cos) / zx
+    m10, m11 = -sin / zy, cos / zy
+    fw, fh = out_w / 2, out_h / 2  # normalised -> output pixels
+    back = ((m00 / fw, m01 / fw), (m10 / fh, m11 / fh))  # output pixels (centred) -> normalised input
+    sx, sy = d.shift[0] * out_w, d.shift[1] * out_h
+    return [
+        [back[0][0] * fw, back[0][1] * fh, -(back[0][0] * sx + back[0][1] * sy)],
+        [back[1][0] * fw, back[1][1] * fh, -(back[1][0] * sx + back[1][1] * sy)],
+    ]
 
 
 def border_colour(x: Tensor) -> Tensor:
