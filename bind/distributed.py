@@ -62,7 +62,14 @@ def init_distributed(device_type: str) -> Dist:
     if not dist.is_initialized():
         if device_type == "cuda":
             torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+        backend = "nccl" if device_type == "cuda" else "gloo"
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+        if restart is None:
+            dist.init_process_group(backend)
+        else:  # under torchrun: keys of this attempt only, or a restarted worker may read a dead one's address
+            store, _, _ = next(dist.rendezvous("env://"))
+            store = dist.PrefixStore(f"bindkit/attempt-{restart}", store)
+            dist.init_process_group(backend, store=store, rank=rank, world_size=world_size)
         _created = True
     log.info("rank %d of %d (backend %s)", rank, world_size, dist.get_backend())
     return Dist(rank, world_size, local_rank)

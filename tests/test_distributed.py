@@ -115,8 +115,15 @@ def test_two_nodes_on_loopback_through_c10d_rendezvous_train_like_one_machine(tm
             "--rdzv_backend=c10d", f"--rdzv_endpoint={endpoint}", "--rdzv_id=bindkit-test",
             "-m", "bind", "run", str(path), "--out", str(tmp_path / "two-nodes"), "--no-progress",
         ]  # fmt: skip
-        nodes.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    outputs = [node.communicate(timeout=300) for node in nodes]
+        nodes.append(
+            subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        )
+    try:
+        outputs = [node.communicate(timeout=300) for node in nodes]
+    finally:  # a hung rendezvous must not outlive the test
+        for node in nodes:
+            if node.poll() is None:
+                os.killpg(node.pid, signal.SIGKILL)
     assert [node.returncode for node in nodes] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
     assert sum(out.count("class-match retrieval") for out, _ in outputs) == 1  # one global rank 0 reports
     single = subprocess.run(
@@ -146,7 +153,8 @@ def worker_pids(agent: int) -> dict[int, int]:
 
 def test_a_killed_worker_restarts_the_job_from_the_newest_checkpoint(tmp_path, data_root):
     """torchrun --max-restarts 1: rank 1 is killed mid-run; the restarted workers resume by themselves
-    (no --resume) and end with the weights of an uninterrupted run."""
+    (no --resume) and end with the weights of an uninterrupted run. (Before bind.distributed prefixed the store's
+    keys with the attempt, a restarted worker could read the dead one's address and hang in gloo's connect.)"""
     from bind.checkpoint import list_checkpoints
 
     path = tiny_recipe_file(tmp_path, data_root, steps=12)
@@ -156,14 +164,19 @@ def test_a_killed_worker_restarts_the_job_from_the_newest_checkpoint(tmp_path, d
     assert whole.returncode == 0, whole.stderr[-2000:]
     out = tmp_path / "killed"
     agent = subprocess.Popen(
-        [*torchrun, "--max-restarts=1", *run, str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    deadline = time.monotonic() + 240
-    while len(list_checkpoints(out / "checkpoints")) < 2:  # two steps done: the kill lands mid-stage
-        assert agent.poll() is None and time.monotonic() < deadline, agent.communicate()[1][-2000:]
-        time.sleep(0.05)
-    os.kill(worker_pids(agent.pid)[1], signal.SIGKILL)
-    stdout, stderr = agent.communicate(timeout=300)
+        [*torchrun, "--max-restarts=1", *run, str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 240
+        while len(list_checkpoints(out / "checkpoints")) < 2:  # two steps done: the kill lands mid-stage
+            assert agent.poll() is None and time.monotonic() < deadline, agent.communicate()[1][-2000:]
+            time.sleep(0.05)
+        os.kill(worker_pids(agent.pid)[1], signal.SIGKILL)
+        stdout, stderr = agent.communicate(timeout=180)
+    finally:  # a hung job must not outlive the test
+        if agent.poll() is None:
+            os.killpg(agent.pid, signal.SIGKILL)
     assert agent.returncode == 0, stderr[-3000:]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     resumed = [r for r in records if r.get("event") == "resumed"]
