@@ -47,8 +47,9 @@ def example_waveforms(n: int, seed: int = 0) -> list[np.ndarray]:
     return [rng.standard_normal(4000 + 1000 * i).astype(np.float32) * 0.1 for i in range(n)]
 
 
-def load_audio(item: Any, sample_rate: int) -> Tensor:
-    """Raw audio item -> mono float32 waveform ``(samples,)`` at ``sample_rate``.
+def load_audio(item: Any, sample_rate: int, mono: bool = True) -> Tensor:
+    """Raw audio item -> mono float32 waveform ``(samples,)`` at ``sample_rate`` (``mono=False``: every channel
+    kept, ``(channels, samples)``).
 
     A file is read whole: :func:`load_audio_clips` reads only the clips an encoder uses.
 
@@ -59,7 +60,7 @@ def load_audio(item: Any, sample_rate: int) -> Tensor:
     if isinstance(item, (str, os.PathLike)):
         what = f"audio file {os.fspath(item)!r}"
         with _open_audio(Path(item), what) as f:
-            return _whole_file(f, what, sample_rate)
+            return _whole_file(f, what, sample_rate, mono)
     if isinstance(item, tuple) and len(item) == 2:
         what = "(waveform, sample_rate) item"
         wave, rate = _as_tensor(item[0], what), item[1]
@@ -72,11 +73,12 @@ def load_audio(item: Any, sample_rate: int) -> Tensor:
             f"cannot read audio from a {type(item).__name__}; expected a file path, a (waveform, sample_rate) "
             "tuple, or a 1-D/2-D array at the encoder's sample rate"
         )
-    return _to_mono(wave, rate, what, MAX_CHANNELS, sample_rate)
+    return _checked(wave, rate, what, MAX_CHANNELS, sample_rate, mono)
 
 
-def _to_mono(wave: Tensor, rate: float, what: str, max_channels: int, sample_rate: int) -> Tensor:
-    """``(samples,)`` or ``(channels, samples)`` at ``rate`` -> checked mono ``(samples,)`` at ``sample_rate``."""
+def _checked(wave: Tensor, rate: float, what: str, max_channels: int, sample_rate: int, mono: bool = True) -> Tensor:
+    """``(samples,)`` or ``(channels, samples)`` at ``rate`` -> checked ``(samples,)`` mixed down (``mono``) or
+    ``(channels, samples)``, at ``sample_rate``."""
     if wave.ndim == 1:
         wave = wave[None]
     if wave.ndim != 2 or wave.shape[0] > max_channels:
@@ -87,7 +89,7 @@ def _to_mono(wave: Tensor, rate: float, what: str, max_channels: int, sample_rat
     if wave.shape[1] == 0:
         raise InputError(f"{what} is empty (0 samples); expected at least one sample of audio")
     _check_finite(wave, what)
-    return _resample(wave.mean(0), rate, sample_rate)
+    return _resample(wave.mean(0) if mono else wave, rate, sample_rate)
 
 
 def load_audio_clips(item: Any, sample_rate: int, clip_samples: int, max_clips: int) -> tuple[Tensor, Tensor]:
@@ -108,13 +110,13 @@ def load_audio_clips(item: Any, sample_rate: int, clip_samples: int, max_clips: 
         return split_clips(_whole_file(f, what, sample_rate), clip_samples, max_clips)
 
 
-def _whole_file(f: sf.SoundFile, what: str, sample_rate: int) -> Tensor:
-    """All of an open audio file as :func:`load_audio` gives it: mono, at ``sample_rate``."""
+def _whole_file(f: sf.SoundFile, what: str, sample_rate: int, mono: bool = True) -> Tensor:
+    """All of an open audio file as :func:`load_audio` gives it: mono (or every channel), at ``sample_rate``."""
     if f.seekable():  # back to the start after a window read that came up short
         f.seek(0)
     wave = torch.from_numpy(np.ascontiguousarray(_read_frames(f, -1, what).T))  # (channels, samples)
     # a file says how many channels it has: any number is mixed down
-    return _to_mono(wave, f.samplerate, what, wave.shape[0], sample_rate)
+    return _checked(wave, f.samplerate, what, wave.shape[0], sample_rate, mono)
 
 
 @contextmanager

@@ -124,6 +124,15 @@ def load_image(item: Any, channels: int | None = 3, upright: bool = True) -> Ten
     return image.contiguous()
 
 
+def load_rgb_pil(item: Any) -> Image.Image:
+    """One raw image as an RGB PIL image of its stored pixels (no EXIF turn), as reference code that opens files
+    with PIL and ``convert("RGB")`` sees them (ImageBind's, OpenCLIP's transforms); [0, 1] floats back to 8 bits."""
+    if isinstance(item, Image.Image):
+        return item.convert("RGB")
+    unit = load_image(item, channels=3, upright=False)
+    return Image.fromarray(unit.mul(255).round().byte().permute(1, 2, 0).numpy())
+
+
 def _read_file(path: Path, upright: bool = True) -> np.ndarray:
     where = f"image file {str(path)!r}"
     if not path.is_file():

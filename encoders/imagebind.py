@@ -52,21 +52,20 @@ import torch
 import torch.nn.functional as F
 import torchaudio.compliance.kaldi as kaldi
 import torchvision.transforms.functional as TF
-from PIL import Image
 from torch import Tensor, nn
 
 from bind import ModalityEncoder, register_encoder
 from bind.encoder import ClipBatch, build_head
 from bind.errors import ConfigError, InputError
 
-from .audio_io import AUDIO_SUFFIXES, MAX_CHANNELS, _as_tensor, _check_finite, _open_audio, _read_frames, _resample
+from .audio_io import AUDIO_SUFFIXES, load_audio
 from .clip_bpe import VOCAB_FILE, CLIPTokenizer, find_bpe_vocab
 from .depth import depth_to_unit, load_depth
 from .image_augment import ImageAugment, VideoAugment
-from .image_io import IMAGE_SUFFIXES, example_images, load_image
+from .image_io import IMAGE_SUFFIXES, example_images, load_rgb_pil
 from .imu import load_imu
 from .thermal import load_thermal, thermal_to_unit
-from .video_io import VIDEO_SUFFIXES, example_videos, load_frames
+from .video_io import VIDEO_SUFFIXES, example_videos, load_frames, read_video_with_rate
 
 log = logging.getLogger(__name__)
 
@@ -462,11 +461,7 @@ class ImageBindTrunk(nn.Module):
 # ---- preprocessing -----------------------------------------------------------------------------------------------
 def image_pixels(item: Any, size: int) -> Tensor:
     """ImageBind's image transform: RGB, short side to ``size`` (bicubic), centre crop, CLIP's mean and std."""
-    if isinstance(item, Image.Image):
-        image = item.convert("RGB")
-    else:  # a file's stored pixels (no EXIF turn), an array or a tensor; [0, 1] floats back to 8 bits
-        unit = load_image(item, channels=3, upright=False)
-        image = Image.fromarray(unit.mul(255).round().byte().permute(1, 2, 0).numpy())
+    image = load_rgb_pil(item)  # a file's stored pixels: ImageBind ignores EXIF
     image = TF.center_crop(TF.resize(image, size, interpolation=TF.InterpolationMode.BICUBIC), size)
     return TF.normalize(TF.to_tensor(image), CLIP_MEAN, CLIP_STD)
 
@@ -484,30 +479,10 @@ def clip_times(duration: float, clip_duration: float, clips: int) -> list[tuple[
     return times
 
 
-def load_waveform(item: Any, sample_rate: int = AUDIO_RATE) -> Tensor:
-    """``(channels, samples)`` float32 at ``sample_rate``: a file (all channels), ``(wave, rate)`` or an array."""
-    if isinstance(item, (str, os.PathLike)):
-        what = f"audio file {os.fspath(item)!r}"
-        with _open_audio(Path(item), what) as f:
-            wave = torch.from_numpy(np.ascontiguousarray(_read_frames(f, -1, what).T))
-            rate = f.samplerate
-    elif isinstance(item, tuple) and len(item) == 2:
-        what, (wave, rate) = "(waveform, sample_rate) item", item
-        wave = _as_tensor(wave, what)
-        if not isinstance(rate, (int, float, np.integer, np.floating)) or not 1 <= rate < math.inf:
-            raise InputError(f"{what}: sample_rate must be a positive number of Hz (at least 1), got {rate!r}")
-    elif isinstance(item, (np.ndarray, Tensor)):
-        what, wave, rate = "audio array", _as_tensor(item, "audio array"), sample_rate
-    else:
-        raise InputError(
-            f"cannot read audio from a {type(item).__name__}; expected a file path, a (waveform, sample_rate) "
-            "tuple, or a 1-D/2-D array at 16 kHz"
-        )
-    wave = wave[None] if wave.ndim == 1 else wave
-    if wave.ndim != 2 or wave.shape[0] > MAX_CHANNELS or wave.shape[1] == 0:
-        raise InputError(f"{what} has shape {tuple(wave.shape)}; expected (samples,) or (channels, samples), not empty")
-    _check_finite(wave, what)
-    return _resample(wave.float(), rate, sample_rate)
+def load_waveform(item: Any) -> Tensor:
+    """``(channels, samples)`` float32 at 16 kHz: a file (all channels: ImageBind's fbank takes the first),
+    ``(wave, rate)`` or an array at 16 kHz."""
+    return load_audio(item, AUDIO_RATE, mono=False)
 
 
 def audio_clips(wave: Tensor, n_mels: int = 128, target_length: int = 204, clips: int = 3) -> Tensor:
@@ -598,7 +573,7 @@ class ImageBindEncoder(ModalityEncoder):
         clips: int | None = None,
         video: bool = False,
     ) -> None:
-        check_config(cfg)
+        trunk = ImageBindTrunk(cfg)  # checks the config first
         m = cfg["modality"]
         if head == "imagebind" and embed_dim not in (None, cfg["out_dim"]):
             raise ConfigError(
@@ -610,7 +585,7 @@ class ImageBindEncoder(ModalityEncoder):
         embed_dim = embed_dim or cfg["out_dim"]
         scale, learnable = LOGIT_SCALE.get(m, (1 / 0.07, False))
         modality = "video" if video else MODALITY[m]
-        super().__init__(modality, ImageBindTrunk(cfg), cfg["width"], embed_dim, "linear", scale, learnable)
+        super().__init__(modality, trunk, cfg["width"], embed_dim, "linear", scale, learnable)
         self.head_kind = head
         self.head = imagebind_head(cfg) if head == "imagebind" else build_head(head, cfg["width"], embed_dim)
         self.cfg = self.trunk.cfg
@@ -717,17 +692,10 @@ def _read_video_with_rate(item: Any) -> tuple[np.ndarray, float]:
         if not isinstance(fps, (int, float)) or not 0 < fps < math.inf:
             raise InputError(f"(frames, fps) video item: fps must be a positive number, got {fps!r}")
         return load_frames(frames), float(fps)
-    fps = 30.0
     if isinstance(item, (str, os.PathLike)):
-        import av
-
-        try:
-            with av.open(os.fspath(item)) as container:
-                rate = container.streams.video[0].average_rate if container.streams.video else None
-                fps = float(rate) if rate else fps
-        except (av.FFmpegError, OSError):
-            pass  # load_frames says what is wrong with the file
-    return load_frames(item), fps
+        frames, fps = read_video_with_rate(item)
+        return frames, fps or 30.0
+    return load_frames(item), 30.0
 
 
 # ---- the registered factories ------------------------------------------------------------------------------------
@@ -762,20 +730,25 @@ def _build(
     return encoder
 
 
+def tower_config(modality: str, width: int, depth: int, heads: int, out_dim: int, **sizes: Any) -> dict[str, Any]:
+    """A tower's config as :func:`infer_config` reads one off a checkpoint; the layout flags are ImageBind's."""
+    layout = {"add_bias_kv": modality not in ("vision", "text"), "pre_norm": modality == "vision"}
+    return {"modality": modality, "width": width, "depth": depth, "heads": heads, "out_dim": out_dim, **layout, **sizes}
+
+
+RELEASED_SIZES = {
+    "vision": {"kernel": [2, 14, 14], "stride": [2, 14, 14], "input_size": [224, 224]},
+    "text": {"vocab_size": 49408, "context_length": 77},
+    "audio": {"kernel": [16, 16], "stride": [10, 10], "input_size": [128, 204]},
+    "depth": {"kernel": [16, 16], "stride": [16, 16], "input_size": [224, 224]},
+    "thermal": {"kernel": [16, 16], "stride": [16, 16], "input_size": [224, 224]},
+    "imu": {"kernel": [8], "stride": [8], "input_size": [2000]},
+}
+
+
 def _released_config(modality: str) -> dict[str, Any]:
     """imagebind_huge's sizes (random weights): a tower to train from scratch, or to load a saved model into."""
-    width, depth, heads = RELEASED[modality]
-    cfg = {"modality": modality, "width": width, "depth": depth, "heads": heads, "out_dim": 1024}
-    cfg.update(add_bias_kv=modality not in ("vision", "text"), pre_norm=modality == "vision")
-    sizes = {
-        "vision": {"kernel": [2, 14, 14], "stride": [2, 14, 14], "input_size": [224, 224]},
-        "text": {"vocab_size": 49408, "context_length": 77},
-        "audio": {"kernel": [16, 16], "stride": [10, 10], "input_size": [128, 204]},
-        "depth": {"kernel": [16, 16], "stride": [16, 16], "input_size": [224, 224]},
-        "thermal": {"kernel": [16, 16], "stride": [16, 16], "input_size": [224, 224]},
-        "imu": {"kernel": [8], "stride": [8], "input_size": [2000]},
-    }
-    return {**cfg, **sizes[modality]}
+    return tower_config(modality, *RELEASED[modality], out_dim=1024, **RELEASED_SIZES[modality])
 
 
 TINY_SIZES = {  # a small model in ImageBind's format, for tests: every tower 32 wide, 1 block, 2 heads, 16-d output
@@ -789,9 +762,7 @@ TINY_SIZES = {  # a small model in ImageBind's format, for tests: every tower 32
 
 
 def tiny_config(modality: str) -> dict[str, Any]:
-    cfg = {"modality": modality, "width": 32, "depth": 1, "heads": 2, "out_dim": 16}
-    cfg.update(add_bias_kv=modality not in ("vision", "text"), pre_norm=modality == "vision")
-    return {**cfg, **TINY_SIZES[modality]}
+    return tower_config(modality, width=32, depth=1, heads=2, out_dim=16, **TINY_SIZES[modality])
 
 
 def save_tiny_checkpoint(path: Path, seed: int = 0) -> Path:

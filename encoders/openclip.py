@@ -31,7 +31,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor, nn
 
 from bind import ModalityEncoder, find_blocks, register_encoder
@@ -39,7 +38,7 @@ from bind.encoder import HeadKind
 from bind.errors import ConfigError, DataError, InputError, did_you_mean
 
 from .image_augment import ImageAugment
-from .image_io import IMAGE_SUFFIXES, example_images, load_image
+from .image_io import IMAGE_SUFFIXES, example_images, load_rgb_pil
 
 log = logging.getLogger(__name__)
 
@@ -126,14 +125,6 @@ def export_open_clip(directory: Path, config: dict[str, Any]) -> dict[str, Any]:
             "load_weights": False}  # fmt: skip
 
 
-def _open_image(item: Any) -> Image.Image:
-    """An RGB PIL image as OpenCLIP's transform takes it: a file's stored pixels, a PIL image, an array or a tensor."""
-    if isinstance(item, Image.Image):
-        return item.convert("RGB")
-    unit = load_image(item, channels=3, upright=False)
-    return Image.fromarray(unit.mul(255).round().byte().permute(1, 2, 0).numpy())
-
-
 class OpenCLIPImageEncoder(ModalityEncoder):
     """OpenCLIP's image tower (``model.visual``, its projection included) and its evaluation transform."""
 
@@ -147,7 +138,7 @@ class OpenCLIPImageEncoder(ModalityEncoder):
         self.blocks = find_blocks(clip.visual)
 
     def preprocess(self, item: Any) -> Tensor:
-        return self.transform(_open_image(item))
+        return self.transform(load_rgb_pil(item))
 
     def example_inputs(self, n: int, seed: int = 0) -> list[np.ndarray]:
         return example_images(n, seed)

@@ -53,6 +53,11 @@ def read_video(path: str | os.PathLike[str]) -> np.ndarray:
 
         read_video("clip.mp4").shape   # (16, 28, 28, 3)
     """
+    return read_video_with_rate(path)[0]
+
+
+def read_video_with_rate(path: str | os.PathLike[str]) -> tuple[np.ndarray, float | None]:
+    """:func:`read_video`'s frames and the stream's average frame rate (None when the file states none)."""
     what = f"video file {os.fspath(path)!r}"
     if not Path(path).is_file():
         raise InputError(f"{what} does not exist; expected a video file (mp4, webm, avi, ...)")
@@ -62,6 +67,7 @@ def read_video(path: str | os.PathLike[str]) -> np.ndarray:
         with av.open(os.fspath(path)) as container:
             streams = container.streams.video
             frames = [f.to_ndarray(format="rgb24") for f in container.decode(streams[0])] if streams else None
+            rate = streams[0].average_rate if streams else None
     except (av.FFmpegError, OSError, ValueError) as err:
         raise InputError(
             f"{what} could not be decoded ({type(err).__name__}: {err}); expected a video file FFmpeg can read: "
@@ -71,7 +77,7 @@ def read_video(path: str | os.PathLike[str]) -> np.ndarray:
         raise InputError(f"{what} has no video stream; expected a file with at least one video stream")
     if not frames:
         raise InputError(f"{what} holds no frames; expected at least one decodable frame")
-    return np.stack(frames)
+    return np.stack(frames), float(rate) if rate else None
 
 
 def write_video(
