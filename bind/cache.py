@@ -63,7 +63,8 @@ class FeatureCache:
         """Run the frozen trunk over every item once."""
         if not encoder.trunk_frozen:
             raise ValueError(f"the {encoder.modality!r} trunk trains, so its features cannot be cached")
-        dataset = Preprocessed(items, encoder.preprocess, skip_bad=True)  # a bad item gets its neighbour's features
+        # a bad item gets its neighbour's features
+        dataset = Preprocessed(items, encoder.preprocess, skip_bad=True, preprocess_many=encoder.preprocess_many)
         loader = DataLoader(
             dataset,
             batch_size=batch_size,
@@ -192,6 +193,9 @@ class Indexed(torch.utils.data.Dataset):
 
     def load(self, epoch: int, index: int) -> tuple[int, int]:
         return index, int(self.items.labels[index])
+
+    def load_many(self, keys: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        return [self.load(*key) for key in keys]
 
     def __getitem__(self, key: Key) -> tuple[int, int]:
         return self.load(*split_key(key))

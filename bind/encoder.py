@@ -142,6 +142,24 @@ class ModalityEncoder(nn.Module):
             return item
         raise TypeError(f"{type(self).__name__} cannot preprocess {type(item).__name__}; pass a tensor")
 
+    def preprocess_many(
+        self, items: Sequence[Any], augment: Any = None, generators: Sequence[torch.Generator] | None = None
+    ) -> list[Any]:
+        """Preprocess (and augment) many items: what a DataLoader worker runs for one batch.
+
+        The result equals, to float precision, ``[augment.augment_tensor(preprocess(augment.augment_raw(item, g)),
+        g) for item, g in zip(items, generators)]`` (``[preprocess(item) ...]`` without ``augment``), with the same
+        random draws. This default is that loop; an encoder overrides it where one batched operation does the
+        work of many small ones (an image tower renders a whole batch's augmentations in one ``grid_sample``).
+        An error names no item here: the caller retries item by item to find the bad one."""
+        if augment is None:
+            return [self.preprocess(item) for item in items]
+        assert generators is not None and len(generators) == len(items)
+        return [
+            augment.augment_tensor(self.preprocess(augment.augment_raw(item, g)), g)
+            for item, g in zip(items, generators, strict=True)
+        ]
+
     def collate(self, samples: Sequence[Any]) -> Batch:
         """Batch preprocessed items. Default: stack tensors along a new dim 0."""
         return torch.stack(list(samples))

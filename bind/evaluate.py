@@ -44,7 +44,7 @@ def embed_items(
     total = None
     for view in views or [None]:
         loader = DataLoader(
-            Preprocessed(items, encoder.preprocess, augment=view),
+            Preprocessed(items, encoder.preprocess, augment=view, preprocess_many=encoder.preprocess_many),
             batch_size=batch_size,
             num_workers=num_workers,
             collate_fn=lambda b: encoder.collate([x for x, _ in b]),

@@ -187,10 +187,28 @@ def _kind(item: Any) -> str:
 
 
 def check_example_inputs(build: Build, scratch: Path, seed: int) -> None:
-    """``example_inputs(n)`` gives ``n`` items that ``preprocess`` and ``collate`` accept."""
+    """``example_inputs(n)`` gives ``n`` items that ``preprocess`` and ``collate`` accept; ``preprocess_many`` (what
+    a DataLoader worker runs per batch) gives what ``preprocess`` gives item by item."""
     encoder = build()
     for n in (1, 3):
         _batch(encoder, _examples(encoder, n, seed))
+    items = _examples(encoder, 3, seed)
+    try:
+        many = encoder.preprocess_many(items)
+    except Exception as err:
+        raise AssertionError(f"preprocess_many of the example_inputs raised {_describe(err)}") from err
+    assert len(many) == len(items), f"preprocess_many of {len(items)} items returned {len(many)}"
+    for i, (got, item) in enumerate(zip(many, items, strict=True)):
+        want = encoder.preprocess(item)
+        pairs = [(k, got[k], want[k]) for k in want] if isinstance(want, dict) else [("", got, want)]
+        for key, g, w in pairs:
+            if not isinstance(w, torch.Tensor):
+                continue
+            if g.shape != w.shape or not torch.allclose(g.float(), w.float(), atol=1e-4, rtol=1e-4):
+                raise AssertionError(
+                    f"preprocess_many differs from preprocess on item {i}{f' [{key!r}]' if key else ''}: it must "
+                    "give the same values, only faster (or leave the default, a loop over preprocess)"
+                )
 
 
 def check_embed(build: Build, scratch: Path, seed: int) -> None:

@@ -15,6 +15,7 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,22 @@ class SpectrogramEncoder(ModalityEncoder):
         """Raw audio -> ``(num_clips, 1, n_mels, frames)``."""
         clips, valid = load_audio_clips(item, self.frontend.sample_rate, self.clip_samples, self.max_clips)
         return self.frontend(clips, valid)[:, None]
+
+    def preprocess_many(
+        self, items: Sequence[Any], augment: Any = None, generators: Sequence[torch.Generator] | None = None
+    ) -> list[Any]:
+        """The clips of a batch through the frontend together (one STFT, one mel product): the values of
+        :meth:`preprocess` item by item, with :class:`AudioAugment`'s waveform and feature steps around it."""
+        if augment is not None and type(augment) is not AudioAugment:
+            return super().preprocess_many(items, augment, generators)
+        gens = generators if augment is not None else [None] * len(items)
+        raws = items if augment is None else [augment.augment_raw(item, g) for item, g in zip(items, gens, strict=True)]
+        loaded = [load_audio_clips(raw, self.frontend.sample_rate, self.clip_samples, self.max_clips) for raw in raws]
+        clips, valid = torch.cat([c for c, _ in loaded]), torch.cat([v for _, v in loaded])
+        feats = self.frontend(clips, valid)[:, None].split([len(c) for c, _ in loaded])
+        if augment is None:
+            return list(feats)
+        return [augment.augment_tensor(x, g) for x, g in zip(feats, gens, strict=True)]
 
     def example_inputs(self, n: int, seed: int = 0) -> list[np.ndarray]:
         return example_waveforms(n, seed)

@@ -15,10 +15,12 @@ reproducible whatever the number of DataLoader workers.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import soundfile as sf
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -62,11 +64,10 @@ class AudioAugment:
     time_masks: int = 2  # SpecAugment masks over frames
     time_mask_width: int = 10
 
-    def augment_raw(self, item: Any, g: torch.Generator) -> tuple[np.ndarray, int]:
-        wave, rate = item
-        x = torch.as_tensor(np.asarray(wave, dtype=np.float32))
-        if x.ndim == 2:  # (samples, channels) from soundfile: mix down first
-            x = x.mean(1)
+    def augment_raw(self, item: Any, g: torch.Generator) -> tuple[np.ndarray, int] | np.ndarray:
+        """A file, ``(waveform, sample_rate)`` or array -> the augmented mono waveform at its own rate (a file's
+        or a pair's as a pair, an array's as an array)."""
+        x, rate = _mono(item)
         if self.speed:
             factor = _uniform(g, *self.speed)
             # linear interpolation is enough here (speech energy sits far below 4 kHz at 8 kHz)
@@ -81,7 +82,7 @@ class AudioAugment:
             snr = _uniform(g, *self.noise_snr_db)
             power = x.pow(2).mean().clamp(min=1e-10)
             x = x + torch.randn(x.shape, generator=g) * (power / 10 ** (snr / 10)).sqrt()
-        return x.numpy(), rate
+        return x.numpy() if rate is None else (x.numpy(), rate)
 
     def test_views(self, n: int) -> list[AudioAugment]:
         """Up to ``n`` fixed views for test-time augmentation: the recording as it is, then other vocal tract
@@ -111,6 +112,23 @@ class AudioAugment:
                 start = int(torch.randint(0, size - w + 1, (), generator=g))
                 feats.narrow(dim, start, w).fill_(fill)
         return feats
+
+
+def _mono(item: Any) -> tuple[Tensor, int | None]:
+    """A raw audio item read as :func:`~encoders.audio_io.load_audio` reads it, mixed down, at its own rate
+    (``None`` for a bare array: no rate of its own)."""
+    from .audio_io import load_audio
+
+    if isinstance(item, tuple) and len(item) == 2:
+        rate = item[1]
+    elif isinstance(item, (str, os.PathLike)):
+        try:
+            rate = sf.info(os.fspath(item)).samplerate
+        except Exception:  # not audio: let load_audio say so, naming the file
+            rate = 16000
+    else:  # a bare array is at the encoder's rate, whatever it is: it stays a bare array
+        return load_audio(item, 16000), None
+    return load_audio(item, rate), rate
 
 
 def warp_frequency(feats: Tensor, factor: float) -> Tensor:

@@ -27,7 +27,9 @@ Example (a recipe)::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -181,6 +183,154 @@ def _theta(d: Draw, out_w: int, out_h: int) -> list[list[float]]:
     ]
 
 
+def render(
+    images: Sequence[Tensor], draws: Sequence[Draw], size: tuple[int, int], fills: Sequence[Tensor | None] | None = None
+) -> list[Tensor]:
+    """``resize(apply_draw(x, draw), size)`` for many float images ``(..., C, H, W)`` in [0, 1] at once (the
+    frames of a clip are one image with leading dims: one draw, one border colour), to float precision.
+
+    ``fills``: each image's border colour ``(C,)`` where it is not its own (a clip's kept frames render only
+    those the encoder uses). The antialiased resizes are the linear maps ``torchvision`` applies
+    (:func:`resize_matrix`), so the transform is a few batched operations per group of images of one
+    shape instead of a dozen small ones per image: what a DataLoader worker runs for a batch (see
+    ``ImageEncoder.preprocess_many``)."""
+    out: list[Tensor | None] = [None] * len(images)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, image in enumerate(images):
+        groups.setdefault(tuple(image.shape), []).append(i)
+    for shape, rows in groups.items():
+        h, w = shape[-2:]
+        plain = [i for i in rows if draws[i] == PLAIN]
+        if plain:
+            x = torch.stack([images[i] for i in plain]).flatten(1, -3)
+            for i, y in zip(plain, _resize(x, [(h, w)] * len(x), size), strict=True):
+                out[i] = y.view(*shape[:-2], *size)
+        drawn = sorted((i for i in rows if draws[i] != PLAIN), key=lambda i: draws[i].canvas or h)
+        chunk: list[int] = []
+        for i in drawn:  # chunks of similar canvases: little padding, bounded memory
+            canvas = _canvas(draws[i], h, w)
+            if chunk and (len(chunk) + 1) * canvas[0] * canvas[1] > _CHUNK_PIXELS:
+                _render_chunk(images, draws, fills, chunk, size, out)
+                chunk = []
+            chunk.append(i)
+        if chunk:
+            _render_chunk(images, draws, fills, chunk, size, out)
+    return out  # type: ignore[return-value]
+
+
+_CHUNK_PIXELS = 1 << 20  # canvas pixels per channel rendered at once
+_MATRIX_PIXELS = 256 * 256  # larger canvases are resized with torchvision's kernel, image by image
+
+
+def _canvas(d: Draw, h: int, w: int) -> tuple[int, int]:
+    out_h = d.canvas or h
+    return out_h, max(1, round(out_h * w / h))
+
+
+def _render_chunk(
+    images: Sequence[Tensor],
+    draws: Sequence[Draw],
+    fills: Sequence[Tensor | None] | None,
+    rows: list[int],
+    size: tuple[int, int],
+    out: list[Tensor | None],
+) -> None:
+    """:func:`apply_draw` then the resize to ``size`` for ``rows`` (one shape), padded to the largest canvas."""
+    shape = images[rows[0]].shape
+    c, h, w = shape[-3:]
+    x = torch.stack([images[i] for i in rows]).view(len(rows), -1, c, h, w)  # (N, frames, C, H, W)
+    fill = _border_colours(x) if fills is None else torch.stack([fills[i] for i in rows])  # type: ignore[misc]
+    z = (x - fill[:, None, :, None, None]).flatten(1, 2)  # grid_sample's zero padding is now the border colour
+    canvases = [_canvas(draws[i], h, w) for i in rows]
+    big_h, big_w = max(c[0] for c in canvases), max(c[1] for c in canvases)
+    thetas = []
+    for k, (i, (out_h, out_w)) in enumerate(zip(rows, canvases, strict=True)):
+        d = draws[i]
+        sx, sy = d.scale * math.sqrt(d.aspect) * out_w / w, d.scale / math.sqrt(d.aspect) * out_h / h
+        src_h, src_w = h, w
+        if min(sx, sy) < 1:  # shrink first with the antialiasing resize apply_draw uses; the rest stays zero
+            src_h, src_w = max(1, round(h * min(sy, 1))), max(1, round(w * min(sx, 1)))
+            shrunk = TF.resize(x[k].flatten(0, 1), [src_h, src_w], antialias=True)
+            z[k].zero_()[:, :src_h, :src_w] = shrunk - fill[k].repeat(x.shape[1])[:, None, None]
+        thetas.append(_padded_theta(_theta(d, out_w, out_h), (src_h, src_w), (h, w), (out_h, out_w), (big_h, big_w)))
+    grid = affine_grid(torch.tensor(thetas, dtype=torch.float32), big_h, big_w)
+    y = F.grid_sample(z, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    y = y.view(len(rows), -1, c, big_h, big_w) + fill[:, None, :, None, None]
+    contrast = torch.tensor([draws[i].contrast for i in rows]).view(-1, 1, 1, 1, 1)
+    brightness = torch.tensor([draws[i].brightness for i in rows]).view(-1, 1, 1, 1, 1)
+    if (contrast != 1).any():  # the mean of each frame's canvas, not of its padding
+        dims = torch.tensor(canvases).view(-1, 2, 1)
+        valid_h = (torch.arange(big_h) < dims[:, 0]).float()  # (N, big_h)
+        valid_w = (torch.arange(big_w) < dims[:, 1]).float()
+        area = (dims[:, 0] * dims[:, 1] * c).view(-1, 1, 1, 1, 1)
+        mean = torch.einsum("nlchw,nh,nw->nl", y, valid_h, valid_w)[:, :, None, None, None] / area
+        y = (y - mean) * contrast + mean
+    y = (y * brightness).clamp_(0, 1).flatten(1, 2)
+    for i, r in zip(rows, _resize(y, canvases, size), strict=True):
+        out[i] = r.view(*shape[:-2], *size)
+
+
+def _resize(x: Tensor, sizes: list[tuple[int, int]], size: tuple[int, int]) -> Tensor:
+    """Row ``k`` of ``x`` ``(N, C, H, W)`` (its top-left ``sizes[k]`` pixels) resized to ``size`` as
+    ``TF.resize(antialias=True)`` does; a row already of that size passes untouched, as a preprocess that
+    skips the resize leaves it."""
+    if all(s == size for s in sizes) and x.shape[-2:] == size:
+        return x
+    if x.shape[-2] * x.shape[-1] > _MATRIX_PIXELS:
+        return torch.stack(
+            [
+                r if s == size else TF.resize(r[:, : s[0], : s[1]], list(size), antialias=True)
+                for r, s in zip(x, sizes, strict=True)
+            ]
+        )
+    big_h, big_w = x.shape[-2:]
+    rows = torch.stack([F.pad(resize_matrix(s[0], size[0]), (0, big_h - s[0])) for s in sizes])
+    cols = torch.stack([F.pad(resize_matrix(s[1], size[1]), (0, big_w - s[1])) for s in sizes])
+    return torch.einsum("nyh,nchw,nxw->ncyx", rows, x, cols)
+
+
+@functools.lru_cache(maxsize=512)
+def resize_matrix(n_in: int, n_out: int) -> Tensor:
+    """``(n_out, n_in)``: the linear map of torch's antialiased bilinear resize along one axis (the identity when
+    the sizes agree). Read off the kernel itself by resizing the identity, so it is that kernel's weights."""
+    eye = torch.eye(n_in).view(1, n_in, 1, n_in)  # n_in one-row images, each a unit impulse
+    return F.interpolate(eye, size=(1, n_out), mode="bilinear", antialias=True, align_corners=False)[0, :, 0].T
+
+
+def affine_grid(theta: Tensor, h: int, w: int) -> Tensor:
+    """``F.affine_grid(theta, [N, C, h, w], align_corners=False)`` as broadcast sums: torch's CPU kernel
+    multiplies a materialised base grid, several times slower for the grids of a batch."""
+    xs = (torch.arange(w, dtype=torch.float32) * 2 + 1) / w - 1
+    ys = (torch.arange(h, dtype=torch.float32) * 2 + 1) / h - 1
+    t = theta[:, :, :, None, None]  # (N, 2, 3, 1, 1)
+    return torch.stack([t[:, r, 0] * xs + (t[:, r, 1] * ys[:, None] + t[:, r, 2]) for r in range(2)], dim=-1)
+
+
+def _padded_theta(
+    theta: list[list[float]],
+    source: tuple[int, int],
+    padded_source: tuple[int, int],
+    canvas: tuple[int, int],
+    padded_canvas: tuple[int, int],
+) -> list[list[float]]:
+    """``theta`` (normalised canvas -> normalised source) rewritten for a source and a canvas that sit in the
+    top-left corners of larger padded ones: ``u' = D_in (u + 1) - 1`` and ``v = D_out (v' + 1) - 1``."""
+    d_out = (padded_canvas[1] / canvas[1], padded_canvas[0] / canvas[0])  # (x, y)
+    d_in = (source[1] / padded_source[1], source[0] / padded_source[0])
+    rows = []
+    for r in range(2):
+        a0, a1, t = theta[r][0] * d_out[0], theta[r][1] * d_out[1], theta[r][2]
+        shift = a0 + a1 - theta[r][0] - theta[r][1] + t  # A (D_out - I) 1 + t
+        rows.append([d_in[r] * a0, d_in[r] * a1, d_in[r] * (shift + 1) - 1])
+    return rows
+
+
+def _border_colours(x: Tensor) -> Tensor:
+    """:func:`border_colour` of each image of ``(N, frames, C, H, W)`` (over all its frames): ``(N, C)``."""
+    edges = torch.cat([x[..., 0, :], x[..., -1, :], x[..., :, 0], x[..., :, -1]], dim=-1)  # (N, L, C, E)
+    return edges.transpose(1, 2).flatten(2).median(dim=-1).values
+
+
 def border_colour(x: Tensor) -> Tensor:
     """Per-channel median of the outermost pixels of ``(N, C, H, W)``: what fills the room a zoom-out leaves."""
     edges = torch.cat([x[..., 0, :], x[..., -1, :], x[..., :, 0], x[..., :, -1]], dim=-1)
@@ -204,15 +354,20 @@ class VideoAugment(ImageAugment):
     def augment_raw(self, item: Any, g: torch.Generator) -> Tensor:
         """Raw video -> augmented float frames (T', C, H', W') in [0, 1]."""
         frames = frames_as_float(load_frames(item))
-        if self.passes(g):  # p gates the whole clip: the frames, their rate and the spatial draw
-            return frames
-        total = frames.shape[0]
+        drawn = self.draw_clip(frames.shape[0], g)
+        return frames if drawn is None else apply_draw(frames[drawn[0]], drawn[1])
+
+    def draw_clip(self, total: int, g: torch.Generator) -> tuple[list[int], Draw] | None:
+        """The frames a clip of ``total`` frames keeps (in order, repeats allowed) and their one spatial draw;
+        ``None`` for a clip that passes as it is (``p`` gates the whole clip)."""
+        if self.passes(g):
+            return None
         length = max(1, round(total * _uniform(g, *self.keep))) if self.keep else total
         start = int(torch.randint(0, total - length + 1, (), generator=g))
         rate = math.exp(_uniform(g, *map(math.log, self.rate))) if self.rate else 1.0
         steps = max(1, round(length / rate))
         index = (start + np.minimum((np.arange(steps) * rate).astype(int), length - 1)).tolist()
-        return apply_draw(frames[index], self.draw(g, gate=False))
+        return index, self.draw(g, gate=False)
 
     def test_views(self, n: int) -> list[FixedView]:
         """Up to ``n`` fixed views: every frame, as it is, then the content centred at zooms spread over ``scale``."""

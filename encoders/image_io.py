@@ -109,7 +109,7 @@ def load_image(item: Any, channels: int | None = 3, upright: bool = True) -> Ten
             image = image.unsqueeze(0)
         if image.ndim != 3 or image.shape[0] not in (1, 3, 4):
             raise InputError(f"{where}: expected (C, H, W) with C in 1, 3, 4, or (H, W)")
-        image = _scale_to_unit(image, where)
+        image = scale_to_unit(image, where)
     else:
         raise InputError(
             f"cannot read an image from {type(item).__name__}; expected a file path, a PIL image, "
@@ -173,10 +173,12 @@ def _from_array(array: np.ndarray, where: str) -> Tensor:
         array = array.astype(np.float32) / 65535
     # torch.from_numpy warns on read-only arrays (np.asarray of a PIL image, np.frombuffer): copy those
     array = np.ascontiguousarray(array) if array.flags.writeable else np.array(array)
-    return _scale_to_unit(torch.from_numpy(array).permute(2, 0, 1), where)
+    return scale_to_unit(torch.from_numpy(array).permute(2, 0, 1), where)
 
 
-def _scale_to_unit(image: Tensor, where: str) -> Tensor:
+def scale_to_unit(image: Tensor, where: str) -> Tensor:
+    """Pixels of any shape ``(..., H, W)`` -> float in [0, 1]: uint8 / 255, bools, floats checked finite and in
+    [0, 1] (an :class:`InputError` naming ``where`` otherwise)."""
     if image.shape[-1] == 0 or image.shape[-2] == 0:
         raise InputError(f"{where} is empty; expected at least one pixel")
     if image.dtype == torch.uint8:

@@ -14,6 +14,7 @@ Example::
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,7 +28,8 @@ from bind.encoder import HeadKind
 
 from ._hf import TINY_TRANSFORMER, HFEncoder, load_hf_model, load_hf_processor, save_tiny_hf
 from ._transformer import pre_norm_layer
-from .image_augment import VideoAugment
+from .image_augment import PLAIN, VideoAugment, border_colour, frames_as_float
+from .image_io import scale_to_unit
 from .video_io import VIDEO_SUFFIXES, clip_indices, example_videos, frames_to_unit_float, load_frames
 
 TemporalKind = Literal["mean", "attention"]
@@ -63,6 +65,17 @@ class VideoTrunk(nn.Module):
     def __init__(self, frames: nn.Module, temporal: nn.Module) -> None:
         super().__init__()
         self.frames, self.temporal = frames, temporal
+
+
+def _as_tchw(frames: np.ndarray) -> Tensor:
+    """Frames ``(T, H, W[, C])`` as :func:`load_image` reads each one: ``(T, C, H, W)``, alpha dropped, 16 bits to
+    floats; channels other than 1, 3, 4 are refused."""
+    array = frames if frames.ndim == 4 else frames[..., None]
+    if array.shape[-1] not in (1, 3, 4):
+        raise InputError(f"video frames of shape {frames.shape}: expected 1, 3 or 4 channels")
+    if array.dtype == np.uint16:
+        array = array.astype(np.float32) / 65535
+    return torch.from_numpy(np.ascontiguousarray(array)).permute(0, 3, 1, 2)[:, :3]
 
 
 def _stack(samples: list[Any]) -> Tensor | dict[str, Tensor]:
@@ -151,6 +164,40 @@ class VideoFramesEncoder(ModalityEncoder):
             except InputError as err:
                 raise InputError(f"video frame {i}: {err}") from None
         return _stack([_stack([per_frame[i] for i in clip]) for clip in indices])
+
+    def preprocess_many(
+        self, items: Sequence[Any], augment: Any = None, generators: Sequence[torch.Generator] | None = None
+    ) -> list[Any]:
+        """Every frame the clips of a batch use, rendered together by the frame encoder
+        (``ImageEncoder.preprocess_drawn``): the values of :meth:`preprocess` item by item, a fraction of the time."""
+        render = getattr(self.frame_encoder, "preprocess_drawn", None)
+        if render is None or (augment is not None and type(augment) is not VideoAugment):
+            return super().preprocess_many(items, augment, generators)
+        rows, draws, fills, layout = [], [], [], []
+        for k, item in enumerate(items):
+            frames = load_frames(item)
+            if augment is None:  # load_image's reading of each frame, for the whole array at once
+                x, drawn = scale_to_unit(_as_tchw(frames), "video frames"), None
+            else:  # VideoAugment.augment_raw's reading, and the check preprocess makes of what it returns
+                x = frames_as_float(frames)
+                x, drawn = scale_to_unit(x, "video frames"), augment.draw_clip(x.shape[0], generators[k])
+            draw, fill = PLAIN, None
+            if drawn is not None:
+                x, draw = x[drawn[0]], drawn[1]
+                fill = border_colour(x)
+            clips = clip_indices(len(x), self.num_frames, self.max_clips, self.frame_stride)
+            used = np.unique(clips)  # the frames preprocess reads, each once, as one image: one draw for all
+            layout.append((used, clips))
+            rows.append(x[used])
+            draws.append(draw)
+            fills.append(fill)
+        out = render(rows, draws, fills)
+        if out is None:
+            return super().preprocess_many(items, augment, generators)
+        return [
+            frames[torch.from_numpy(np.searchsorted(used, clips))]
+            for frames, (used, clips) in zip(out, layout, strict=True)
+        ]  # (num_clips, num_frames, C, S, S)
 
     def example_inputs(self, n: int, seed: int = 0) -> list[np.ndarray]:
         return example_videos(n, seed)

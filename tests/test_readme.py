@@ -30,6 +30,7 @@ SKIP_COMMANDS = (
     ".venv/bin/pip install",
     "curl ",  # downloads (ImageBind's weights)
     "torchrun ",  # trains, on several machines
+    "/usr/bin/time -v .venv/bin/bindkit run ",  # a training run, timed
 )
 
 

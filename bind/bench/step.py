@@ -6,7 +6,10 @@ runs ``steps`` steps with its real loaders (workers, augmentation, feature cache
 and loss (:meth:`~bind.stage.StageRunner.micro_batch_loss`), ``backward``, ``optimizer.step``. Per stage:
 
 - ``overhead`` = 1 - trainer throughput / bare throughput: what the trainer costs beyond the arithmetic;
-- ``data_wait_fraction``: the share of the trainer's time blocked on its loaders (the input pipeline's limit).
+- ``data_wait_fraction``: the share of the trainer's time blocked on its loaders (the input pipeline's limit);
+- ``preprocess_ms_per_item``: a DataLoader worker's CPU time per item, item by item and batched
+  (``preprocess_many``). On a machine with few cores the workers take that time from the training threads,
+  so it, not the data wait, is what the overhead is made of.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ def bench_step(
     ``key=value`` overrides, e.g. ``["num_workers=2"]``)."""
     from ..data import build_dataset
     from ..distributed import SINGLE_PROCESS
+    from ..memory import tune_malloc
     from ..recipe import load_recipe
     from ..stage import StageRunner
     from ..trainer import build_model, resolve_device, seed_everything
@@ -39,6 +43,7 @@ def bench_step(
     model = build_model(spec)
     train_sets = {m: build_dataset(s.train_data, spec.data_root) for m, s in spec.modalities.items() if s.train_data}
     result: dict[str, Any] = {"recipe": recipe, "overrides": overrides or [], "steps": steps, "device": str(device)}
+    result["malloc_tuned"] = tune_malloc()  # what the bindkit command sets (bind/memory.py)
     result["stages"] = {}
     for stage in spec.stages:
         if stages and stage.name not in stages:
@@ -71,8 +76,40 @@ def bench_step(
             "overhead": round(1 - bare_s / trainer_s, 4),  # target <= 0.10
             "data_wait_fraction": round(data_s / trainer_s, 4),
             "num_workers": spec.num_workers,
+            "preprocess_ms_per_item": _preprocess_cost(runner),
         }
     return result
+
+
+def _preprocess_cost(runner: Any, repeats: int = 3) -> dict[str, dict[str, float]]:
+    """Per modality of the stage that preprocesses in its loader: the worker's time per item (one thread, as in a
+    DataLoader worker; best of ``repeats``) item by item (``Preprocessed.load``) and batched (``load_many``)."""
+    from ..data.pairs import Preprocessed
+
+    out = {}
+    for modality, loader in runner.data.loaders.items():
+        dataset = getattr(loader.dataset, "other", loader.dataset)  # AnchorPairs: the paired modality's side
+        if not isinstance(dataset, Preprocessed):  # cached features, shard streams
+            continue
+        keys = [(0, i) for i in range(min(len(dataset), loader.batch_size))]
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            one = _best(lambda: [dataset.load(*key) for key in keys], repeats)  # noqa: B023
+            many = _best(lambda: dataset.load_many(keys), repeats)  # noqa: B023
+        finally:
+            torch.set_num_threads(threads)
+        out[modality] = {"item_by_item": round(one / len(keys) * 1e3, 3), "batched": round(many / len(keys) * 1e3, 3)}
+    return out
+
+
+def _best(fn: Any, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
 
 
 def _bare_step(runner: Any, micro_batches: list[dict[str, Any]]) -> None:

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 from .. import __version__
 from ..errors import BindError
+from ..memory import tune_malloc
 from . import bench as bench_verb
 from . import check as check_verb
 from . import doctor as doctor_verb
@@ -78,6 +79,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     _quiet_transformers(args.verbose)
+    tune_malloc()
     try:
         code = args.func(args)
     except BindError as err:

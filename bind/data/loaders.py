@@ -150,9 +150,15 @@ class _Builder:
     def dataset(self, modality: str) -> Any:
         if modality in self.cached:
             return Indexed(self.train_sets[modality])
-        augment = stage_augmenter(self.recipe, self.stage, modality)
-        preprocess = self.model[modality].preprocess
-        return Preprocessed(self.train_sets[modality], preprocess, augment, self.recipe.seed, skip_bad=True)
+        augment, encoder = stage_augmenter(self.recipe, self.stage, modality), self.model[modality]
+        return Preprocessed(
+            self.train_sets[modality],
+            encoder.preprocess,
+            augment,
+            self.recipe.seed,
+            skip_bad=True,
+            preprocess_many=encoder.preprocess_many,
+        )
 
     def collate(self, modality: str) -> Callable[[list], Any]:
         return torch.tensor if modality in self.cached else self.model[modality].collate

@@ -95,9 +95,16 @@ class Preprocessed(Dataset):
     """
 
     def __init__(
-        self, items: Items, preprocess: Callable[[Any], Any], augment: Any = None, seed: int = 0, skip_bad: bool = False
+        self,
+        items: Items,
+        preprocess: Callable[[Any], Any],
+        augment: Any = None,
+        seed: int = 0,
+        skip_bad: bool = False,
+        preprocess_many: Callable[..., list[Any]] | None = None,
     ) -> None:
         self.items, self.preprocess, self.augment, self.seed, self.skip_bad = items, preprocess, augment, seed, skip_bad
+        self.preprocess_many = preprocess_many  # an encoder's batched preprocess (DataLoader's __getitems__)
         self.bad: list[tuple[str, str]] = []
 
     def __len__(self) -> int:
@@ -114,6 +121,24 @@ class Preprocessed(Dataset):
             return self.augment.augment_tensor(x, g), int(self.items.labels[index])
         except BAD_ITEM_ERRORS as err:
             raise BadItem(self.items.names[index], str(err)) from err
+
+    def load_many(self, keys: list[tuple[int, int]]) -> list[tuple[Any, int]] | None:
+        """Many ``(epoch, index)`` items, through the encoder's ``preprocess_many`` at once where it has one, with
+        the random draws :meth:`load` makes; ``None`` when an item is bad (then item by item finds it, and skips
+        or reports it)."""
+        try:
+            if self.preprocess_many is None or len(keys) < 2:
+                return [self.load(e, i) for e, i in keys]
+            items = [self.items[i] for _, i in keys]
+            generators = [item_generator(self.seed, e, i) for e, i in keys] if self.augment is not None else None
+            xs = self.preprocess_many(items, self.augment, generators)
+        except (BadItem, *BAD_ITEM_ERRORS):
+            return None
+        return [(x, int(self.items.labels[i])) for x, (_, i) in zip(xs, keys, strict=True)]
+
+    def __getitems__(self, keys: list[Key]) -> list[tuple[Any, int]]:
+        """A batch (DataLoader calls this with a batch's keys): batched where it can be, else item by item."""
+        return self.load_many([split_key(k) for k in keys]) or [self[k] for k in keys]
 
     def __getitem__(self, key: Key) -> tuple[Any, int]:
         epoch, index = split_key(key)
@@ -182,6 +207,25 @@ class AnchorPairs(Dataset):
             lambda k: self.anchor.load(epoch, int(candidates[k])), start, len(candidates), self.anchor.bad
         )
         return anchor_x, x, label
+
+    def __getitems__(self, keys: list[Key]) -> list[tuple[Any, Any, int]]:
+        """A batch: both sides through their batched preprocessing when they have it and no item is bad."""
+        split = [split_key(k) for k in keys]
+        other = self.other.load_many(split)
+        if other is None:
+            return [self[k] for k in keys]
+        if self.pairing == "row":
+            anchor_keys = split
+        else:  # the anchor item __getitem__ would draw for each
+            anchor_keys = []
+            for (epoch, index), (_, label) in zip(split, other, strict=True):
+                candidates = self.by_label[label]
+                start = int(torch.randint(len(candidates), (), generator=item_generator(self.seed + 1, epoch, index)))
+                anchor_keys.append((epoch, int(candidates[start])))
+        anchor = self.anchor.load_many(anchor_keys)
+        if anchor is None:
+            return [self[k] for k in keys]
+        return [(a, x, label) for (a, _), (x, label) in zip(anchor, other, strict=True)]
 
     def drain_bad(self) -> list[tuple[str, str]]:
         return self.anchor.drain_bad() + self.other.drain_bad()
