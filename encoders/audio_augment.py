@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .audio_io import load_audio
+
 
 def _uniform(g: torch.Generator, low: float, high: float) -> float:
     return low + (high - low) * torch.rand((), generator=g).item()
@@ -117,8 +119,6 @@ class AudioAugment:
 def _mono(item: Any) -> tuple[Tensor, int | None]:
     """A raw audio item read as :func:`~encoders.audio_io.load_audio` reads it, mixed down, at its own rate
     (``None`` for a bare array: no rate of its own)."""
-    from .audio_io import load_audio
-
     if isinstance(item, tuple) and len(item) == 2:
         rate = item[1]
     elif isinstance(item, (str, os.PathLike)):

@@ -94,19 +94,22 @@ class ImageEncoder(ModalityEncoder):
     ) -> list[Any]:
         """A batch of images rendered together (:func:`~encoders.image_augment.render`): the same values as
         preprocessing (and augmenting) them one by one, a fraction of the time in a DataLoader worker."""
-        if self.crop_fraction is not None or (augment is not None and type(augment) is not ImageAugment):
+        if not self.renders_batches or (augment is not None and type(augment) is not ImageAugment):
             return super().preprocess_many(items, augment, generators)
         images = [load_image(item, channels=None) for item in items]
         draws = [augment.draw(g) for g in generators] if augment is not None else [PLAIN] * len(images)
         return self.preprocess_drawn(images, draws)
 
+    @property
+    def renders_batches(self) -> bool:
+        """Whether :meth:`preprocess_drawn` applies: ``preprocess`` resizes straight to the trunk's size (no crop)."""
+        return self.crop_fraction is None
+
     def preprocess_drawn(
         self, images: Sequence[Tensor], draws: Sequence[Draw], fills: Sequence[Tensor | None] | None = None
-    ) -> list[Tensor] | None:
+    ) -> list[Tensor]:
         """``preprocess(apply_draw(x, draw))`` for float images ``(..., C, H, W)`` in [0, 1], batched (the frames a
-        video uses come as one image, with their clip's border colour); ``None`` when ``preprocess`` also crops."""
-        if self.crop_fraction is not None:
-            return None
+        video uses come as one image, with their clip's border colour); only where :attr:`renders_batches`."""
         out = []
         for x in render(images, draws, (self.image_size, self.image_size), fills):
             if self.channels == 1 and x.shape[-3] == 3:

@@ -333,8 +333,7 @@ def _border_colours(x: Tensor) -> Tensor:
 
 def border_colour(x: Tensor) -> Tensor:
     """Per-channel median of the outermost pixels of ``(N, C, H, W)``: what fills the room a zoom-out leaves."""
-    edges = torch.cat([x[..., 0, :], x[..., -1, :], x[..., :, 0], x[..., :, -1]], dim=-1)
-    return edges.transpose(0, 1).reshape(x.shape[1], -1).median(dim=1).values
+    return _border_colours(x[None])[0]
 
 
 @dataclass

@@ -170,8 +170,9 @@ class VideoFramesEncoder(ModalityEncoder):
     ) -> list[Any]:
         """Every frame the clips of a batch use, rendered together by the frame encoder
         (``ImageEncoder.preprocess_drawn``): the values of :meth:`preprocess` item by item, a fraction of the time."""
-        render = getattr(self.frame_encoder, "preprocess_drawn", None)
-        if render is None or (augment is not None and type(augment) is not VideoAugment):
+        if not getattr(self.frame_encoder, "renders_batches", False) or (
+            augment is not None and type(augment) is not VideoAugment
+        ):
             return super().preprocess_many(items, augment, generators)
         rows, draws, fills, layout = [], [], [], []
         for k, item in enumerate(items):
@@ -191,9 +192,7 @@ class VideoFramesEncoder(ModalityEncoder):
             rows.append(x[used])
             draws.append(draw)
             fills.append(fill)
-        out = render(rows, draws, fills)
-        if out is None:
-            return super().preprocess_many(items, augment, generators)
+        out = self.frame_encoder.preprocess_drawn(rows, draws, fills)
         return [
             frames[torch.from_numpy(np.searchsorted(used, clips))]
             for frames, (used, clips) in zip(out, layout, strict=True)

@@ -85,6 +85,7 @@ def _preprocess_cost(runner: Any, repeats: int = 3) -> dict[str, dict[str, float
     """Per modality of the stage that preprocesses in its loader: the worker's time per item (one thread, as in a
     DataLoader worker; best of ``repeats``) item by item (``Preprocessed.load``) and batched (``load_many``)."""
     from ..data.pairs import Preprocessed
+    from . import best_time
 
     out = {}
     for modality, loader in runner.data.loaders.items():
@@ -95,21 +96,12 @@ def _preprocess_cost(runner: Any, repeats: int = 3) -> dict[str, dict[str, float
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            one = _best(lambda: [dataset.load(*key) for key in keys], repeats)  # noqa: B023
-            many = _best(lambda: dataset.load_many(keys), repeats)  # noqa: B023
+            one = best_time(lambda: [dataset.load(*key) for key in keys], repeats)  # noqa: B023
+            many = best_time(lambda: dataset.load_many(keys), repeats)  # noqa: B023
         finally:
             torch.set_num_threads(threads)
         out[modality] = {"item_by_item": round(one / len(keys) * 1e3, 3), "batched": round(many / len(keys) * 1e3, 3)}
     return out
-
-
-def _best(fn: Any, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def _bare_step(runner: Any, micro_batches: list[dict[str, Any]]) -> None:
