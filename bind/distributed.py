@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import os
-import subprocess
 import sys
 from dataclasses import dataclass
 
@@ -153,7 +152,46 @@ def barrier() -> None:
         dist.barrier()
 
 
-def launch(nproc: int, argv: list[str]) -> int:
-    """``bindkit run ... --nproc N``: run ``python -m bind ARGV`` under torchrun on this machine."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    return subprocess.call([*command, "-m", "bind", *argv])
+def launch(nproc: int, argv: list[str], debug: bool = False) -> int:
+    """``bindkit run ... --nproc N``: run ``python -m bind ARGV`` on N processes of this machine, as torchrun does.
+
+    Each failing process prints its own one-line error; torchrun's report of the failure (a long traceback)
+    becomes one line, or shows in full with ``debug``. Returns the first failure's exit code (0: all finished)."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    try:
+        run(parse_args(["--standalone", f"--nproc_per_node={nproc}", "--module", "bind", *argv]))
+    except ChildFailedError as err:
+        if debug:
+            raise
+        rank, failure = err.get_first_failure()
+        how = f"exit code {failure.exitcode}" if failure.exitcode >= 0 else f"signal {-failure.exitcode}"
+        print(
+            f"bindkit run: error: {len(err.failures)} of {nproc} processes failed, first rank {rank} ({how}); "
+            "its error is above (--debug: torchrun's full report)",
+            file=sys.stderr,
+        )
+        return failure.exitcode if failure.exitcode > 0 else 1
+    return 0
+
+
+def check_nproc(nproc: int) -> None:
+    """Refuse, in one line, more processes than this machine has devices for: one GPU per process on CUDA,
+    at most one process per CPU core without one."""
+    from .errors import ConfigError
+
+    if nproc < 1:
+        raise ConfigError(f"--nproc: expected a number of processes >= 1, got {nproc}")
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus and nproc > gpus:
+        raise ConfigError(
+            f"--nproc {nproc}: this machine has {gpus} CUDA device(s) and each process takes one; use --nproc {gpus} "
+            "or fewer (several machines: torchrun --nnodes, see README)"
+        )
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if not gpus and nproc > cores:
+        raise ConfigError(
+            f"--nproc {nproc}: no CUDA device and {cores} CPU core(s) here; processes beyond the cores only slow "
+            f"each other down: use --nproc {cores} or fewer"
+        )

@@ -16,8 +16,10 @@ Example::
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
+import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,8 @@ from tqdm.auto import tqdm
 
 from .encoder import ModalityEncoder
 from .errors import ConfigError, DataError, UnknownEncoderError, did_you_mean
+from .hub import push_folder, resolve_model, write_model_card
+from .inputs import walk_files
 from .lora import ADAPTER_DIR, apply_lora_from_config, lora_config, save_adapter
 from .model_files import (
     CONFIG_NAME,
@@ -39,6 +43,7 @@ from .model_files import (
     check_config,
     load_weights,
     paths_inside,
+    read_bounded,
     unique_tensors,
 )
 from .registry import create_encoder, get_encoder_info, list_encoders, load_plugins
@@ -101,7 +106,8 @@ class BindModel(nn.Module):
         """Embed raw inputs, as sentence-transformers' ``encode`` does: unit-norm rows in input order, no grad.
 
         ``inputs``: a list of raw items (file paths, strings, arrays), or one path or string, which gives one
-        row as a 1-D result. ``show_progress_bar``: None shows it for more than one batch. ``device``: where
+        row as a 1-D result, or a folder: its files of this modality, subfolders included, sorted (one row each;
+        ``bind.inputs.walk_files`` lists them in that order). ``show_progress_bar``: None shows it for more than one batch. ``device``: where
         to run (default: where the model is). Returns a float32 numpy array, or a tensor when
         ``convert_to_numpy`` is False. The model is put in eval mode.
         """
@@ -109,7 +115,15 @@ class BindModel(nn.Module):
             raise ConfigError(f"batch_size: expected a positive number of items, got {batch_size}")
         encoder = self[modality]
         single = isinstance(inputs, (str, os.PathLike))
-        items = [inputs] if single else list(inputs)
+        folder = single and not encoder.takes_text and Path(inputs).is_dir()
+        if folder:  # a folder's files of this modality, its subfolders included, in sorted order (as the CLI)
+            items = walk_files(inputs, encoder.file_suffixes)
+            if not items:
+                kinds = f" ({', '.join(encoder.file_suffixes)})" if encoder.file_suffixes else ""
+                raise DataError(f"{inputs}: the folder (and its subfolders) holds no {modality} files{kinds}")
+            single = False
+        else:
+            items = [inputs] if single else list(inputs)
         if device is not None:
             self.to(device)
         self.eval()
@@ -154,8 +168,10 @@ class BindModel(nn.Module):
             "encoder_modules": _encoder_modules(self.encoders.values()),
         }
 
-    def save_pretrained(self, directory: str | os.PathLike[str]) -> Path:
-        """Write ``config.json``, ``model.safetensors`` and any encoder assets into ``directory``."""
+    def save_pretrained(self, directory: str | os.PathLike[str], card_name: str | None = None) -> Path:
+        """Write ``config.json``, ``model.safetensors``, any encoder assets and a model card (``README.md``, left
+        alone when a person wrote it) into ``directory``: a folder every command taking a model accepts.
+        ``card_name``: how the card names the model (default: the folder's name; a hub id when publishing)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         config = self.config()
@@ -175,11 +191,13 @@ class BindModel(nn.Module):
         tmp = directory / (WEIGHTS_NAME + ".tmp")
         save_file(unique_tensors(self.state_dict()), str(tmp), metadata={"format": "pt"})
         os.replace(tmp, directory / WEIGHTS_NAME)
+        write_model_card(directory, config, card_name)
         return directory
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any], root: Path | None = None) -> BindModel:
-        """Build (untrained) encoders from a config as written by :meth:`config` (``root``: its directory)."""
+    def from_config(cls, config: Mapping[str, Any], root: Path | None = None, confine: Path | None = None) -> BindModel:
+        """Build (untrained) encoders from a config as written by :meth:`config` (``root``: its directory;
+        ``confine``: where links in it may lead, see :func:`bind.model_files.paths_inside`)."""
         where = str(root / CONFIG_NAME) if root is not None else "model config"
         check_config(config, where)
         modules = config.get("encoder_modules") or {}  # absent in configs written before it was recorded
@@ -187,7 +205,7 @@ class BindModel(nn.Module):
         for modality, spec in config["encoders"].items():
             kwargs = dict(spec.get("kwargs", {}))
             if root is not None:  # exported assets live inside the model directory, and nothing else may be read
-                kwargs = paths_inside(kwargs, root, f"{where}: encoders.{modality}.kwargs")
+                kwargs = paths_inside(kwargs, root, f"{where}: encoders.{modality}.kwargs", confine)
             try:
                 encoder = create_encoder(spec["name"], **kwargs)
             except UnknownEncoderError as err:
@@ -218,30 +236,72 @@ class BindModel(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, directory: str | os.PathLike[str], plugins: Sequence[str] = (), map_location: str = "cpu"
+        cls, name_or_path: str | os.PathLike[str], plugins: Sequence[str] = (), map_location: str = "cpu"
     ) -> BindModel:
-        """Rebuild a model saved by :meth:`save_pretrained`."""
-        directory = Path(directory)
+        """Rebuild a model saved by :meth:`save_pretrained`: a folder (a training run is one), or a hub id
+        (``org/name``, ``org/name@revision``) resolved through Hugging Face's cache (:mod:`bind.hub`)."""
+        source = resolve_model(name_or_path)
+        directory = source.directory
         config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
-        if not directory.is_dir():
-            raise DataError(f"{directory}: no such directory; expected a model directory written by `bindkit run`")
         for path in (config_path, weights_path):
             if not path.is_file():
                 raise DataError(
-                    f"{path} is missing: {directory} is not a complete bindkit model directory; `bindkit run` "
-                    f"(BindModel.save_pretrained) writes {CONFIG_NAME} and {WEIGHTS_NAME} when training ends: "
-                    "pass a finished run, or run it again"
+                    f"{path} is missing: {name_or_path} is not a complete bindkit model folder; BindModel.save_pretrained "
+                    f"(and `bindkit run` when training ends) writes {CONFIG_NAME} and {WEIGHTS_NAME}: pass a finished "
+                    "run or a saved model"
                 )
         load_plugins(list(plugins))
-        try:
-            config = json.loads(config_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ConfigError(
-                f"{config_path} is not valid JSON ({err}); it is written by `bindkit run`: restore it from the run"
-            ) from err
-        model = cls.from_config(config, root=directory)
+        config = read_json(config_path, "it is written by BindModel.save_pretrained (`bindkit run`): restore it")
+        model = cls.from_config(config, root=directory, confine=source.confine)
         load_weights(model, weights_path, map_location)
         return model
+
+    @classmethod
+    def from_encoders(
+        cls,
+        encoders: Mapping[str, ModalityEncoder | str | tuple[str, Mapping[str, Any]]],
+        anchor_modality: str | None = None,
+        **shared: Any,
+    ) -> BindModel:
+        """A model assembled from towers, no training: each value an encoder, a registry name, or (name, kwargs).
+
+        ``shared`` arguments go to every named factory that takes them (``checkpoint=`` for ImageBind's towers,
+        ``embed_dim=``); ``anchor_modality`` defaults to the first modality. Example, ImageBind's space::
+
+            model = BindModel.from_encoders(
+                {m: f"imagebind_{m}" for m in ("image", "text", "audio")}, checkpoint="imagebind_huge.pth"
+            )
+            model.save_pretrained("models/imagebind")   # a model folder every bindkit command takes
+        """
+        built = {}
+        for modality, spec in encoders.items():
+            if isinstance(spec, ModalityEncoder):
+                built[modality] = spec
+                continue
+            name, kwargs = (spec, {}) if isinstance(spec, str) else spec
+            accepted = inspect.signature(get_encoder_info(name).factory).parameters
+            extra = {k: v for k, v in shared.items() if k in accepted and k not in kwargs}
+            built[modality] = create_encoder(name, **extra, **dict(kwargs))
+        return cls(built, anchor_modality or next(iter(built)))
+
+    def push_to_hub(
+        self, repo_id: str, private: bool | None = None, token: str | None = None, commit_message: str | None = None
+    ) -> str:
+        """Save this model (with its model card) and upload it to hub repository ``repo_id``; the commit's URL.
+
+        A folder already saved (a training run, with its eval.json) can be uploaded as it is:
+        ``hf upload org/name runs/digits``."""
+        with tempfile.TemporaryDirectory(prefix="bindkit-push-") as folder:
+            self.save_pretrained(folder, card_name=repo_id)
+            return push_folder(Path(folder), repo_id, private, token, commit_message or "Upload bindkit model")
+
+
+def read_json(path: Path, restore: str) -> Any:
+    """A JSON file anyone may have written, bounded: one line naming it when it is not JSON."""
+    try:
+        return json.loads(read_bounded(path))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+        raise ConfigError(f"{path} is not valid JSON ({err}); {restore}") from err
 
 
 def _encoder_modules(encoders: Iterable[ModalityEncoder]) -> dict[str, str]:

@@ -125,36 +125,53 @@ def _dtype_name(t: Tensor) -> str:
     return str(t.dtype).removeprefix("torch.")
 
 
-def paths_inside(kwargs: Mapping[str, Any], root: Path, where: str) -> dict[str, Any]:
+def paths_inside(kwargs: Mapping[str, Any], root: Path, where: str, confine: Path | None = None) -> dict[str, Any]:
     """``kwargs`` with each file argument (``path``, ``*_path``, also nested) resolved inside ``root``.
 
     A saved model refers only to files it holds itself (``assets/<modality>``, written by
     :meth:`ModalityEncoder.export_assets`); a config.json that names ``../x``, ``/etc`` or a symlink
-    leading out of ``root`` is refused rather than followed.
+    leading out of ``root`` is refused rather than followed. ``confine``: where links may lead (a hub
+    snapshot's files are links into its repository's cache folder); default ``root``.
     """
     out: dict[str, Any] = {}
     for key, value in kwargs.items():
         if isinstance(value, Mapping):
-            value = paths_inside(value, root, f"{where}.{key}")
+            value = paths_inside(value, root, f"{where}.{key}", confine)
         elif (key == "path" or key.endswith("_path")) and isinstance(value, (str, os.PathLike)):
-            value = str(resolve_inside(root, value, f"{where}.{key}"))
+            value = str(resolve_inside(root, value, f"{where}.{key}", confine))
         out[key] = value
     return out
 
 
-def resolve_inside(folder: Path, relative: str | os.PathLike[str], where: str) -> Path:
+def resolve_inside(folder: Path, relative: str | os.PathLike[str], where: str, confine: Path | None = None) -> Path:
     """``folder / relative`` resolved (symlinks followed); :class:`DataError` when that leaves ``folder``.
 
     ``where`` names the file and key the path came from, e.g. ``"runs/x/config.json: encoders.text.kwargs.path"``.
+    ``confine``: a folder holding ``folder`` that links inside it may lead to (a hub cache repository's);
+    the path as written must still stay in ``folder``.
     """
     base = Path(folder).resolve()
-    target = (base / relative).resolve()  # an absolute ``relative`` replaces base, and is refused below
-    if not target.is_relative_to(base):
+    written = Path(os.path.normpath(base / relative))  # an absolute ``relative`` replaces base, and is refused below
+    target = written.resolve()
+    allowed = Path(confine).resolve() if confine is not None else base
+    if not written.is_relative_to(base) or not target.is_relative_to(allowed):
         raise DataError(
             f"{where}: {os.fspath(relative)!r} resolves to {target}, outside {base}; only files inside that folder "
             "are read (the file was edited, or comes from an untrusted source)"
         )
     return target
+
+
+MAX_CONFIG_BYTES = 16 << 20  # a model's config.json is a few KB (a long class list: a few hundred); more is no config
+
+
+def read_bounded(path: Path, limit: int = MAX_CONFIG_BYTES) -> str:
+    """The UTF-8 text of a small file anyone may have written, refused in one line past ``limit`` bytes."""
+    with open(path, "rb") as f:
+        raw = f.read(limit + 1)
+    if len(raw) > limit:
+        raise ConfigError(f"{path}: larger than {limit >> 20} MiB; expected a small JSON file written by bindkit")
+    return raw.decode("utf-8")
 
 
 def atomic_write(path: Path, data: bytes) -> None:

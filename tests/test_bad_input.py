@@ -284,15 +284,27 @@ def test_a_complete_run_directory_loads(run_dir):
     assert model.modalities == ["image", "audio"] and recipe.embed_dim == 16
 
 
-@pytest.mark.parametrize("missing", ["config.json", "model.safetensors", "recipe.yaml"])
+@pytest.mark.parametrize("missing", ["config.json", "model.safetensors"])
 def test_an_incomplete_run_directory_names_the_missing_file_and_what_writes_it(tmp_path, missing):
     run = make_run(tmp_path / "run")
     (run / missing).unlink()
-    with pytest.raises(DataError, match=f"{missing} is missing: .*`bindkit run`") as err:
+    with pytest.raises(DataError, match=f"{missing} is missing: the run in .* is incomplete .*`bindkit run`") as err:
         load_run(run)
     assert str(run / missing) in str(err.value)
+    (run / "recipe.yaml").unlink()
+    with pytest.raises(DataError, match=f"{missing} is missing: the model folder .*save_pretrained"):
+        load_run(run)
     with pytest.raises(DataError, match="nowhere: no such directory"):
         load_run(tmp_path / "nowhere")
+
+
+def test_a_run_without_its_recipe_is_a_model_folder(run_dir, tmp_path):
+    import shutil
+
+    shutil.copytree(run_dir, tmp_path / "model")
+    (tmp_path / "model" / "recipe.yaml").unlink()
+    model, recipe = load_run(tmp_path / "model")
+    assert recipe is None and model.modalities == ["image", "audio"]
 
 
 def test_truncated_weights_in_a_run_directory_name_the_file(tmp_path):

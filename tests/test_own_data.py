@@ -83,7 +83,7 @@ def test_eval_on_own_png_manifest_matches_the_run_and_ignores_row_order(tiny_run
 def test_eval_data_errors_name_the_file(tiny_run, tmp_path, capsys):
     (tmp_path / "m.csv").write_text("picture,label\na.png,3\n")
     code, _, err = bindkit(capsys, "eval", tiny_run, "--data", tmp_path / "m.csv")
-    assert code == 2 and "m.csv: no column names a modality of the run (image, text, audio, video)" in err
+    assert code == 2 and "m.csv: no column names a modality of the model (image, text, audio, video)" in err
     (tmp_path / "n.csv").write_text("image,label,split\nmissing.png,3,eval\n")
     code, _, err = bindkit(capsys, "eval", tiny_run, "--data", tmp_path / "n.csv", "--split", "test", "--no-progress")
     assert code == 2 and "no rows of split 'test'" in err

@@ -17,6 +17,7 @@ from ..errors import BindError
 from ..memory import tune_malloc
 from . import bench as bench_verb
 from . import check as check_verb
+from . import data as data_verb
 from . import doctor as doctor_verb
 from . import embed as embed_verb
 from . import encoders as encoders_verb
@@ -40,7 +41,7 @@ VERBS = [
     bench_verb,
     plot_verb,
 ]
-VERBS += [shard_verb, doctor_verb]
+VERBS += [shard_verb, data_verb, doctor_verb]
 VERBS += [keys_verb]
 VERBS += [check_verb]
 

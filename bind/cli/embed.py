@@ -1,4 +1,6 @@
-"""bindkit embed RUN_DIR --modality M --out FILE.npy INPUT...: embed files or texts with a trained run.
+"""bindkit embed MODEL --modality M --out FILE.npy INPUT...: embed files or texts with a model.
+
+MODEL is a training run, a folder written by BindModel.save_pretrained, or a hub id (org/name).
 
 Writes FILE.npy (float32, one unit-norm row per item, in input order) and FILE.names.txt beside it
 (the item of each row, one per line), which bindkit retrieve --gallery-embeddings reads.
@@ -25,8 +27,8 @@ from ._inputs import (
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("embed", help="embed inputs with a trained run", description=__doc__)
-    p.add_argument("run_dir", help="a run directory written by bindkit run, e.g. runs/digits")
+    p = sub.add_parser("embed", help="embed inputs with a model (a run, a saved folder, a hub id)", description=__doc__)
+    p.add_argument("run_dir", metavar="MODEL", help="a model folder (a run, e.g. runs/digits) or a hub id (org/name)")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help=INPUTS_HELP)
     p.add_argument("--modality", required=True, help="the modality of the inputs, e.g. text, image, audio")
     p.add_argument("--out", required=True, help="output .npy: float32 (N, D), unit-norm rows, input order")

@@ -1,9 +1,11 @@
-"""bindkit eval RUN_DIR: the binding matrix (every ordered pair of modalities) and zero-shot accuracy.
+"""bindkit eval MODEL: the binding matrix (every ordered pair of modalities) and zero-shot accuracy.
 
-By default the run's own eval split. --data MANIFEST evaluates on your files instead: a CSV or JSONL
+MODEL is a training run, a folder written by BindModel.save_pretrained, or a hub id (org/name).
+By default a run's own eval split. --data MANIFEST evaluates on your files instead: a CSV or JSONL
 with one column per modality (paths relative to the manifest, or the text itself) and a label column;
-its columns replace the eval data of those modalities, the others keep the run's. Labels are matched
-to the run's classes by name, or by number ("7" is class 7).
+its columns replace the eval data of those modalities, and the others keep the run's (--data-only, or
+a model without a recipe.yaml: only the manifest's columns are scored). Labels are matched to the
+run's classes by name, or by number ("7" is class 7).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from ._inputs import add_plugin_args
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate a trained run on its eval split or your files", description=__doc__)
-    p.add_argument("run_dir", help="a run directory written by bindkit run, e.g. runs/digits")
+    p.add_argument("run_dir", metavar="MODEL", help="a model folder (a run, e.g. runs/digits) or a hub id (org/name)")
     p.add_argument(
         "overrides",
         nargs="*",
@@ -27,6 +29,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="override keys of the run's recipe, e.g. eval.max_items=200",
     )
     p.add_argument("--data", metavar="MANIFEST", help="evaluate on a CSV/JSONL manifest of your own files")
+    p.add_argument(
+        "--data-only", action="store_true", help="with --data: score only the manifest's modalities, not the run's data"
+    )
     p.add_argument("--split", default="*", help="with --data: rows of this split column value (default: all rows)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--max-items", type=int, help="cap per modality (spread over the split)")
@@ -38,41 +43,28 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..data import check_data_spec
-    from ..data.manifest import read_manifest
     from ..evaluate import evaluate_all, format_results
-    from ..recipe import parse_recipe, recipe_to_dict, set_override
-    from ..runs import load_run
+    from ..runs import eval_recipe, load_run, read_manifest_columns
     from ._inputs import resolve_device
 
+    if args.data_only and not args.data:
+        raise ConfigError("--data-only goes with --data MANIFEST (the files to score)")
+    if args.max_items is not None and args.max_items < 1:
+        raise ConfigError(f"--max-items: expected a positive number, got {args.max_items}")
+    manifest = Path(args.data).resolve() if args.data else None
+    columns = read_manifest_columns(manifest) if manifest else None  # the user's file is checked before the model
     load_plugins(args.plugin)
     device = resolve_device(args.device)
     model, recipe = load_run(args.run_dir, args.plugin, trust_plugins=args.trust_plugins)
-    data = recipe_to_dict(recipe)
-    for item in args.overrides:
-        set_override(data, item)
-    if args.max_items is not None:
-        if args.max_items < 1:
-            raise ConfigError(f"--max-items: expected a positive number, got {args.max_items}")
-        data["eval"]["max_items"] = args.max_items
-    if args.data_root:
-        data["data_root"] = args.data_root
-    if args.data:
-        manifest = Path(args.data).resolve()
-        rows = read_manifest(manifest)
-        columns = [c for c in (rows[0] if rows else {}) if c in model.modalities]
-        if not columns:
-            raise ConfigError(
-                f"{args.data}: no column names a modality of the run ({', '.join(model.modalities)}); "
-                f"its columns are {', '.join(rows[0]) if rows else 'none (empty file)'}"
-            )
-        for modality in columns:
-            spec = {"source": "manifest", "split": args.split, "args": {"path": str(manifest), "column": modality}}
-            data["modalities"][modality]["eval_data"] = spec
-    recipe = parse_recipe(data, f"{args.run_dir}/recipe.yaml", check_data=False)
-    for modality, spec in recipe.modalities.items():  # the run may come from another machine
-        if spec.eval_data is not None:
-            check_data_spec(spec.eval_data, recipe.data_root, f"{args.run_dir}: modalities.{modality}.eval_data")
+    overrides = [*args.overrides, *([f"eval.max_items={args.max_items}"] if args.max_items else [])]
+    overrides += [f"data_root={args.data_root}"] if args.data_root else []
+    recipe = eval_recipe(model, recipe, str(args.run_dir), overrides, manifest, columns, args.split, args.data_only)
+    scored = [m for m, spec in recipe.modalities.items() if spec.eval_data is not None]
+    if len(scored) < 2:
+        raise ConfigError(
+            f"{args.data or args.run_dir}: data of {len(scored)} modality ({', '.join(scored) or 'none'}) of the model's "
+            f"{', '.join(model.modalities)}; evaluation scores pairs of modalities: add a column of another one"
+        )
     model.to(device)
     results = evaluate_all(model, recipe, device, show_progress=not args.no_progress)
     print(json.dumps(results, indent=2) if args.json else format_results(results))

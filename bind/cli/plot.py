@@ -15,9 +15,9 @@ from ._inputs import add_plugin_args
 
 # plain text, no reStructuredText markup: argparse prints it as it is
 DESCRIPTION = """\
-bindkit plot RUN_DIR --out space.png|space.html: picture of a run's embedding space, all modalities together.
+bindkit plot MODEL --out space.png|space.html: picture of a model's embedding space, all modalities together.
 
-The eval split of every modality is embedded and projected jointly (PCA, or UMAP with the umap extra):
+The eval split (or --data MANIFEST: your files) of every modality is embedded and projected jointly (PCA, or UMAP with the umap extra):
 2-D for a .png (matplotlib), 3-D for an interactive .html (plotly). Colour is the class, with the class
 names in the legend; marker shape is the modality. A spoken seven, a drawn seven and the word "seven"
 should land on the same spoke. The .html file has plotly.js inside it, so it opens without a network.
@@ -26,7 +26,7 @@ should land on the same spoke. The .html file has plotly.js inside it, so it ope
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("plot", help="draw a run's embedding space (.png or .html)", description=DESCRIPTION)
-    p.add_argument("run_dir", metavar="RUN_DIR", help="run directory written by bindkit run, e.g. runs/digits")
+    p.add_argument("run_dir", metavar="MODEL", help="a model folder (a run, e.g. runs/digits) or a hub id (org/name)")
     p.add_argument(
         "--out", required=True, help="space.png (2-D, matplotlib) or space.html (3-D, plotly, opens offline)"
     )
@@ -43,6 +43,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default="pca",
         help="projection: pca (default) or umap (needs the umap extra)",
     )
+    p.add_argument(
+        "--data",
+        metavar="MANIFEST",
+        help="draw your files: a CSV/JSONL manifest, one column per modality and a label column (they replace the "
+        "run's eval data of those modalities; a model without recipe.yaml needs it)",
+    )
     add_plugin_args(p)
     p.set_defaults(func=run)
 
@@ -50,7 +56,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..evaluate import embed_eval_splits
     from ..plot import output_dim, project, require_method, require_plot_library, save_figure, stack_splits
-    from ..runs import load_run
+    from ..runs import eval_recipe, load_run, read_manifest_columns
     from ..trainer import resolve_device
 
     # everything a user can get wrong is checked before the (slow) embedding pass
@@ -59,8 +65,11 @@ def run(args: argparse.Namespace) -> int:
     dim = output_dim(args.out)
     require_plot_library(args.out)
     require_method(args.method)
+    manifest = Path(args.data).resolve() if args.data else None
+    columns = read_manifest_columns(manifest) if manifest else None
     load_plugins(args.plugin)
     model, recipe = load_run(args.run_dir, plugins=args.plugin, trust_plugins=args.trust_plugins)
+    recipe = eval_recipe(model, recipe, str(args.run_dir), [], manifest, columns)
     recipe = dataclasses.replace(recipe, eval=dataclasses.replace(recipe.eval, max_items=args.max_per_modality))
     device = resolve_device(recipe.device)
     splits = embed_eval_splits(model.to(device), recipe, device)

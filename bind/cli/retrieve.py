@@ -1,4 +1,6 @@
-"""bindkit retrieve RUN_DIR: the top K gallery items of one modality for queries of another.
+"""bindkit retrieve MODEL: the top K gallery items of one modality for queries of another.
+
+MODEL is a training run, a folder written by BindModel.save_pretrained, or a hub id (org/name).
 
 The gallery is embedded now (--gallery INPUT...) or was embedded before by bindkit embed
 (--gallery-embeddings FILE.npy, whose names are read from FILE.names.txt beside it).
@@ -27,8 +29,8 @@ from ._inputs import (
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("retrieve", help="cross-modal search with a trained run", description=__doc__)
-    p.add_argument("run_dir", help="a run directory written by bindkit run, e.g. runs/digits")
+    p = sub.add_parser("retrieve", help="cross-modal search with a model (a run, a saved folder, a hub id)", description=__doc__)
+    p.add_argument("run_dir", metavar="MODEL", help="a model folder (a run, e.g. runs/digits) or a hub id (org/name)")
     p.add_argument("--query-modality", required=True, help="the modality of the queries, e.g. audio")
     p.add_argument("--query", nargs="+", required=True, metavar="INPUT", help="queries; " + INPUTS_HELP)
     p.add_argument("--gallery-modality", required=True, help="the modality of the gallery, e.g. text")

@@ -16,6 +16,7 @@ from typing import Any
 from ..errors import ConfigError
 from ..registry import load_plugins
 from ._inputs import add_plugin_args
+from .data import load_recipe_fetching_data
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -45,15 +46,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..recipe import load_recipe
+    from ..distributed import check_nproc
 
+    check_nproc(args.nproc)
     load_plugins(args.plugin)
-    recipe = load_recipe(
-        args.recipe, args.overrides, trust_plugins=args.trust_plugins
-    )  # fail here, before any process starts
+    recipe = load_recipe_fetching_data(args)  # fail here, before any process starts; fetch data on a first run
     out = Path(args.out or Path("runs") / Path(args.recipe).stem)
-    if args.nproc < 1:
-        raise ConfigError(f"--nproc: expected a number of processes >= 1, got {args.nproc}")
     if args.seeds is None:
         return _run_one(args, recipe, args.overrides, out, resume_wanted(args.resume, out))
     return _run_seeds(args, out)
@@ -130,7 +128,7 @@ def _run_one(args: argparse.Namespace, recipe: Any, overrides: list[str], out: P
             )
             if on
         ]
-        return launch(args.nproc, argv)
+        return launch(args.nproc, argv, debug=args.debug)
     results = run_recipe(recipe, out, show_progress=not args.no_progress, resume=resume)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0

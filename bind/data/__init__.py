@@ -72,8 +72,29 @@ def register_dataset(name: str) -> Callable[[DatasetBuilder], DatasetBuilder]:
 
 
 def resolve_data_root(root: str | os.PathLike[str] | None) -> Path:
-    """The data root: the argument, else ``$BINDKIT_DATA``, else ``../shared/data``."""
-    return Path(root or os.environ.get("BINDKIT_DATA") or DEFAULT_DATA_ROOT).expanduser()
+    """The data root: the argument, else ``$BINDKIT_DATA``, else ``../shared/data`` when it exists (this project's
+    checkouts and CI), else the platform cache folder (``~/.cache/bindkit/data`` on Linux), where
+    ``bindkit data fetch`` puts downloads."""
+    return locate_data_root(root)[0]
+
+
+def locate_data_root(root: str | os.PathLike[str] | None) -> tuple[Path, str]:
+    """:func:`resolve_data_root` and where it came from: ``argument``, ``$BINDKIT_DATA``, ``../shared/data`` or
+    ``cache`` (for ``bindkit doctor``)."""
+    if root:
+        return Path(root).expanduser(), "argument"
+    if os.environ.get("BINDKIT_DATA"):
+        return Path(os.environ["BINDKIT_DATA"]).expanduser(), "$BINDKIT_DATA"
+    if DEFAULT_DATA_ROOT.is_dir():
+        return DEFAULT_DATA_ROOT, str(DEFAULT_DATA_ROOT)
+    return cache_data_root(), "cache"
+
+
+def cache_data_root() -> Path:
+    """The platform's cache folder for bindkit's data (pooch's ``os_cache``: XDG on Linux, Caches on macOS)."""
+    import pooch  # only when no other root applies: it imports requests
+
+    return Path(pooch.os_cache("bindkit")) / "data"
 
 
 def check_data_spec(spec: Any, root: str | None, where: str) -> None:
@@ -111,9 +132,13 @@ def check_data_spec(spec: Any, root: str | None, where: str) -> None:
     if required is not None:
         for rel in required(**spec.args):
             if not (base / rel).exists():
+                fetch = getattr(builder, "fetch", None)  # a set bindkit can download (bind/data/fetch.py)
+                hint = (
+                    f"; `bindkit data fetch {fetch}` downloads it (bindkit run does so on first run)" if fetch else ""
+                )
                 raise DataError(
                     f"{where}: {base / rel} not found. Put the data there, or point data_root (recipe key), "
-                    f"`data_root=...` on the command line or $BINDKIT_DATA at the folder that holds {rel}"
+                    f"`data_root=...` on the command line or $BINDKIT_DATA at the folder that holds {rel}{hint}"
                 )
     check = getattr(builder, "check", None)  # a cheap look inside (a manifest's columns and splits)
     if check is not None:
@@ -134,4 +159,4 @@ def build_dataset(spec: Any, root: str | None) -> Items:
     return builder(resolve_data_root(root), spec.split, **spec.args)
 
 
-from . import digits, manifest, shards  # noqa: E402,F401  (built-in builders register themselves)
+from . import digits, digits_fetch, manifest, shards  # noqa: E402,F401  (built-in builders register themselves)

@@ -79,6 +79,7 @@ def mnist(root: Path, split: str, limit: int | None = None) -> Items:
 
 mnist.required_paths = lambda **_: ["mnist/images-idx3-ubyte.gz", "mnist/labels-idx1-ubyte.gz"]
 mnist.splits = tuple(MNIST_SPLITS)
+mnist.fetch = "digits"  # bindkit data fetch digits downloads what required_paths names (bind/data/digits_fetch.py)
 
 _FSDD_NAME = re.compile(r"^(\d)_([a-z]+)_(\d+)\.wav$")
 
@@ -118,6 +119,7 @@ def fsdd(
 
 fsdd.required_paths = lambda **_: ["fsdd/recordings"]
 fsdd.splits = ("train", "eval")
+fsdd.fetch = "digits"
 
 
 @register_dataset("digit_captions")
@@ -190,6 +192,7 @@ def moving_digits(
 
 moving_digits.required_paths = mnist.required_paths
 moving_digits.splits = tuple(MNIST_SPLITS)
+moving_digits.fetch = "digits"
 _check_when_loaded(moving_digits, _check_moving)
 
 
@@ -262,6 +265,7 @@ def mnist_rescaled(
 
 mnist_rescaled.required_paths = mnist.required_paths
 mnist_rescaled.splits = tuple(MNIST_SPLITS)
+mnist_rescaled.fetch = "digits"
 _check_when_loaded(mnist_rescaled, _check_image_set)
 
 
@@ -316,6 +320,7 @@ def moving_digits_mp4(
 
 moving_digits_mp4.required_paths = mnist.required_paths
 moving_digits_mp4.splits = tuple(MNIST_SPLITS)
+moving_digits_mp4.fetch = "digits"
 _check_when_loaded(moving_digits_mp4, _check_mp4)
 
 

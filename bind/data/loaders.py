@@ -167,6 +167,11 @@ class _Builder:
         world = self.dist.world_size
         if batch_size % world:
             raise ConfigError(f"stage {self.stage.name!r}: batch size {batch_size} is not divisible by {world} ranks")
+        if size < world:  # a batch needs an item for every rank
+            raise DataError(
+                f"stage {self.stage.name!r}: {size} training item(s) for {world} ranks; each rank needs at least one "
+                "item per batch: add data or run on fewer processes"
+            )
         return min(batch_size, size) // world  # each rank's slice of the global batch
 
     def stream(self, modality: str, anchor_column: str | None = None) -> ShardStream:
