@@ -1,22 +1,37 @@
 """The rules across a recipe's keys, checked after its types and ranges (:func:`bind.recipe.parse_recipe`).
 
 Names that must exist elsewhere in the recipe (modalities, the anchor, pairs) or in a registry
-(encoders and their arguments, losses, augmenters), data paths, and combinations no stage could
-train with. Each refusal is one line naming the file and the key.
+(encoders and their arguments, losses, augmenters), combinations no stage could train with, and
+what ``bindkit run`` will need from this machine: data paths, the weight files encoder arguments
+name, hub weights in the cache when offline, optional packages. Each refusal is one line naming the
+file and the key.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
 from .data import check_data_spec
 from .data.augment import check_augment
-from .errors import ConfigError, UnknownEncoderError
+from .errors import ConfigError, DataError, UnknownEncoderError
 from .losses import LossKind, get_loss
 from .recipe import ModalitySpec, Recipe, StageSpec
-from .registry import check_encoder_kwargs, get_encoder_info, load_named_plugins
+from .registry import EncoderInfo, check_encoder_kwargs, get_encoder_info, load_named_plugins
+
+# recipe keys that need an optional package: key -> (importable module, the extra that installs it)
+KEY_PACKAGES = {"tensorboard": ("tensorboard", "tensorboard")}
 
 
 def check_recipe(r: Recipe, check_data: bool = True, trust_plugins: bool = False) -> None:
-    """Cross-key checks: names that must exist elsewhere in the recipe or in a registry."""
+    """Cross-key checks: names that must exist elsewhere in the recipe or in a registry.
+
+    ``check_data``: also what this machine must hold for ``bindkit run`` (data, weight files, cached hub
+    weights, packages); off for a saved run's recipe, whose model is rebuilt from its own folder.
+    """
     src = r.source
     load_named_plugins(r.plugins, f"{src}: plugins", trust_plugins)
     if r.anchor_modality not in r.modalities:
@@ -38,10 +53,14 @@ def check_recipe(r: Recipe, check_data: bool = True, trust_plugins: bool = False
                 raise ConfigError(f"{where}: evaluation reads by index, unaugmented; drop stream and augment there")
             if check_data:
                 check_data_spec(spec, r.data_root, where)
-    if not r.stages:
-        raise ConfigError(f"{src}: stages: at least one stage is needed")
+    # no stages: the model is assembled (released towers as they are), saved and evaluated, nothing trains
     for i, stage in enumerate(r.stages):
         _check_stage(r, f"{src}: stages[{i}] ({stage.name})", stage)
+    for key, (module, extra) in KEY_PACKAGES.items():
+        if check_data and getattr(r, key) and importlib.util.find_spec(module) is None:
+            raise ConfigError(
+                f"{src}: {key}: true needs the {module} package: pip install -c constraints.txt -e '.[{extra}]'"
+            )
 
 
 def _check_modality(r: Recipe, m: str, spec: ModalitySpec, check_data: bool) -> None:
@@ -75,10 +94,27 @@ def _check_modality(r: Recipe, m: str, spec: ModalitySpec, check_data: bool) -> 
         raise ConfigError(f"{where}.train_data.stream: only source 'shards' streams, got {spec.train_data.source!r}")
     if spec.train_data is not None and spec.train_data.augment:
         check_augment(info, spec.train_data.augment, f"{where}.train_data.augment")
+    if check_data:
+        _check_encoder_needs(info, spec.args, where)
     for key in ("train_data", "eval_data"):
         data_spec = getattr(spec, key)
         if data_spec is not None and check_data:
             check_data_spec(data_spec, r.data_root, f"{where}.{key}")
+
+
+def _check_encoder_needs(info: EncoderInfo, args: Mapping[str, Any], where: str) -> None:
+    """What building the encoder will read from this machine, as its registration declares: the files its
+    arguments name (``files``), and the rest (``check_args``: cached hub weights, packages, ...)."""
+    for key, hint in info.files.items():
+        value = args.get(key)
+        if isinstance(value, (str, os.PathLike)) and not Path(value).expanduser().is_file():
+            state = "is not a file" if Path(value).expanduser().exists() else "does not exist"
+            raise DataError(f"{where}.args.{key}: {os.fspath(value)} {state}" + (f"; {hint}" if hint else ""))
+    if info.check_args is not None:
+        try:
+            info.check_args(args)
+        except (ConfigError, DataError) as err:  # its message starts with the key, relative to the entry
+            raise type(err)(f"{where}.{err}") from None
 
 
 def _check_stage(r: Recipe, where: str, stage: StageSpec) -> None:

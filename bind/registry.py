@@ -27,7 +27,7 @@ import inspect
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
@@ -53,6 +53,13 @@ class EncoderInfo:
     scratch directory for towers that must save a tiny pretrained model there first.
     ``augmenter`` builds the encoder's training augmentation from a recipe's ``augment:`` knobs
     (:mod:`bind.data.augment`); ``None``: the encoder offers none.
+
+    What building will need, checked by ``bindkit validate`` without building (:mod:`bind.recipe_checks`):
+    ``files`` maps each argument that names a file to read to what to do when it is missing (a download
+    URL, say; ``""``: nothing to add). ``check_args(args)`` checks the rest against this machine (hub
+    weights cached when offline, packages installed, a rule across arguments) and raises a
+    :class:`ConfigError` or :class:`~bind.errors.DataError` whose message starts with the key at fault,
+    relative to the recipe's entry for the encoder: ``"args.pretrained: ..."``, or ``"encoder: ..."``.
     """
 
     name: str
@@ -62,6 +69,8 @@ class EncoderInfo:
     tiny: TinyArgs = field(default_factory=dict)
     module: str = ""
     augmenter: Callable[..., Any] | None = None
+    files: Mapping[str, str] = field(default_factory=dict)
+    check_args: Callable[[Mapping[str, Any]], None] | None = None
 
     def tiny_kwargs(self, scratch_dir: Path) -> dict[str, Any]:
         return self.tiny(scratch_dir) if callable(self.tiny) else dict(self.tiny)
@@ -83,6 +92,8 @@ def register_encoder(
     pretrained: str = "none",
     tiny: TinyArgs | None = None,
     augmenter: Callable[..., Any] | None = None,
+    files: Mapping[str, str] | None = None,
+    check_args: Callable[[Mapping[str, Any]], None] | None = None,
 ) -> Callable[[Factory], Factory]:
     """Register ``factory`` under its function name (or ``name``) for ``modality`` (see :class:`EncoderInfo`)."""
     if not modality or not isinstance(modality, str):
@@ -90,10 +101,15 @@ def register_encoder(
 
     def decorator(factory: Factory) -> Factory:
         key = name or factory.__name__
+        unknown = sorted(set(files or {}) - set(inspect.signature(factory).parameters))
+        if unknown:
+            raise ConfigError(f"register_encoder({key!r}): files names {', '.join(unknown)}, not arguments of it")
         previous = _REGISTRY.get(key)
         if previous is not None and previous.factory.__qualname__ != factory.__qualname__:
             log.warning("encoder %r from %s replaces the one from %s", key, factory.__module__, previous.module)
-        _REGISTRY[key] = EncoderInfo(key, modality, factory, pretrained, tiny or {}, factory.__module__, augmenter)
+        _REGISTRY[key] = EncoderInfo(
+            key, modality, factory, pretrained, tiny or {}, factory.__module__, augmenter, dict(files or {}), check_args
+        )
         return factory
 
     return decorator
@@ -212,11 +228,17 @@ def _plugin_origin(module: str) -> str:
     return f"module {module}" + (f" in {origin}" if origin else ", not found here")
 
 
-def list_encoders(pattern: str = "*", modality: str | None = None) -> list[str]:
-    """Sorted encoder names matching a glob ``pattern``, optionally of one ``modality``."""
+def list_encoders(pattern: str = "*", modality: str | None = None, pretrained: bool = False) -> list[str]:
+    """Sorted encoder names matching a glob ``pattern``, optionally of one ``modality``; ``pretrained``: only
+    those that load released weights (their :attr:`EncoderInfo.pretrained` says from where), as open_clip's
+    ``list_pretrained()``."""
     load_plugins()
     return sorted(
-        n for n, info in _REGISTRY.items() if fnmatch.fnmatch(n, pattern) and modality in (None, info.modality)
+        n
+        for n, info in _REGISTRY.items()
+        if fnmatch.fnmatch(n, pattern)
+        and modality in (None, info.modality)
+        and not (pretrained and info.pretrained == "none")
     )
 
 

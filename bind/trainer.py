@@ -52,8 +52,9 @@ from .distributed import (
     init_distributed,
     shutdown_distributed,
 )
-from .errors import ConfigError, DataError
+from .errors import ConfigError, DataError, InputError
 from .evaluate import evaluate_all
+from .hub import write_model_card
 from .init import init_from_encoder
 from .lora import apply_lora
 from .model import BindModel
@@ -85,7 +86,14 @@ def seed_everything(seed: int) -> None:
 def build_model(recipe: Recipe) -> BindModel:
     encoders = {}
     for modality, spec in recipe.modalities.items():
-        encoder = create_encoder(spec.encoder, embed_dim=recipe.embed_dim, **spec.args)
+        try:
+            encoder = create_encoder(spec.encoder, embed_dim=recipe.embed_dim, **spec.args)
+        except (ConfigError, DataError, InputError) as err:  # the factory knows what; the recipe key says where
+            if type(err) not in (ConfigError, DataError, InputError):  # subclasses carry more than a message
+                raise
+            key, _, rest = str(err).partition(": ")  # "pretrained: ..." names the argument it is about
+            where = f"modalities.{modality}.args.{key}: {rest}" if key in spec.args else f"modalities.{modality}: {err}"
+            raise type(err)(f"{recipe.source}: {where}") from None
         encoder.freeze(spec.freeze, spec.unfreeze_last_blocks)
         if spec.lora is not None:  # after freeze: the adapters, the head and any unfrozen blocks train
             lora = spec.lora
@@ -211,6 +219,7 @@ def _run_locked(
     if dist.is_main:
         metrics.write({"stage": "eval", **results})
         atomic_write(out_dir / "eval.json", json.dumps(results, indent=2).encode())
+        write_model_card(out_dir, model.config())  # now with the figures
     barrier()  # rank 0 hosts the process group's store: everyone is done before anyone leaves
     shutdown_distributed()
     return results

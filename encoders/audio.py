@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from bind import ConfigError, ModalityEncoder, find_blocks, register_encoder
 from bind.encoder import HeadKind
 
-from ._hf import export_hf, load_hf_model, load_hf_processor
+from ._hf import export_hf, hf_path_check, load_hf_model, load_hf_processor
 from ._transformer import pre_norm_blocks
 from .audio_augment import AudioAugment
 from .audio_frontend import AudioFrontend, FeatureKind, NormKind
@@ -303,7 +303,11 @@ def _tiny_ast(scratch_dir: Path) -> dict[str, Any]:
 
 
 @register_encoder(
-    "audio", pretrained="Hugging Face ASTModel hub id or local directory (path)", tiny=_tiny_ast, augmenter=AudioAugment
+    "audio",
+    pretrained="Hugging Face ASTModel hub id or local directory (path)",
+    tiny=_tiny_ast,
+    augmenter=AudioAugment,
+    check_args=hf_path_check("hf_ast"),
 )
 def hf_ast(
     path: str,

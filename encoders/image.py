@@ -28,7 +28,7 @@ from bind import ModalityEncoder, register_encoder
 from bind.encoder import HeadKind
 from bind.errors import ConfigError, DataError
 
-from ._hf import TINY_TRANSFORMER, HFEncoder, load_hf_model, load_hf_processor, save_tiny_hf
+from ._hf import TINY_TRANSFORMER, HFEncoder, hf_path_check, load_hf_model, load_hf_processor, save_tiny_hf
 from ._vision import VIT_TINY, Trunk, cnn_trunk, vit_trunk
 from .image_augment import PLAIN, Draw, ImageAugment, render
 from .image_io import IMAGE_SUFFIXES, LUMA, example_images, load_image
@@ -252,6 +252,7 @@ def _torchvision_encoder(trunk: Trunk, head_attr: str, weights_path: str | None,
 
 
 _TV_PRETRAINED = "torchvision ImageNet weights (weights= name through torch.hub's cache, or weights_path= file)"
+_TV_FILES = {"weights_path": "pass a state-dict file of the model, or weights= (a torchvision weights name)"}
 
 
 def tv_resnet(arch: str, trunk_dim: int, weights_path: str | None, **kwargs: Any) -> ImageEncoder:
@@ -266,7 +267,7 @@ def tv_resnet(arch: str, trunk_dim: int, weights_path: str | None, **kwargs: Any
 _RESNET_TINY = {"image_size": 32, "embed_dim": 16}
 
 
-@register_encoder("image", augmenter=ImageAugment, pretrained=_TV_PRETRAINED, tiny=_RESNET_TINY)
+@register_encoder("image", augmenter=ImageAugment, pretrained=_TV_PRETRAINED, tiny=_RESNET_TINY, files=_TV_FILES)
 def tv_resnet18(
     embed_dim: int | None = None,
     weights_path: str | None = None,
@@ -288,7 +289,7 @@ def tv_resnet18(
     return tv_resnet("resnet18", 512, file, embed_dim=embed_dim, image_size=image_size, **head_args)
 
 
-@register_encoder("image", augmenter=ImageAugment, pretrained=_TV_PRETRAINED, tiny=_RESNET_TINY)
+@register_encoder("image", augmenter=ImageAugment, pretrained=_TV_PRETRAINED, tiny=_RESNET_TINY, files=_TV_FILES)
 def tv_resnet50(
     embed_dim: int | None = None,
     weights_path: str | None = None,
@@ -304,7 +305,9 @@ def tv_resnet50(
     return tv_resnet("resnet50", 2048, file, embed_dim=embed_dim, image_size=image_size, **head_args)
 
 
-@register_encoder("image", augmenter=ImageAugment, pretrained=_TV_PRETRAINED, tiny={**VIT_TINY, "embed_dim": 16})
+@register_encoder(
+    "image", augmenter=ImageAugment, pretrained=_TV_PRETRAINED, tiny={**VIT_TINY, "embed_dim": 16}, files=_TV_FILES
+)
 def tv_vit_b_16(
     embed_dim: int | None = None,
     weights_path: str | None = None,
@@ -365,6 +368,7 @@ def _tiny_clip_vision(scratch_dir: Path) -> dict[str, Any]:
     augmenter=ImageAugment,
     pretrained="Hugging Face CLIP hub id or local directory (path)",
     tiny=_tiny_clip_vision,
+    check_args=hf_path_check("hf_clip_vision"),
 )
 def hf_clip_vision(
     path: str,

@@ -28,7 +28,10 @@ ImageBind's embeddings after L2 normalisation:
 
 The clip embeddings of one item are averaged as ImageBind averages them (its scaled unit vectors; the direction is
 the same). ImageBind's weights are licensed by Meta (CC-BY-NC 4.0) and never shipped with bindkit: download
-https://dl.fbaipublicfiles.com/imagebind/imagebind_huge.pth yourself.
+https://dl.fbaipublicfiles.com/imagebind/imagebind_huge.pth yourself. Without ``checkpoint=`` a tower is refused,
+so that a recipe that forgot it does not bind to a random "ImageBind": ``random_init=True`` builds imagebind_huge's
+architecture with random weights on purpose, and ``config=`` (how a saved model rebuilds a tower before its own
+weights load) gives the sizes.
 
 Example::
 
@@ -43,9 +46,10 @@ import math
 import os
 import re
 import shutil
+from collections.abc import Callable, Mapping
 from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -59,7 +63,7 @@ from bind.encoder import ClipBatch, build_head
 from bind.errors import ConfigError, InputError
 
 from .audio_io import AUDIO_SUFFIXES, load_audio
-from .clip_bpe import VOCAB_FILE, CLIPTokenizer, find_bpe_vocab
+from .clip_bpe import VOCAB_FILE, VOCAB_URL, CLIPTokenizer, find_bpe_vocab
 from .depth import depth_to_unit, load_depth
 from .image_augment import ImageAugment, VideoAugment
 from .image_io import IMAGE_SUFFIXES, example_images, load_rgb_pil
@@ -594,6 +598,23 @@ class ImageBindEncoder(ModalityEncoder):
         self.takes_text = m == "text"
         self.file_suffixes = VIDEO_SUFFIXES if video else FILE_SUFFIXES.get(m)
 
+    def share_trunk_with(self, other: ModalityEncoder, mode: Literal["share", "copy"] = "share") -> ImageBindEncoder:
+        """Run on ``other``'s trunk, as ImageBind runs videos through its vision tower: ``"share"`` ties the
+        weights (stored once when saved), ``"copy"`` copies them once. Both towers must have one config."""
+        if not isinstance(other, ImageBindEncoder) or other.cfg != self.cfg:
+            raise ConfigError(
+                f"{self.modality} tower: share_trunk_with needs an ImageBind tower of the same configuration "
+                f"({self.cfg['modality']}, width {self.cfg['width']}, depth {self.cfg['depth']}); the "
+                f"{other.modality!r} encoder is not one (build both from one checkpoint)"
+            )
+        if mode == "share":
+            self.trunk = other.trunk
+        elif mode == "copy":
+            self.trunk.load_state_dict(other.trunk.state_dict())
+        else:
+            raise ConfigError(f"share_trunk_with mode: expected 'share' or 'copy', got {mode!r}")
+        return self
+
     def preprocess(self, item: Any) -> Tensor:
         m, cfg = self.cfg["modality"], self.cfg
         if m == "text":
@@ -700,6 +721,38 @@ def _read_video_with_rate(item: Any) -> tuple[np.ndarray, float]:
 
 # ---- the registered factories ------------------------------------------------------------------------------------
 PRETRAINED = f"ImageBind checkpoint (checkpoint=PATH; {CHECKPOINT_URL})"
+FILES = {"checkpoint": f"download {CHECKPOINT_URL}"}  # what bindkit validate checks before a run reads them
+
+
+def check_weights(modality: str, checkpoint: Any, config: Any, random_init: bool) -> None:
+    """The weights a tower starts from are said outright: ``checkpoint=``, ``config=`` (a saved model's tower,
+    whose weights load next) or ``random_init=True``; a one-line :class:`ConfigError` naming the argument else."""
+    if checkpoint is not None and (config is not None or random_init):
+        other = "config=" if config is not None else "random_init=True"
+        raise ConfigError(f"checkpoint: pass either checkpoint= (sizes read off its tensors) or {other}, not both")
+    if checkpoint is None and config is None and not random_init:
+        raise ConfigError(
+            f"checkpoint: not given, so ImageBind's {modality} tower would start from random weights: pass "
+            f"checkpoint=PATH (imagebind_huge.pth, from {CHECKPOINT_URL}) or random_init=True to train "
+            "imagebind_huge's architecture from random weights on purpose"
+        )
+
+
+def _args_check(modality: str) -> Callable[[Mapping[str, Any]], None]:
+    """``bindkit validate``'s check of a tower's arguments (files are checked through ``FILES``)."""
+
+    def check(args: Mapping[str, Any]) -> None:
+        try:
+            check_weights(modality, args.get("checkpoint"), args.get("config"), bool(args.get("random_init")))
+        except ConfigError as err:
+            raise ConfigError(f"args.{err}") from None
+        if modality == "text" and args.get("bpe_path") is None:  # CLIP's vocabulary, from an installed package
+            try:
+                find_bpe_vocab()
+            except ConfigError as err:
+                raise ConfigError(f"args.bpe_path: {err}") from None
+
+    return check
 
 
 def _build(
@@ -709,11 +762,11 @@ def _build(
     num_heads: int | None,
     head: str,
     embed_dim: int | None,
+    random_init: bool,
     video: bool = False,
     **kwargs: Any,
 ) -> ImageBindEncoder:
-    if checkpoint is not None and config is not None:
-        raise ConfigError("pass either checkpoint= (sizes read off its tensors) or config=, not both")
+    check_weights(modality, checkpoint, config, random_init)
     state, where = None, None
     if checkpoint is not None:
         where = f"ImageBind checkpoint {str(checkpoint)!r}"
@@ -789,92 +842,118 @@ def _tiny(scratch_dir: Path) -> dict[str, Any]:
     return {"checkpoint": str(save_tiny_checkpoint(scratch_dir / "imagebind_tiny.pth")), "num_heads": 2}
 
 
-@register_encoder("image", pretrained=PRETRAINED, tiny=_tiny, augmenter=ImageAugment)
+@register_encoder(
+    "image", pretrained=PRETRAINED, tiny=_tiny, augmenter=ImageAugment, files=FILES, check_args=_args_check("vision")
+)
 def imagebind_image(
     checkpoint: str | None = None,
     config: dict[str, Any] | None = None,
     num_heads: int | None = None,
     head: str = "imagebind",
     embed_dim: int | None = None,
+    random_init: bool = False,
 ) -> ImageBindEncoder:
     """ImageBind's vision tower (ViT-H/14 in the release) on images: 224 px, CLIP's normalisation."""
-    return _build("vision", checkpoint, config, num_heads, head, embed_dim)
+    return _build("vision", checkpoint, config, num_heads, head, embed_dim, random_init)
 
 
-@register_encoder("video", pretrained=PRETRAINED, tiny=_tiny, augmenter=VideoAugment)
+@register_encoder(
+    "video", pretrained=PRETRAINED, tiny=_tiny, augmenter=VideoAugment, files=FILES, check_args=_args_check("vision")
+)
 def imagebind_video(
     checkpoint: str | None = None,
     config: dict[str, Any] | None = None,
     num_heads: int | None = None,
     head: str = "imagebind",
     embed_dim: int | None = None,
+    random_init: bool = False,
     clips: int = 5,
 ) -> ImageBindEncoder:
     """ImageBind's vision tower on videos: five 2 s clips of two frames, three crops each, averaged."""
-    return _build("vision", checkpoint, config, num_heads, head, embed_dim, video=True, clips=clips)
+    return _build("vision", checkpoint, config, num_heads, head, embed_dim, random_init, video=True, clips=clips)
 
 
-@register_encoder("text", pretrained=PRETRAINED, tiny=_tiny)
+@register_encoder(
+    "text",
+    pretrained=PRETRAINED,
+    tiny=_tiny,
+    check_args=_args_check("text"),
+    files={**FILES, "bpe_path": f"expected CLIP's {VOCAB_FILE} (from {VOCAB_URL})"},
+)
 def imagebind_text(
     checkpoint: str | None = None,
     config: dict[str, Any] | None = None,
     num_heads: int | None = None,
     head: str = "imagebind",
     embed_dim: int | None = None,
+    random_init: bool = False,
     bpe_path: str | None = None,
 ) -> ImageBindEncoder:
     """ImageBind's text tower (OpenCLIP ViT-H's): CLIP BPE, 77 tokens, causal attention, end-token pooling."""
-    return _build("text", checkpoint, config, num_heads, head, embed_dim, bpe_path=bpe_path)
+    return _build("text", checkpoint, config, num_heads, head, embed_dim, random_init, bpe_path=bpe_path)
 
 
-@register_encoder("audio", pretrained=PRETRAINED, tiny=_tiny)
+@register_encoder("audio", pretrained=PRETRAINED, tiny=_tiny, files=FILES, check_args=_args_check("audio"))
 def imagebind_audio(
     checkpoint: str | None = None,
     config: dict[str, Any] | None = None,
     num_heads: int | None = None,
     head: str = "imagebind",
     embed_dim: int | None = None,
+    random_init: bool = False,
     clips: int = 3,
     n_mels: int = 128,
     target_length: int = 204,
 ) -> ImageBindEncoder:
     """ImageBind's audio tower: 16 kHz, three 2 s clips, 128-bin Kaldi fbank of 204 frames, averaged."""
     return _build(
-        "audio", checkpoint, config, num_heads, head, embed_dim, clips=clips, n_mels=n_mels, target_length=target_length
+        "audio",
+        checkpoint,
+        config,
+        num_heads,
+        head,
+        embed_dim,
+        random_init,
+        clips=clips,
+        n_mels=n_mels,
+        target_length=target_length,
     )
 
 
-@register_encoder("depth", pretrained=PRETRAINED, tiny=_tiny)
+@register_encoder("depth", pretrained=PRETRAINED, tiny=_tiny, files=FILES, check_args=_args_check("depth"))
 def imagebind_depth(
     checkpoint: str | None = None,
     config: dict[str, Any] | None = None,
     num_heads: int | None = None,
     head: str = "imagebind",
     embed_dim: int | None = None,
+    random_init: bool = False,
 ) -> ImageBindEncoder:
     """ImageBind's depth tower: depth in metres as disparity in [0, 1], 224 px."""
-    return _build("depth", checkpoint, config, num_heads, head, embed_dim)
+    return _build("depth", checkpoint, config, num_heads, head, embed_dim, random_init)
 
 
-@register_encoder("thermal", pretrained=PRETRAINED, tiny=_tiny)
+@register_encoder("thermal", pretrained=PRETRAINED, tiny=_tiny, files=FILES, check_args=_args_check("thermal"))
 def imagebind_thermal(
     checkpoint: str | None = None,
     config: dict[str, Any] | None = None,
     num_heads: int | None = None,
     head: str = "imagebind",
     embed_dim: int | None = None,
+    random_init: bool = False,
 ) -> ImageBindEncoder:
     """ImageBind's thermal tower: one channel min-max scaled to [0, 1], 224 px."""
-    return _build("thermal", checkpoint, config, num_heads, head, embed_dim)
+    return _build("thermal", checkpoint, config, num_heads, head, embed_dim, random_init)
 
 
-@register_encoder("imu", pretrained=PRETRAINED, tiny=_tiny)
+@register_encoder("imu", pretrained=PRETRAINED, tiny=_tiny, files=FILES, check_args=_args_check("imu"))
 def imagebind_imu(
     checkpoint: str | None = None,
     config: dict[str, Any] | None = None,
     num_heads: int | None = None,
     head: str = "imagebind",
     embed_dim: int | None = None,
+    random_init: bool = False,
 ) -> ImageBindEncoder:
     """ImageBind's IMU tower: 6 channels (accelerometer, gyroscope) of 2,000 samples at 200 Hz."""
-    return _build("imu", checkpoint, config, num_heads, head, embed_dim)
+    return _build("imu", checkpoint, config, num_heads, head, embed_dim, random_init)

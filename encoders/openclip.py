@@ -9,6 +9,8 @@
 - ``pretrained="/path/to/weights.bin"``: a local checkpoint for that architecture.
 - ``model="hf-hub:org/name"``: config and weights of a model published on the hub, through the same cache.
 - ``path=DIR``: a folder with ``open_clip_config.json`` and weights (OpenCLIP's ``local-dir:``).
+- ``random_init=True``: the architecture with random weights, on purpose. ``model=`` without ``pretrained=`` is
+  refused otherwise: a recipe that forgot its weights would bind to a random "CLIP".
 
 The tower's own preprocessing (OpenCLIP's evaluation transform, its tokenizer) turns raw items into inputs, and
 ``head="identity"`` (the default) keeps OpenCLIP's projection, so ``embed`` gives ``encode_image`` /
@@ -26,6 +28,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Mapping
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +41,7 @@ from bind import ModalityEncoder, find_blocks, register_encoder
 from bind.encoder import HeadKind
 from bind.errors import ConfigError, DataError, InputError, did_you_mean
 
+from ._hf import HubFiles, hub_offline
 from .image_augment import ImageAugment
 from .image_io import IMAGE_SUFFIXES, example_images, load_rgb_pil
 
@@ -44,6 +49,8 @@ log = logging.getLogger(__name__)
 
 EXTRA = "pip install -c constraints.txt -e '.[openclip]'"
 PRETRAINED = "OpenCLIP (model= architecture, pretrained= tag or file; hf-hub: ids; path= local folder)"
+DEFAULT_MODEL = "ViT-B-32"
+WEIGHTS_SUFFIXES = (".bin", ".pt", ".pth", ".safetensors")
 
 
 def import_open_clip() -> Any:
@@ -55,66 +62,121 @@ def import_open_clip() -> Any:
 
 
 def load_open_clip(
-    model: str | None, pretrained: str | None, path: str | None, load_weights: bool, cache_dir: str | None
+    model: str | None,
+    pretrained: str | None,
+    path: str | None,
+    load_weights: bool,
+    cache_dir: str | None,
+    random_init: bool = False,
 ) -> tuple[nn.Module, Any, Any, dict[str, Any]]:
     """``(clip model, evaluation transform, tokenizer, config)`` from OpenCLIP, or a one-line error saying what is wrong.
 
     ``config`` is what OpenCLIP's ``open_clip_config.json`` holds: the architecture and the preprocessing."""
     open_clip = import_open_clip()
-    if path is not None:
-        folder = Path(path).expanduser()
-        if not (folder / "open_clip_config.json").is_file():
-            raise ConfigError(f"path: {str(folder)!r} has no open_clip_config.json; expected an OpenCLIP model folder")
-        if pretrained is not None:
-            raise ConfigError("pass pretrained= with model=, not with path= (the folder holds its own weights)")
-        name, pretrained = f"local-dir:{folder}", None
-    elif model is None:
-        raise ConfigError("open_clip encoders need model= (an OpenCLIP architecture, e.g. 'ViT-B-32') or path=")
-    elif model.startswith("hf-hub:"):
-        name = model
-    else:
-        name = model
-        if model not in open_clip.list_models():
-            raise ConfigError(
-                f"model: {model!r} is not an OpenCLIP architecture; {did_you_mean(model, open_clip.list_models())}"
-                "open_clip.list_models() lists them"
-            )
-        tags = open_clip.list_pretrained_tags_by_model(model)
-        if pretrained is not None and not Path(pretrained).expanduser().is_file() and pretrained not in tags:
-            raise ConfigError(
-                f"pretrained: {pretrained!r} is neither a file nor a weights tag of OpenCLIP's {model}; "
-                f"its tags: {', '.join(tags) or 'none'}"
-            )
+    name, pretrained, hub = check_names(open_clip, model, pretrained, path, random_init, cache_dir)
+    local_only = hub is not None and hub.local_only()  # not cached and no way to download: refused here, at once
     try:
-        clip, _, transform = open_clip.create_model_and_transforms(
-            name, pretrained=pretrained, load_weights=load_weights, cache_dir=cache_dir
-        )
-        tokenizer = open_clip.get_tokenizer(name, cache_dir=cache_dir)
+        with hub_offline() if local_only else nullcontext():
+            clip, _, transform = open_clip.create_model_and_transforms(
+                name, pretrained=pretrained, load_weights=load_weights and not random_init, cache_dir=cache_dir
+            )
+            tokenizer = open_clip.get_tokenizer(name, cache_dir=cache_dir)
     except (RuntimeError, OSError, ValueError) as err:
-        downloads = name.startswith("hf-hub:") or (
-            pretrained is not None and not Path(pretrained).expanduser().is_file()
-        )
-        if downloads:
-            raise DataError(_download_hint(open_clip, name, pretrained, err)) from None
-        first = str(err).splitlines()[0][:300] if str(err) else type(err).__name__
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        if hub is not None and not hub.cached():  # a repository without the files, a failed download
+            raise DataError(f"{hub.refusal('it could not be downloaded')} ({first})") from None
         raise ConfigError(f"OpenCLIP could not build {name} (pretrained={pretrained!r}): {first}") from None
     config = {"model_cfg": open_clip.get_model_config(name), "preprocess_cfg": open_clip.get_model_preprocess_cfg(clip)}
     return clip.eval(), transform, tokenizer, config
 
 
-def _download_hint(open_clip: Any, name: str, pretrained: str | None, err: Exception) -> str:
-    from huggingface_hub import constants
+def check_names(
+    open_clip: Any,
+    model: str | None,
+    pretrained: str | None,
+    path: str | None,
+    random_init: bool,
+    cache_dir: str | None,
+) -> tuple[str, str | None, HubFiles | None]:
+    """``(OpenCLIP's model name, pretrained, the hub files it will fetch or None)``, or a one-line error that starts
+    with the argument at fault: names OpenCLIP does not know, a missing folder or file, weights left out."""
+    if path is not None:
+        folder = Path(path).expanduser()
+        if not (folder / "open_clip_config.json").is_file():
+            raise ConfigError(f"path: {str(folder)!r} has no open_clip_config.json; expected an OpenCLIP model folder")
+        if pretrained is not None:
+            raise ConfigError("pretrained: pass it with model=, not with path= (the folder holds its own weights)")
+        return f"local-dir:{folder}", None, None
+    if model is None:
+        raise ConfigError("model: open_clip encoders need model= (an OpenCLIP architecture, e.g. 'ViT-B-32') or path=")
+    if pretrained is not None and random_init:
+        raise ConfigError(f"random_init: pass pretrained={pretrained!r} or random_init=True, not both")
+    if model.startswith("hf-hub:"):
+        repo = model[len("hf-hub:") :]
+        weights = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+        hub = HubFiles(repo, (("open_clip_config.json",), weights), f"model: OpenCLIP {model}", f"hf download {repo}",
+                       "path= (an OpenCLIP model folder)", cache_dir)  # fmt: skip
+        return model, pretrained, hub
+    if model not in open_clip.list_models():
+        raise ConfigError(
+            f"model: {model!r} is not an OpenCLIP architecture; {did_you_mean(model, open_clip.list_models())}"
+            "open_clip.list_models() lists them"
+        )
+    tags = open_clip.list_pretrained_tags_by_model(model)
+    if pretrained is None:
+        if random_init:
+            return model, None, None
+        weights = (
+            f"pretrained=TAG ({model}'s tags include {', '.join(tags[:3])}; "
+            f"open_clip.list_pretrained_tags_by_model lists all {len(tags)}) or a weights file"
+            if tags
+            else f"pretrained=FILE (OpenCLIP has no released weights for {model})"
+        )
+        raise ConfigError(
+            f"pretrained: not given, so OpenCLIP's {model} would start from random weights: pass {weights}, "
+            "or random_init=True to train it from random weights on purpose"
+        )
+    file = Path(pretrained).expanduser()
+    if file.is_file():
+        return model, pretrained, None
+    if pretrained not in tags:
+        if os.sep in pretrained or "/" in pretrained or pretrained.endswith(WEIGHTS_SUFFIXES):
+            raise DataError(f"pretrained: {pretrained} does not exist; expected {model}'s weights file or a tag of it")
+        raise ConfigError(
+            f"pretrained: {pretrained!r} is neither a file nor a weights tag of OpenCLIP's {model}; "
+            f"its tags: {', '.join(tags) or 'none'}"
+        )
+    return model, pretrained, _tag_files(open_clip, model, pretrained, cache_dir)
 
-    first = str(err).splitlines()[0][:300] if str(err) else type(err).__name__
-    repo = name[len("hf-hub:") :] if name.startswith("hf-hub:") else None
-    if repo is None and pretrained is not None:
-        repo = (open_clip.get_pretrained_cfg(name, pretrained).get("hf_hub") or "").strip("/") or None
-    state = "is offline ($HF_HUB_OFFLINE=1)" if constants.HF_HUB_OFFLINE else "could not download it"
-    fetch = f"`hf download {repo}` on a machine with network access" if repo else "download the weights"
-    return (
-        f"OpenCLIP {name} {pretrained or ''} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and this "
-        f"process {state}: {fetch} (the same $HF_HOME), or pass pretrained=FILE ({first})"
-    ).replace("  ", " ")
+
+def _tag_files(open_clip: Any, model: str, tag: str, cache_dir: str | None) -> HubFiles | None:
+    """The hub file OpenCLIP downloads for a weights tag (its safetensors twin first, as open_clip tries it)."""
+    repo, filename = os.path.split(open_clip.get_pretrained_cfg(model, tag).get("hf_hub") or "")
+    if not repo:
+        return None  # a tag with a URL only: open_clip downloads it outside Hugging Face's cache
+    filename = filename or "open_clip_pytorch_model.bin"
+    twin = "open_clip_model.safetensors" if filename == "open_clip_pytorch_model.bin" else None
+    if twin is None and filename.endswith((".bin", ".pth")):
+        twin = filename[:-4] + ".safetensors"
+    return HubFiles(repo, (tuple(f for f in (twin, filename) if f),), f"pretrained: OpenCLIP {model} {tag}",
+                    f"hf download {repo} {filename}", "pretrained=FILE", cache_dir)  # fmt: skip
+
+
+def check_open_clip_args(args: Mapping[str, Any]) -> None:
+    """``bindkit validate``: the package, the names, the files, and hub weights cached when offline."""
+    try:
+        open_clip = import_open_clip()
+    except ConfigError as err:
+        raise ConfigError(f"encoder: {err}") from None
+    model, pretrained, path = args.get("model", DEFAULT_MODEL), args.get("pretrained"), args.get("path")
+    try:
+        _, _, hub = check_names(
+            open_clip, model, pretrained, path, bool(args.get("random_init")), args.get("cache_dir")
+        )
+        if hub is not None:
+            hub.check_offline()
+    except (ConfigError, DataError) as err:
+        raise type(err)(f"args.{err}") from None
 
 
 def export_open_clip(directory: Path, config: dict[str, Any]) -> dict[str, Any]:
@@ -202,8 +264,9 @@ def _build(
     cache_dir: str | None,
     head: HeadKind,
     embed_dim: int | None,
+    random_init: bool,
 ) -> ModalityEncoder:
-    clip, transform, tokenizer, config = load_open_clip(model, pretrained, path, load_weights, cache_dir)
+    clip, transform, tokenizer, config = load_open_clip(model, pretrained, path, load_weights, cache_dir, random_init)
     if modality == "image":
         return OpenCLIPImageEncoder(clip, transform, config, head, embed_dim)
     return OpenCLIPTextEncoder(clip, tokenizer, config, head, embed_dim)
@@ -239,29 +302,37 @@ def _tiny(scratch_dir: Path) -> dict[str, Any]:
     return {"path": str(save_tiny_open_clip(scratch_dir / "open_clip_tiny")), "head": "linear"}
 
 
-@register_encoder("image", pretrained=PRETRAINED, tiny=_tiny, augmenter=ImageAugment)
+@register_encoder("image", pretrained=PRETRAINED, check_args=check_open_clip_args, tiny=_tiny, augmenter=ImageAugment)
 def open_clip_image(
-    model: str | None = "ViT-B-32",
+    model: str | None = DEFAULT_MODEL,
     pretrained: str | None = None,
     path: str | None = None,
     load_weights: bool = True,
     cache_dir: str | None = None,
     head: HeadKind = "identity",
     embed_dim: int | None = None,
+    random_init: bool = False,
 ) -> ModalityEncoder:
-    """OpenCLIP's image tower (``encode_image``) with its evaluation transform; needs the openclip extra."""
-    return _build("image", model, pretrained, path, load_weights, cache_dir, head, embed_dim)
+    """OpenCLIP's image tower (``encode_image``) with its evaluation transform; needs the openclip extra.
+
+    ``random_init=True`` builds the architecture with random weights on purpose; without ``pretrained=`` (or
+    ``path=``, an ``hf-hub:`` model) it is refused."""
+    return _build("image", model, pretrained, path, load_weights, cache_dir, head, embed_dim, random_init)
 
 
-@register_encoder("text", pretrained=PRETRAINED, tiny=_tiny)
+@register_encoder("text", pretrained=PRETRAINED, check_args=check_open_clip_args, tiny=_tiny)
 def open_clip_text(
-    model: str | None = "ViT-B-32",
+    model: str | None = DEFAULT_MODEL,
     pretrained: str | None = None,
     path: str | None = None,
     load_weights: bool = True,
     cache_dir: str | None = None,
     head: HeadKind = "identity",
     embed_dim: int | None = None,
+    random_init: bool = False,
 ) -> ModalityEncoder:
-    """OpenCLIP's text tower (``encode_text``) with its tokenizer; needs the openclip extra."""
-    return _build("text", model, pretrained, path, load_weights, cache_dir, head, embed_dim)
+    """OpenCLIP's text tower (``encode_text``) with its tokenizer; needs the openclip extra.
+
+    ``random_init=True`` builds the architecture with random weights on purpose; without ``pretrained=`` (or
+    ``path=``, an ``hf-hub:`` model) it is refused."""
+    return _build("text", model, pretrained, path, load_weights, cache_dir, head, embed_dim, random_init)

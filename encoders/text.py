@@ -25,7 +25,16 @@ from bind import register_encoder
 from bind.encoder import HeadKind
 from bind.errors import ConfigError, InputError
 
-from ._hf import TINY_TRANSFORMER, HFEncoder, from_source, load_hf_model, load_hf_processor, resolve_hf, save_tiny_hf
+from ._hf import (
+    TINY_TRANSFORMER,
+    HFEncoder,
+    from_source,
+    hf_path_check,
+    load_hf_model,
+    load_hf_processor,
+    resolve_hf,
+    save_tiny_hf,
+)
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +183,12 @@ def _tiny_bert(scratch_dir: Path) -> dict[str, Any]:
     return {"path": save_tiny_hf(Path(scratch_dir) / "tiny_bert", BertModel, config, tokenizer), "embed_dim": 16}
 
 
-@register_encoder("text", pretrained="Hugging Face hub id or local directory (path)", tiny=_tiny_bert)
+@register_encoder(
+    "text",
+    pretrained="Hugging Face hub id or local directory (path)",
+    tiny=_tiny_bert,
+    check_args=hf_path_check("hf_text"),
+)
 def hf_text(
     path: str,
     pooling: Literal["mean", "cls"] = "mean",
@@ -242,7 +256,12 @@ def _tiny_clip_text(scratch_dir: Path) -> dict[str, Any]:
     return {"path": path, "max_length": 32, "embed_dim": 16}
 
 
-@register_encoder("text", pretrained="Hugging Face CLIP hub id or local directory (path)", tiny=_tiny_clip_text)
+@register_encoder(
+    "text",
+    pretrained="Hugging Face CLIP hub id or local directory (path)",
+    tiny=_tiny_clip_text,
+    check_args=hf_path_check("hf_clip_text"),
+)
 def hf_clip_text(
     path: str,
     max_length: int = 77,

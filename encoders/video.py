@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from bind import ClipBatch, ConfigError, InputError, ModalityEncoder, create_encoder, register_encoder
 from bind.encoder import HeadKind
 
-from ._hf import TINY_TRANSFORMER, HFEncoder, load_hf_model, load_hf_processor, save_tiny_hf
+from ._hf import TINY_TRANSFORMER, HFEncoder, hf_path_check, load_hf_model, load_hf_processor, save_tiny_hf
 from ._transformer import pre_norm_layer
 from .image_augment import PLAIN, VideoAugment, border_colour, frames_as_float
 from .image_io import scale_to_unit
@@ -319,6 +319,7 @@ def _tiny_videomae(scratch_dir: Path) -> dict[str, Any]:
     augmenter=VideoAugment,
     pretrained="Hugging Face VideoMAEModel hub id or local directory (path)",
     tiny=_tiny_videomae,
+    check_args=hf_path_check("hf_videomae"),
 )
 def hf_videomae(
     path: str,

@@ -106,12 +106,16 @@ def test_imagebind_extend_binds_imu_from_shards_into_imagebinds_space(capsys, tm
     np.testing.assert_allclose(model.embed("image", frames).numpy(), released.eval().embed(frames).numpy(), atol=1e-5)
 
 
-def test_imagebind_extend_names_the_missing_weights(capsys, imu_pairs, tmp_path):
-    code, _, err = bindkit(
-        capsys, "run", "recipes/imagebind_extend.yaml", f"data_root={imu_pairs}", "--out", tmp_path / "r"
-    )
-    assert code != 0
-    assert ".checkpoints/imagebind_huge.pth' does not exist; download https://dl.fbaipublicfiles.com/imagebind/" in err
+@pytest.mark.parametrize("verb", ["validate", "run"])
+def test_imagebind_extend_names_the_missing_weights_and_their_key(capsys, imu_pairs, tmp_path, verb):
+    out = ["--out", tmp_path / "r"] if verb == "run" else []
+    code, _, err = bindkit(capsys, verb, "recipes/imagebind_extend.yaml", f"data_root={imu_pairs}", *out)
+    assert code == 2
+    assert err.splitlines() == [
+        f"bindkit {verb}: error: recipes/imagebind_extend.yaml: modalities.image.args.checkpoint: "
+        f".checkpoints/imagebind_huge.pth does not exist; download {imagebind.CHECKPOINT_URL}"
+    ]
+    assert not (tmp_path / "r").exists()  # refused before the run wrote anything
 
 
 def test_clip_audio_binds_spoken_digits_into_an_open_clip_space(capsys, tmp_path):

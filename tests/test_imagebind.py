@@ -229,6 +229,41 @@ def test_saved_model_rebuilds_without_the_checkpoint(checkpoint, tmp_path):
     assert loaded["text"].build_args["kwargs"]["checkpoint"] is None
 
 
+# ---- no silent random tower ----------------------------------------------------------------------------------------
+def test_without_checkpoint_a_tower_is_refused_and_the_error_says_what_to_pass():
+    with pytest.raises(ConfigError) as err:
+        create_encoder("imagebind_audio")
+    assert str(err.value) == (
+        "checkpoint: not given, so ImageBind's audio tower would start from random weights: pass checkpoint=PATH "
+        "(imagebind_huge.pth, from https://dl.fbaipublicfiles.com/imagebind/imagebind_huge.pth) or random_init=True "
+        "to train imagebind_huge's architecture from random weights on purpose"
+    )
+
+
+def test_random_init_builds_imagebind_huges_architecture_on_purpose():
+    imu = create_encoder("imagebind_imu", random_init=True)
+    width, depth, heads = ib.RELEASED["imu"]
+    assert (imu.cfg["width"], imu.cfg["depth"], imu.cfg["heads"], imu.embed_dim) == (width, depth, heads, 1024)
+    assert imu.build_args["kwargs"] == {"random_init": True}
+
+
+def test_random_init_and_a_checkpoint_together_are_refused(checkpoint):
+    with pytest.raises(ConfigError, match=r"^checkpoint: pass either checkpoint= .* or random_init=True, not both$"):
+        create_encoder("imagebind_imu", checkpoint=str(checkpoint), random_init=True)
+
+
+def test_a_saved_random_init_model_reloads_with_identical_outputs(tmp_path):
+    torch.manual_seed(0)
+    imu = create_encoder("imagebind_imu", config=ib.tiny_config("imu"), random_init=True).eval()
+    model = BindModel({"imu": imu}, "imu").eval()
+    model.save_pretrained(tmp_path / "model")
+    torch.manual_seed(1)  # a rebuild that ignored the saved weights would differ
+    loaded = BindModel.from_pretrained(tmp_path / "model").eval()
+    items = imu.example_inputs(3)
+    torch.testing.assert_close(loaded.embed("imu", items), model.embed("imu", items), atol=0, rtol=0)
+    assert loaded["imu"].build_args["kwargs"]["random_init"] is True
+
+
 # ---- what a wrong file gets --------------------------------------------------------------------------------------
 def test_missing_checkpoint_says_where_to_get_one(tmp_path):
     with pytest.raises(ConfigError, match=r"does not exist; download https://dl\.fbaipublicfiles\.com/imagebind/"):

@@ -125,3 +125,26 @@ def test_a_broken_torchaudio_is_one_clear_line(tmp_path):
     assert tests.returncode != 0
     assert "built-in encoders failed to import" in tests.stdout + tests.stderr
     assert "Traceback" not in tests.stdout + tests.stderr
+
+
+def test_the_wheel_holds_what_a_user_needs(tmp_path):
+    """`pip wheel .` (README's install into an existing project): both packages, the data digests the demo-data
+    download verifies against, and the entry points (the command and the built-in encoders)."""
+    import zipfile
+
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(ROOT)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    (wheel,) = tmp_path.glob("bindkit-*-py3-none-any.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {"bind/__init__.py", "bind/hub.py", "bind/data/fetch.py", "encoders/imagebind.py"} <= names
+    digests = zipfile.ZipFile(wheel).read("bind/data/fsdd_v1.0.10.sha256").decode().splitlines()
+    assert len(digests) == 2000 and all(
+        re.fullmatch(r"[0-9a-f]{64}  fsdd/recordings/\d_\w+_\d+\.wav", d) for d in digests
+    )
+    meta = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
+    entry_points = zipfile.ZipFile(wheel).read(meta).decode()
+    assert "bindkit = bind.cli:main" in entry_points and "builtin = encoders" in entry_points
+    assert not any(n.startswith(("tests/", "recipes/")) for n in names)

@@ -56,7 +56,7 @@ def test_saved_directory_is_safetensors_plus_json_and_keeps_freeze_state(tmp_pat
     model = small_model()
     model["image"].freeze("all")
     model.save_pretrained(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "config.json", "model.safetensors"]  # + card
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["encoders"]["imu"] == {
         "name": "imu_test_cnn",

@@ -113,7 +113,11 @@ def test_the_model_card_describes_the_model_and_keeps_a_persons_edits(imagebind_
     _, front, body = card.split("---\n", 2)
     meta = yaml.safe_load(front)
     assert meta["library_name"] == "bindkit"
-    assert meta["bindkit"]["encoders"] == {"image": "imagebind_image", "text": "imagebind_text", "audio": "imagebind_audio"}
+    assert meta["bindkit"]["encoders"] == {
+        "image": "imagebind_image",
+        "text": "imagebind_text",
+        "audio": "imagebind_audio",
+    }
     assert meta["bindkit"]["embed_dim"] == 16 and meta["bindkit"]["anchor_modality"] == "image"
     assert 'BindModel.from_pretrained("model")' in body
     model = BindModel.from_pretrained(imagebind_folder)
@@ -168,12 +172,17 @@ def test_eval_and_plot_score_a_model_folder_on_a_manifest(imagebind_folder, digi
     results = json.loads(stdout)
     assert set(results["retrieval"]) == {"image->audio", "audio->image"}  # the manifest's modalities only
     model = BindModel.from_pretrained(imagebind_folder)
-    z_image, z_audio = model.encode("image", [str(p) for p in images]), model.encode("audio", [r.split(",")[1] for r in rows[1:]])
+    z_image, z_audio = (
+        model.encode("image", [str(p) for p in images]),
+        model.encode("audio", [r.split(",")[1] for r in rows[1:]]),
+    )
     labels = np.array([int(r.split(",")[2]) for r in rows[1:]])
     top = np.argmax(z_audio @ z_image.T, axis=1)
     assert results["retrieval"]["audio->image"]["R@1"] == pytest.approx(np.mean(labels[top] == labels), abs=1e-6)
     pytest.importorskip("matplotlib")
-    code, stdout, err = bindkit(capsys, "plot", imagebind_folder, "--data", tmp_path / "pairs.csv", "--out", tmp_path / "s.png")
+    code, stdout, err = bindkit(
+        capsys, "plot", imagebind_folder, "--data", tmp_path / "pairs.csv", "--out", tmp_path / "s.png"
+    )
     assert code == 0, err
     assert "20 points" in stdout and (tmp_path / "s.png").stat().st_size > 1000
 
@@ -262,7 +271,9 @@ def test_a_hub_snapshot_may_link_into_its_blobs_but_not_out_of_its_repository(hu
     relative = str(vocab.relative_to(snapshot))
     kwargs = {"vocab_path": relative, "nested": {"path": "assets/text"}}
     resolved = paths_inside(kwargs, snapshot, "config.json: kwargs", confine=repo)
-    assert Path(resolved["vocab_path"]).parent == repo / "blobs" and resolved["nested"]["path"] == str(snapshot / "assets/text")
+    assert Path(resolved["vocab_path"]).parent == repo / "blobs" and resolved["nested"]["path"] == str(
+        snapshot / "assets/text"
+    )
     with pytest.raises(DataError, match=f"config.json: kwargs.vocab_path: '{relative}' resolves to .*blobs.*, outside"):
         paths_inside(kwargs, snapshot, "config.json: kwargs")  # without confine: the link leaves the folder
     with pytest.raises(DataError, match="kwargs.vocab_path: '../../blobs/.*outside"):  # written outside: refused
@@ -371,3 +382,26 @@ def test_a_failing_worker_under_nproc_is_one_line_per_process_and_no_torchrun_tr
     assert errors[-1].startswith("bindkit run: error: 2 of 2 processes failed, first rank ")
     assert "(exit code 2); its error is above" in errors[-1]
     assert any("a.png" in line for line in errors[:-1])  # each worker's own line names the file
+
+
+def test_a_recipe_without_stages_assembles_imagebinds_space_into_a_model_folder(imagebind_folder, tmp_path):
+    """recipes/imagebind.yaml with the tiny stand-in in the checkpoint's place: nothing trains, the folder holds
+    the seven towers (video on the image tower's trunk, stored once) with the checkpoint's weights."""
+    from bind.recipe import load_recipe
+    from bind.trainer import run_recipe
+
+    checkpoint = imagebind_folder.parent / "imagebind_tiny.pth"
+    recipe = Path(__file__).parents[1] / "recipes" / "imagebind.yaml"
+    modalities = yaml.safe_load(recipe.read_text())["modalities"]
+    overrides = ["embed_dim=16"] + [
+        f"modalities.{m}.args={{checkpoint: {checkpoint}, num_heads: 2}}" for m in modalities
+    ]
+    results = run_recipe(load_recipe(recipe, overrides), tmp_path / "ib", show_progress=False)
+    assert results["retrieval"] == {} and not (tmp_path / "ib" / "checkpoints").exists()
+    model = BindModel.from_pretrained(tmp_path / "ib")
+    assert model.modalities == ["image", "video", "text", "audio", "depth", "thermal", "imu"]
+    assert model["video"].trunk is model["image"].trunk
+    fresh = create_encoder("imagebind_audio", checkpoint=str(checkpoint), num_heads=2).eval()
+    wav = [str(RECORDINGS / "3_george_9.wav")]
+    assert torch.allclose(model.eval().embed("audio", wav), fresh.embed(wav), atol=1e-6)
+    assert "imagebind_imu" in (tmp_path / "ib" / "README.md").read_text()

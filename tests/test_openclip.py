@@ -85,6 +85,38 @@ def test_a_saved_model_rebuilds_from_its_own_folder(folder, tmp_path):
     assert loaded["image"].build_args["kwargs"]["pretrained"] is None
 
 
+def test_a_model_without_pretrained_is_refused_and_the_error_says_what_to_pass():
+    with pytest.raises(ConfigError) as err:
+        create_encoder("open_clip_image", model="ViT-B-32")
+    tags = open_clip.list_pretrained_tags_by_model("ViT-B-32")
+    assert str(err.value) == (
+        f"pretrained: not given, so OpenCLIP's ViT-B-32 would start from random weights: pass pretrained=TAG "
+        f"(ViT-B-32's tags include {', '.join(tags[:3])}; open_clip.list_pretrained_tags_by_model lists all "
+        f"{len(tags)}) or a weights file, or random_init=True to train it from random weights on purpose"
+    )
+    assert "laion2b_s34b_b79k" in tags
+
+
+def test_random_init_and_pretrained_together_are_refused():
+    with pytest.raises(ConfigError, match=r"^random_init: pass pretrained='openai' or random_init=True, not both$"):
+        create_encoder("open_clip_text", model="ViT-B-32", pretrained="openai", random_init=True)
+
+
+def test_random_init_keeps_a_folders_architecture_not_its_weights(folder, reference, tmp_path):
+    clip, _, _ = reference
+    torch.manual_seed(1)
+    tower = create_encoder("open_clip_text", path=str(folder), random_init=True).eval()
+    theirs = clip.state_dict()
+    ours = {k.removeprefix("trunk.clip."): v for k, v in tower.state_dict().items() if k.startswith("trunk.clip.")}
+    assert ours and all(ours[k].shape == theirs[k].shape for k in ours)
+    assert not torch.equal(ours["token_embedding.weight"], theirs["token_embedding.weight"])
+
+    model = BindModel({"text": tower}, "text").eval()  # and it reloads as it was saved
+    model.save_pretrained(tmp_path / "run")
+    loaded = BindModel.from_pretrained(tmp_path / "run").eval()
+    torch.testing.assert_close(loaded.embed("text", TEXTS[:3]), model.embed("text", TEXTS[:3]), atol=0, rtol=0)
+
+
 def test_a_new_head_binds_into_another_size(folder):
     tower = create_encoder("open_clip_image", path=str(folder), head="linear", embed_dim=8)
     assert tower.embed(images()).shape == (3, 8)

@@ -285,7 +285,15 @@ def test_cli_help_is_plain_text_and_every_argument_has_a_help_line():
     assert parser.description and "``" not in parser.description
     assert not re.search(r":(func|class|data|mod|meth):`", parser.description)
     arguments = [a for a in parser._actions if not isinstance(a, argparse._HelpAction)]
-    assert {a.dest for a in arguments} == {"run_dir", "out", "max_per_modality", "method", "data", "plugin", "trust_plugins"}
+    assert {a.dest for a in arguments} == {
+        "run_dir",
+        "out",
+        "max_per_modality",
+        "method",
+        "data",
+        "plugin",
+        "trust_plugins",
+    }
     for action in arguments:
         assert action.help and action.help.strip() and action.help != argparse.SUPPRESS, action.dest
         assert "`" not in action.help, action.dest

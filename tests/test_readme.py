@@ -28,6 +28,7 @@ SKIP_COMMANDS = (
     "pip install uv",
     "python3 -m venv ",
     ".venv/bin/pip install",
+    "python -m pip ",  # installs into the reader's own environment (tests/test_install.py builds the wheel)
     "curl ",  # downloads (ImageBind's weights)
     "torchrun ",  # trains, on several machines
     "/usr/bin/time -v .venv/bin/bindkit run ",  # a training run, timed

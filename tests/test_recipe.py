@@ -12,24 +12,38 @@ import yaml
 from bind import ConfigError, DataError, UnknownEncoderError
 from bind.cli import main
 from bind.recipe import load_recipe, set_override
+from encoders.imagebind import save_tiny_checkpoint
 
 RECIPES = sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml"))
 
 
 # recipes on the user's own data: validated on stand-ins of it in tests/test_hub_recipes.py
 USER_DATA = {"imagebind_extend.yaml": "shards/train/index.json"}
+IMAGEBIND_WEIGHTS = ".checkpoints/imagebind_huge.pth"  # where the recipes look for ImageBind's released weights
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
 def test_every_shipped_recipe_validates_and_starts_with_its_command(path, data_root, tmp_path):
     assert path.read_text().splitlines()[0].startswith(f"# bindkit run recipes/{path.name}")
+    modalities = yaml.safe_load(path.read_text())["modalities"]
+    weights = [m for m, spec in modalities.items() if (spec.get("args") or {}).get("checkpoint") == IMAGEBIND_WEIGHTS]
+    overrides = []
+    if weights:  # without ImageBind's 4.5 GB: the line a newcomer gets names the key and the download
+        with pytest.raises(DataError) as refusal:
+            load_recipe(path, [f"data_root={data_root}"])
+        assert str(refusal.value) == (
+            f"{path}: modalities.{weights[0]}.args.checkpoint: {IMAGEBIND_WEIGHTS} does not exist; download "
+            "https://dl.fbaipublicfiles.com/imagebind/imagebind_huge.pth"
+        )
+        stand_in = save_tiny_checkpoint(tmp_path / "imagebind_tiny.pth")  # what validate reads: a file in its place
+        overrides = [f"modalities.{m}.args.checkpoint={stand_in}" for m in weights]
     if path.name in USER_DATA:  # without the user's data: the line a newcomer gets says what to put where
         with pytest.raises(
             DataError, match=f"{USER_DATA[path.name]} not found. Put the data there, or point data_root"
         ):
-            load_recipe(path, [f"data_root={tmp_path}"])
+            load_recipe(path, [f"data_root={tmp_path}", *overrides])
         return
-    assert load_recipe(path, [f"data_root={data_root}"]).stages
+    assert load_recipe(path, [f"data_root={data_root}", *overrides]).modalities
 
 
 def write(tmp_path, data) -> Path:

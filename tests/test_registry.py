@@ -58,6 +58,10 @@ def test_builtin_modalities_are_registered():
 def test_list_by_glob_and_modality():
     assert "digits_cnn" in list_encoders("digits_*")
     assert all(get_encoder_info(n).modality == "audio" for n in list_encoders(modality="audio"))
+    released = list_encoders(pretrained=True)  # as open_clip.list_pretrained(): what loads released weights
+    assert {"imagebind_audio", "open_clip_image", "minilm", "tv_resnet18", "hf_text"} <= set(released)
+    assert not {"digits_cnn", "audio_cnn", "imu_test_cnn"} & set(released)
+    assert list_encoders("imagebind_*", modality="audio", pretrained=True) == ["imagebind_audio"]
     assert list_encoders("no_such_*") == []
 
 

@@ -145,7 +145,7 @@ def test_bad_inputs_are_one_line_errors(tiny_run, tmp_path):
     out = bindkit("embed", str(tiny_run), "--modality", "audio", "--out", str(tmp_path / "x.npy"), "missing.wav")
     assert out.returncode == 2 and "missing.wav: file not found" in out.stderr and "Traceback" not in out.stderr
     out = bindkit("eval", str(tmp_path))
-    assert out.returncode == 2 and "recipe.yaml is missing" in out.stderr
+    assert out.returncode == 2 and f"{tmp_path / 'config.json'} is missing: the model folder" in out.stderr
 
 
 def test_eval_json_is_the_binding_matrix(tiny_run):

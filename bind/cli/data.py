@@ -3,7 +3,7 @@
 The data root is ``--root``, else $BINDKIT_DATA, else ../shared/data when it exists, else the platform cache
 folder (~/.cache/bindkit/data on Linux). Data already there that verifies is left as it is (no download).
 $BINDKIT_DATA_MIRROR=URL downloads the same file names from another place. ``bindkit data list`` shows the sets
-and whether each is in the data root. ``bindkit run`` fetches a recipe's missing data on its first run. Example::
+and whether each is in the data root; ``bindkit data path`` prints the root. ``bindkit run`` fetches a recipe's missing data on its first run. Example::
 
     bindkit data fetch digits
 """
@@ -16,11 +16,13 @@ from typing import Any
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("data", help="download the data sets recipes use, verified", description=__doc__)
-    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION", help="fetch NAME, or list")
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION", help="fetch NAME, path, or list")
     fetch = actions.add_parser("fetch", help="download a set into the data root unless it is there, verified")
     fetch.add_argument("name", help="the set, e.g. digits (bindkit data list shows them)")
     fetch.add_argument("--root", metavar="DIR", help="data root (default: $BINDKIT_DATA, ../shared/data, the cache)")
     fetch.add_argument("--no-progress", action="store_true", help="no progress bars")
+    path = actions.add_parser("path", help='print the data root (in scripts: "$(bindkit data path)/fsdd/...")')
+    path.add_argument("--root", metavar="DIR", help="data root (default: $BINDKIT_DATA, ../shared/data, the cache)")
     listing = actions.add_parser("list", help="the sets bindkit can download and whether each is in the data root")
     listing.add_argument("--root", metavar="DIR", help="data root (default: $BINDKIT_DATA, ../shared/data, the cache)")
     p.set_defaults(func=run)
@@ -29,6 +31,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..data.fetch import FETCHABLE, data_status, fetch_data
 
+    if args.action == "path":
+        from ..data import resolve_data_root
+
+        print(resolve_data_root(args.root).resolve())
+        return 0
     if args.action == "list":
         status = data_status(args.root)
         print(f"data root: {status['root']} ({status['root_from']})")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 
 import torch
@@ -15,6 +16,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("encoders", help="list registered encoders", description=__doc__)
     p.add_argument("pattern", nargs="?", default="*", help="glob over names, e.g. 'hf_*'")
     p.add_argument("--modality", help="only encoders of this modality")
+    p.add_argument("--pretrained", action="store_true", help="only encoders that load released weights, and from where")
     p.add_argument("--plugin", action="append", default=[], metavar="MODULE", help="import MODULE to register encoders")
     p.add_argument("--json", action="store_true", help="print a JSON list of objects")
     p.set_defaults(func=run)
@@ -22,10 +24,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def _count_parameters(name: str) -> int | None:
     """Parameters of the default variant: built on the meta device (no memory) where it can be, else for real."""
+    # released towers refuse to build without weights unless random weights are asked for outright
+    takes = inspect.signature(get_encoder_info(name).factory).parameters
+    kwargs = {"random_init": True} if "random_init" in takes else {}
     for device in ("meta", "cpu"):
         try:
             with torch.device(device):
-                return sum(p.numel() for p in create_encoder(name).parameters())
+                return sum(p.numel() for p in create_encoder(name, **kwargs).parameters())
         except Exception:  # encoders that need a local model directory cannot be built without one
             continue
     return None
@@ -39,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
             f"{did_you_mean(args.modality, list_modalities())}known: {', '.join(list_modalities())}"
         )
     rows = []
-    for name in list_encoders(args.pattern, modality=args.modality):
+    for name in list_encoders(args.pattern, modality=args.modality, pretrained=args.pretrained):
         info = get_encoder_info(name)
         row = {
             "name": name,

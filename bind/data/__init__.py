@@ -71,7 +71,7 @@ def register_dataset(name: str) -> Callable[[DatasetBuilder], DatasetBuilder]:
     return decorator
 
 
-def resolve_data_root(root: str | os.PathLike[str] | None) -> Path:
+def resolve_data_root(root: str | os.PathLike[str] | None = None) -> Path:
     """The data root: the argument, else ``$BINDKIT_DATA``, else ``../shared/data`` when it exists (this project's
     checkouts and CI), else the platform cache folder (``~/.cache/bindkit/data`` on Linux), where
     ``bindkit data fetch`` puts downloads."""
