@@ -230,6 +230,24 @@ class _RecipeLoader(yaml.SafeLoader):
         finally:
             self.depth -= 1
 
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        """A mapping, refused when a key appears twice in it (YAML would keep the last; a typo would lose the first)."""
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key (a list): SafeLoader refuses it below
+                continue
+            if first is not None:
+                raise _Refused(
+                    f"line {line}: duplicate key {_shown(key)} (first on line {first}); each key once: delete one"
+                )
+            seen[key] = line
+        return super().construct_mapping(node, deep)
+
 
 def _parse_yaml(text: str, source: str) -> Any:
     """``text`` as plain YAML data, or a one-line ConfigError that starts with ``source``."""

@@ -17,7 +17,6 @@ encoders and size, the evaluation figures of ``eval.json``; how to load it).
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass
@@ -26,8 +25,9 @@ from typing import Any
 
 import yaml
 
-from .errors import DataError
+from .errors import BindError, DataError
 from .model_files import CONFIG_NAME, WEIGHTS_NAME, atomic_write
+from .safe_io import read_json
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*(@[\w./-]+)?")  # "org/name", "org/name@revision"
 # what a bindkit model folder holds; nothing else of a repository is downloaded
@@ -122,10 +122,8 @@ def write_model_card(directory: Path, config: dict[str, Any], name: str | None =
 def _read_eval(path: Path) -> dict[str, Any] | None:
     """``eval.json``'s figures, or None when absent or unreadable (a card is no place to fail a save)."""
     try:
-        data = (
-            json.loads(path.read_text(encoding="utf-8")) if path.is_file() and path.stat().st_size < 1 << 20 else None
-        )
-    except (OSError, ValueError):
+        data = read_json(path, "the figures bindkit run writes", allow_nan=True) if path.is_file() else None
+    except (BindError, OSError):
         return None
     return data if isinstance(data, dict) else None
 

@@ -21,17 +21,19 @@ import json
 import os
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .budget import MemoryCheck, memory_budget
 from .encoder import ModalityEncoder
-from .errors import ConfigError, DataError, UnknownEncoderError, did_you_mean
+from .errors import ConfigError, DataError, InputError, UnknownEncoderError, did_you_mean
 from .hub import push_folder, resolve_model, write_model_card
 from .inputs import walk_files
 from .lora import ADAPTER_DIR, apply_lora_from_config, lora_config, save_adapter
@@ -39,14 +41,13 @@ from .model_files import (
     CONFIG_NAME,
     FORMAT_VERSION,
     WEIGHTS_NAME,
-    atomic_write,
     check_config,
     load_weights,
     paths_inside,
-    read_bounded,
     unique_tensors,
 )
-from .registry import create_encoder, get_encoder_info, list_encoders, load_plugins
+from .registry import create_encoder, get_encoder_info, list_encoders, load_plugins, reading_inside
+from .safe_io import atomic_outputs, read_json
 
 
 class BindModel(nn.Module):
@@ -187,27 +188,39 @@ class BindModel(nn.Module):
                 config["encoders"][modality]["assets"] = True
             if "lora" in config["encoders"][modality]:  # also in peft's format; the reload reads model.safetensors
                 save_adapter(encoder, directory / "assets" / modality / ADAPTER_DIR)
-        atomic_write(directory / CONFIG_NAME, json.dumps(config, indent=2).encode())
-        tmp = directory / (WEIGHTS_NAME + ".tmp")
-        save_file(unique_tensors(self.state_dict()), str(tmp), metadata={"format": "pt"})
-        os.replace(tmp, directory / WEIGHTS_NAME)
+        # the weights and the config that describes them as one unit: a failed write (a full disk) leaves the
+        # previous pair, never new weights beside an old config, and no temporary file
+        with atomic_outputs([directory / WEIGHTS_NAME, directory / CONFIG_NAME]) as (weights, config_file):
+            weights.write(save(unique_tensors(self.state_dict()), metadata={"format": "pt"}))
+            config_file.write(json.dumps(config, indent=2).encode())
         write_model_card(directory, config, card_name)
         return directory
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], root: Path | None = None, confine: Path | None = None) -> BindModel:
         """Build (untrained) encoders from a config as written by :meth:`config` (``root``: its directory;
-        ``confine``: where links in it may lead, see :func:`bind.model_files.paths_inside`)."""
+        ``confine``: where links in it may lead, see :func:`bind.model_files.paths_inside`).
+
+        A config may come from anyone: with ``root``, every file it names must lie inside ``root``
+        (:func:`bind.registry.reading_inside`), and the towers it declares must fit the memory budget
+        (:mod:`bind.budget`), both refused in one line naming the key before anything is read or allocated."""
         where = str(root / CONFIG_NAME) if root is not None else "model config"
         check_config(config, where)
         modules = config.get("encoder_modules") or {}  # absent in configs written before it was recorded
+        memory = MemoryCheck(memory_budget("cpu"))  # the sizes a config declares are counted before any is built
         encoders = {}
         for modality, spec in config["encoders"].items():
             kwargs = dict(spec.get("kwargs", {}))
-            if root is not None:  # exported assets live inside the model directory, and nothing else may be read
-                kwargs = paths_inside(kwargs, root, f"{where}: encoders.{modality}.kwargs", confine)
+            key = f"encoders.{modality}"
+            # exported assets live inside the model directory, and nothing else may be read: the arguments named
+            # path or *_path (nested ones too), and those the encoders declare as files (bind.registry.FileArg)
+            inside = reading_inside(root, f"{where}: {key}.kwargs", confine) if root is not None else nullcontext()
             try:
-                encoder = create_encoder(spec["name"], **kwargs)
+                with inside:
+                    if root is not None:
+                        kwargs = paths_inside(kwargs, root, f"{where}: {key}.kwargs", confine)
+                    memory.admit(spec["name"], kwargs, where, key, lambda arg, key=key: f"{key}.kwargs.{arg}")
+                    encoder = create_encoder(spec["name"], **kwargs)
             except UnknownEncoderError as err:
                 missing = err.name or spec["name"]
                 what = (
@@ -219,7 +232,19 @@ class BindModel(nn.Module):
                     f"{where}: the {modality!r} {what}; {_plugin_hint(modules.get(missing))}",
                     name=missing,
                 ) from None
-            encoder.freeze(spec.get("freeze", "none"), spec.get("unfreeze_last_blocks", 0))
+            except (ConfigError, InputError, DataError) as err:  # the factory's own one-line refusal
+                if type(err) not in (ConfigError, InputError, DataError) or str(err).startswith(where):
+                    raise
+                raise type(err)(f"{where}: {key}.kwargs: {err}") from None
+            except (TypeError, ValueError, RuntimeError, OverflowError) as err:  # torch's, for sizes no factory checks
+                raise ConfigError(
+                    f"{where}: {key}.kwargs: encoder {spec['name']!r} cannot be built from them "
+                    f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+                ) from None
+            try:
+                encoder.freeze(spec.get("freeze", "none"), spec.get("unfreeze_last_blocks", 0))
+            except ConfigError as err:
+                raise ConfigError(f"{where}: {key}.unfreeze_last_blocks: {err}") from None
             if spec.get("lora") is not None:  # before the weights load, so the adapter weights have a place
                 apply_lora_from_config(encoder, spec["lora"], f"{where}: encoders.{modality}.lora")
             encoders[modality] = encoder
@@ -251,7 +276,7 @@ class BindModel(nn.Module):
                     "run or a saved model"
                 )
         load_plugins(list(plugins))
-        config = read_json(config_path, "it is written by BindModel.save_pretrained (`bindkit run`): restore it")
+        config = read_json(config_path, "a model config written by BindModel.save_pretrained", error=ConfigError)
         model = cls.from_config(config, root=directory, confine=source.confine)
         load_weights(model, weights_path, map_location)
         return model
@@ -294,14 +319,6 @@ class BindModel(nn.Module):
         with tempfile.TemporaryDirectory(prefix="bindkit-push-") as folder:
             self.save_pretrained(folder, card_name=repo_id)
             return push_folder(Path(folder), repo_id, private, token, commit_message or "Upload bindkit model")
-
-
-def read_json(path: Path, restore: str) -> Any:
-    """A JSON file anyone may have written, bounded: one line naming it when it is not JSON."""
-    try:
-        return json.loads(read_bounded(path))
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
-        raise ConfigError(f"{path} is not valid JSON ({err}); {restore}") from err
 
 
 def _encoder_modules(encoders: Iterable[ModalityEncoder]) -> dict[str, str]:

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from .data import Items
 from .errors import ConfigError
+from .safe_io import atomic_output
 
 Method = Literal["pca", "umap"]
 # The output file's suffix picks the renderer and the projection's dimension.
@@ -339,8 +340,12 @@ def save_figure(space: Space, projection: Projection, path: str | Path, title: s
         raise ConfigError(f"{path} needs a {dim}-D projection, got {projection.points.shape[1]}-D")
     path.parent.mkdir(parents=True, exist_ok=True)
     if dim == 2:
-        figure_png(space, projection, title).savefig(path, dpi=150)
+        figure = figure_png(space, projection, title)
+        with atomic_output(path) as f:  # a failed write (disk full) leaves the previous picture
+            figure.savefig(f, dpi=150, format="png")
     else:
         # plotly.js (~5 MB) is inlined, not linked from its CDN: the page must open on a machine with no network
-        figure_html(space, projection, title).write_html(path, include_plotlyjs=True, include_mathjax=False)
+        page = figure_html(space, projection, title).to_html(include_plotlyjs=True, include_mathjax=False)
+        with atomic_output(path) as f:
+            f.write(page.encode("utf-8"))
     return path

@@ -3,8 +3,8 @@
 Names that must exist elsewhere in the recipe (modalities, the anchor, pairs) or in a registry
 (encoders and their arguments, losses, augmenters), combinations no stage could train with, and
 what ``bindkit run`` will need from this machine: data paths, the weight files encoder arguments
-name, hub weights in the cache when offline, optional packages. Each refusal is one line naming the
-file and the key.
+name, hub weights in the cache when offline, optional packages, and that the towers' weights fit the
+memory budget (:mod:`bind.budget`). Each refusal is one line naming the file and the key.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from .budget import MemoryCheck, hub_offline, memory_budget
 from .data import check_data_spec
 from .data.augment import check_augment
 from .errors import ConfigError, DataError, UnknownEncoderError
@@ -30,7 +31,8 @@ def check_recipe(r: Recipe, check_data: bool = True, trust_plugins: bool = False
     """Cross-key checks: names that must exist elsewhere in the recipe or in a registry.
 
     ``check_data``: also what this machine must hold for ``bindkit run`` (data, weight files, cached hub
-    weights, packages); off for a saved run's recipe, whose model is rebuilt from its own folder.
+    weights, packages, memory for the towers' weights); off for a saved run's recipe, whose model is rebuilt
+    from its own folder.
     """
     src = r.source
     load_named_plugins(r.plugins, f"{src}: plugins", trust_plugins)
@@ -40,6 +42,8 @@ def check_recipe(r: Recipe, check_data: bool = True, trust_plugins: bool = False
         )
     for m, spec in r.modalities.items():
         _check_modality(r, m, spec, check_data)
+    if check_data:
+        _check_memory(r)
     if r.eval.prompt_modality is not None and r.eval.prompt_modality not in r.modalities:
         raise ConfigError(
             f"{src}: eval.prompt_modality: expected one of {', '.join(r.modalities)} or null, got {r.eval.prompt_modality!r}"
@@ -105,16 +109,32 @@ def _check_modality(r: Recipe, m: str, spec: ModalitySpec, check_data: bool) -> 
 def _check_encoder_needs(info: EncoderInfo, args: Mapping[str, Any], where: str) -> None:
     """What building the encoder will read from this machine, as its registration declares: the files its
     arguments name (``files``), and the rest (``check_args``: cached hub weights, packages, ...)."""
-    for key, hint in info.files.items():
+    for key, arg in info.files.items():
         value = args.get(key)
-        if isinstance(value, (str, os.PathLike)) and not Path(value).expanduser().is_file():
-            state = "is not a file" if Path(value).expanduser().exists() else "does not exist"
-            raise DataError(f"{where}.args.{key}: {os.fspath(value)} {state}" + (f"; {hint}" if hint else ""))
+        if not isinstance(value, (str, os.PathLike)) or not arg.names_a_path(value):
+            continue  # not given, or a name (an OpenCLIP weights tag) that check_args looks up
+        path = Path(value).expanduser()
+        if not (path.is_dir() if arg.folder else path.is_file()):
+            state = f"is not a {'folder' if arg.folder else 'file'}" if path.exists() else "does not exist"
+            raise DataError(f"{where}.args.{key}: {os.fspath(value)} {state}" + (f"; {arg.hint}" if arg.hint else ""))
     if info.check_args is not None:
         try:
             info.check_args(args)
         except (ConfigError, DataError) as err:  # its message starts with the key, relative to the entry
             raise type(err)(f"{where}.{err}") from None
+
+
+def _check_memory(r: Recipe) -> None:
+    """The towers fit the memory budget (:mod:`bind.budget`), counted on the meta device as ``bindkit run`` counts
+    them before building. Offline, so nothing is downloaded; a tower that fails to build there is left to the run,
+    which raises its error with the key."""
+    memory = MemoryCheck(memory_budget(r.device))
+    with hub_offline():
+        for m, spec in r.modalities.items():
+            tower = f"modalities.{m}"
+            argument_key = lambda arg, tower=tower: "embed_dim" if arg == "embed_dim" else f"{tower}.args.{arg}"  # noqa: E731
+            args = {"embed_dim": r.embed_dim, **spec.args}
+            memory.admit(spec.encoder, args, r.source, tower, argument_key, strict=False)
 
 
 def _check_stage(r: Recipe, where: str, stage: StageSpec) -> None:

@@ -27,14 +27,17 @@ import inspect
 import logging
 import os
 import sys
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field, replace
 from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 from typing import Any, TypeVar
 
 from .encoder import ModalityEncoder
 from .errors import ConfigError, UnknownEncoderError, UntrustedPluginError, did_you_mean
+from .model_files import resolve_inside
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +45,29 @@ ENTRY_POINT_GROUP = "bindkit.encoders"
 DISTRIBUTION = "bindkit"  # whose entry point holds the built-in encoders
 Factory = TypeVar("Factory", bound=Callable[..., ModalityEncoder])
 TinyArgs = dict[str, Any] | Callable[[Path], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class FileArg:
+    """An encoder argument that names something on disk to read: ``register_encoder(files={arg: FileArg(...)})``.
+
+    The one declaration both checks use: ``bindkit validate`` checks that it exists, and a model folder's
+    config.json (anyone may have written it) is held to files inside that folder (:func:`reading_inside`).
+    ``hint``: what to do when it is missing (a download URL, say). ``folder``: it names a folder, not a file.
+    ``or_name``: it may instead be a name looked up elsewhere (an OpenCLIP weights tag): a value that is no
+    path (no separator, not ``~`` or ``.``-led) and names no existing file.
+    """
+
+    hint: str = ""
+    folder: bool = False
+    or_name: bool = False
+
+    def names_a_path(self, value: str | os.PathLike[str]) -> bool:
+        """Whether ``value`` is read from disk (else it is a name, left to the factory's own checks)."""
+        text = os.fspath(value)
+        separators = {"/", os.sep, os.altsep} - {None}
+        bare = bool(text) and not any(sep in text for sep in separators) and text[0] not in ".~"
+        return not self.or_name or not bare or Path(text).exists()
 
 
 @dataclass(frozen=True)
@@ -55,9 +81,10 @@ class EncoderInfo:
     (:mod:`bind.data.augment`); ``None``: the encoder offers none.
 
     What building will need, checked by ``bindkit validate`` without building (:mod:`bind.recipe_checks`):
-    ``files`` maps each argument that names a file to read to what to do when it is missing (a download
-    URL, say; ``""``: nothing to add). ``check_args(args)`` checks the rest against this machine (hub
-    weights cached when offline, packages installed, a rule across arguments) and raises a
+    ``files`` maps each argument that names a file (or folder) to read to its :class:`FileArg`: what to do
+    when it is missing, and whether it names a folder or may be a name instead; a model folder's config.json
+    may name such files only inside that folder (:func:`reading_inside`). ``check_args(args)`` checks the rest
+    against this machine (hub weights cached when offline, packages installed, a rule across arguments) and raises a
     :class:`ConfigError` or :class:`~bind.errors.DataError` whose message starts with the key at fault,
     relative to the recipe's entry for the encoder: ``"args.pretrained: ..."``, or ``"encoder: ..."``.
     """
@@ -69,7 +96,7 @@ class EncoderInfo:
     tiny: TinyArgs = field(default_factory=dict)
     module: str = ""
     augmenter: Callable[..., Any] | None = None
-    files: Mapping[str, str] = field(default_factory=dict)
+    files: Mapping[str, FileArg] = field(default_factory=dict)
     check_args: Callable[[Mapping[str, Any]], None] | None = None
 
     def tiny_kwargs(self, scratch_dir: Path) -> dict[str, Any]:
@@ -92,23 +119,26 @@ def register_encoder(
     pretrained: str = "none",
     tiny: TinyArgs | None = None,
     augmenter: Callable[..., Any] | None = None,
-    files: Mapping[str, str] | None = None,
+    files: Mapping[str, str | FileArg] | None = None,
     check_args: Callable[[Mapping[str, Any]], None] | None = None,
 ) -> Callable[[Factory], Factory]:
-    """Register ``factory`` under its function name (or ``name``) for ``modality`` (see :class:`EncoderInfo`)."""
+    """Register ``factory`` under its function name (or ``name``) for ``modality`` (see :class:`EncoderInfo`).
+
+    ``files``: ``{argument: FileArg(...)}``, or ``{argument: hint}`` for a file to read."""
+    declared = {arg: spec if isinstance(spec, FileArg) else FileArg(spec) for arg, spec in (files or {}).items()}
     if not modality or not isinstance(modality, str):
         raise ConfigError(f"register_encoder needs a modality name (a non-empty string), got {modality!r}")
 
     def decorator(factory: Factory) -> Factory:
         key = name or factory.__name__
-        unknown = sorted(set(files or {}) - set(inspect.signature(factory).parameters))
+        unknown = sorted(set(declared) - set(inspect.signature(factory).parameters))
         if unknown:
             raise ConfigError(f"register_encoder({key!r}): files names {', '.join(unknown)}, not arguments of it")
         previous = _REGISTRY.get(key)
         if previous is not None and previous.factory.__qualname__ != factory.__qualname__:
             log.warning("encoder %r from %s replaces the one from %s", key, factory.__module__, previous.module)
         _REGISTRY[key] = EncoderInfo(
-            key, modality, factory, pretrained, tiny or {}, factory.__module__, augmenter, dict(files or {}), check_args
+            key, modality, factory, pretrained, tiny or {}, factory.__module__, augmenter, declared, check_args
         )
         return factory
 
@@ -272,11 +302,62 @@ def check_encoder_kwargs(name: str, kwargs: dict[str, Any]) -> None:
         )
 
 
+@dataclass(frozen=True)
+class _Inside:
+    folder: Path
+    where: str  # the file and key of the outermost encoder's arguments: "run/config.json: encoders.video.kwargs"
+    confine: Path | None
+    depth: int = 0  # encoders built by an encoder's factory (a video tower's frame encoder) are deeper
+
+
+_READING_INSIDE: ContextVar[_Inside | None] = ContextVar("bindkit_reading_inside", default=None)
+
+
+@contextmanager
+def reading_inside(folder: Path, where: str, confine: Path | None = None) -> Iterator[None]:
+    """Every encoder built in this block reads the files its arguments declare (:class:`FileArg`) only from inside
+    ``folder``, those its factory builds in turn included; one naming ``../x``, ``/etc/passwd`` or a link out
+    is refused (:func:`bind.model_files.resolve_inside`, a :class:`DataError` naming ``where`` and the argument)
+    before its factory runs. ``confine``: where links inside ``folder`` may lead (a hub snapshot's blobs)."""
+    token = _READING_INSIDE.set(_Inside(Path(folder), where, confine))
+    try:
+        yield
+    finally:
+        _READING_INSIDE.reset(token)
+
+
+def _files_inside(info: EncoderInfo, kwargs: dict[str, Any], inside: _Inside) -> dict[str, Any]:
+    """``kwargs`` with each declared file argument resolved inside ``inside.folder``, or a refusal."""
+    out = dict(kwargs)
+    allowed = Path(inside.confine or inside.folder).resolve()
+    for key, arg in info.files.items():
+        value = out.get(key)
+        if not isinstance(value, (str, os.PathLike)) or not (
+            arg.names_a_path(value) or (inside.folder / value).exists()
+        ):
+            continue
+        path = Path(value)
+        if path.is_absolute() and path == path.resolve() and path.is_relative_to(allowed):
+            continue  # already resolved inside (a hub snapshot's link, followed into its blobs)
+        where = f"{inside.where}.{key}" if inside.depth == 0 else f"{inside.where} ({info.name}).{key}"
+        out[key] = str(resolve_inside(inside.folder, value, where, inside.confine))
+    return out
+
+
 def create_encoder(name: str, **kwargs: Any) -> ModalityEncoder:
     """Build the encoder registered as ``name`` with keyword arguments for its factory."""
     check_encoder_kwargs(name, kwargs)
     info = get_encoder_info(name)
-    encoder = info.factory(**kwargs)
+    inside = _READING_INSIDE.get()
+    if inside is None:
+        encoder = info.factory(**kwargs)
+    else:
+        kwargs = _files_inside(info, kwargs, inside)
+        token = _READING_INSIDE.set(replace(inside, depth=inside.depth + 1))
+        try:
+            encoder = info.factory(**kwargs)
+        finally:
+            _READING_INSIDE.reset(token)
     if not isinstance(encoder, ModalityEncoder):
         raise TypeError(f"factory of encoder {name!r} returned {type(encoder).__name__}, not a ModalityEncoder")
     if encoder.modality != info.modality:

@@ -4,7 +4,7 @@ Exact search is a blocked matrix product with a running top-k: the gallery is pr
 of ``block_size`` rows, so memory stays at ``queries x block_size`` scores whatever the gallery
 size (a block's scores are compared with each query's current k-th best; only those above it are merged), and the gallery itself may be a memory-mapped ``.npy`` larger than RAM. ``SearchIndex`` wraps
 it with names and saving; ``backend="faiss"`` uses FAISS ``IndexFlatIP`` when ``faiss-cpu`` is
-installed (the ``faiss`` extra).
+installed (the ``faiss`` extra). Both order equal scores by gallery row, earlier first (a stable sort's order).
 
 Example::
 
@@ -34,7 +34,8 @@ def exact_search(
     Memory: one ``(Q, block_size)`` block of scores at a time, never ``(Q, N)``; the default block stays in the
     CPU's cache. Once every query holds ``k`` results, a block's scores are only compared with each query's
     current ``k``-th best score, and the few that beat it are merged: the selection costs one comparison per
-    score instead of a top-k over every block.
+    score instead of a top-k over every block. Equal scores keep the earlier gallery row, as
+    ``np.argsort(-scores, kind="stable")`` orders them, whatever the block size.
     """
     check_k(k)
     q = torch.as_tensor(np.asarray(queries, dtype=np.float32))
@@ -59,7 +60,9 @@ def exact_search(
         block = torch.from_numpy(rows if rows.flags.writeable else rows.copy())  # memory-mapped rows are read-only
         scores = torch.mm(q, block.T, out=buffer[:, : len(block)])  # (Q, block)
         if best_scores.shape[1] == k and len(q):
-            threshold = best_scores[:, -1]  # as of the last merge: candidates merged late are a few more, no error
+            # as of the last merge: candidates merged late are a few more, no error. Strictly above it: a later row
+            # equal to a current result never displaces it (equal scores keep the earlier row)
+            threshold = best_scores[:, -1]
             hit = (scores.amax(dim=1) > threshold).nonzero().squeeze(1)  # the queries a block improves: usually few
             if not len(hit):
                 continue
@@ -72,13 +75,37 @@ def exact_search(
                         flush()
                 continue
         flush()
-        top_scores, top_index = scores.topk(min(k, scores.shape[1]), dim=1)
+        top_scores, top_index = _block_top(scores, min(k, scores.shape[1]))
+        # every current result is an earlier row than this block's: a stable sort keeps them first among equals
         merged_scores = torch.cat([best_scores, top_scores], dim=1)
         merged_index = torch.cat([best_index, top_index + start], dim=1)
-        best_scores, order = merged_scores.topk(min(k, merged_scores.shape[1]), dim=1)
-        best_index = merged_index.gather(1, order)
+        best_scores, order = merged_scores.sort(dim=1, descending=True, stable=True)
+        best_scores, best_index = best_scores[:, :k], merged_index.gather(1, order[:, :k])
     flush()
     return best_scores.numpy(), best_index.numpy()
+
+
+def _block_top(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's ``k`` best columns, ordered by (score descending, column ascending): equal scores keep the
+    earlier column, as a stable sort of the whole row would, for the price of one ``topk``."""
+    take = min(k + 1, scores.shape[1])  # one more than asked: it shows whether the k-th score is tied outside
+    top_scores, top_index = scores.topk(take, dim=1)  # which of several equal scores it picks, and their order: any
+    if take > k:
+        # a row whose (k+1)-th score equals its k-th: topk may have kept a later column of that score
+        short = (top_scores[:, k] == top_scores[:, k - 1]).nonzero().squeeze(1)
+        top_scores, top_index = top_scores[:, :k], top_index[:, :k]
+        if len(short):
+            rows, kth = scores[short], top_scores[short, -1:]
+            equal = rows == kth
+            wanted = (top_scores[short] == kth).sum(1, keepdim=True)
+            keep = (rows > kth) | (equal & (equal.cumsum(1) <= wanted))  # exactly k per row: the first equal ones
+            top_index[short] = keep.nonzero(as_tuple=True)[1].view(len(short), k)  # row-major: columns ascending
+            top_scores[short] = rows.gather(1, top_index[short])
+    if (top_scores[:, 1:] == top_scores[:, :-1]).any():  # topk sorts by score only: order equal ones by column
+        top_index, order = top_index.sort(dim=1)
+        top_scores, order = top_scores.gather(1, order).sort(dim=1, descending=True, stable=True)
+        top_index = top_index.gather(1, order)
+    return top_scores, top_index
 
 
 def _merge(
@@ -187,7 +214,7 @@ class SearchIndex:
             )
         check_finite(queries, "queries")
         if self._faiss is not None:
-            return self._faiss.search(queries, min(k, len(self)))
+            return _faiss_search(self._faiss, queries, min(k, len(self)))
         return exact_search(queries, self.embeddings, k)
 
     def search(self, queries: np.ndarray, k: int = 5) -> list[list[tuple[str, float]]]:
@@ -241,3 +268,26 @@ def _faiss_index(embeddings: np.ndarray):
     index = faiss.IndexFlatIP(embeddings.shape[1])
     index.add(np.ascontiguousarray(embeddings, dtype=np.float32))
     return index
+
+
+def _faiss_search(index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """FAISS's top ``k`` in exact search's order: equal scores keep the earlier gallery row.
+
+    FAISS returns equal scores in no set order and may keep a later row tied with the ``k``-th result in place of
+    an earlier one. So it is asked for one more result than wanted (doubling for the rare query whose last result
+    still ties with its ``k``-th: then every row of that score is among them), and the results are ordered by
+    (score descending, row ascending)."""
+    if not k or not len(queries):
+        return index.search(queries, k)
+    n = index.ntotal
+    scores = np.empty((len(queries), k), dtype=np.float32)
+    indices = np.empty((len(queries), k), dtype=np.int64)
+    todo, wanted = np.arange(len(queries)), min(k + 1, n)
+    while len(todo):
+        found_scores, found = index.search(queries[todo], wanted)
+        done = (found_scores[:, -1] < found_scores[:, k - 1]) | (wanted == n)
+        order = np.lexsort((found[done], -found_scores[done]), axis=1)[:, :k]  # by score, then row
+        scores[todo[done]] = np.take_along_axis(found_scores[done], order, 1)
+        indices[todo[done]] = np.take_along_axis(found[done], order, 1)
+        todo, wanted = todo[~done], min(2 * wanted, n)
+    return scores, indices

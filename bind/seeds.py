@@ -19,6 +19,7 @@ from .config import read_recipe_file
 from .errors import ConfigError, DataError
 from .model_files import atomic_write
 from .recipe import Recipe, changed_keys
+from .safe_io import read_json
 
 SUMMARY_NAME = "seeds.json"
 
@@ -62,9 +63,10 @@ def read_eval(run_dir: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        results = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise DataError(f"{path}: not a readable eval.json ({err}); delete it to evaluate that seed again") from None
+        results = read_json(path, "evaluation results as JSON", allow_nan=True)
+    except DataError as err:  # bounded, UTF-8, no duplicate keys: bindkit's rules for JSON (bind.safe_io)
+        reason = str(err).removeprefix(f"{path}: ")
+        raise DataError(f"{path}: not a readable eval.json ({reason}); delete it to evaluate that seed again") from None
     if not isinstance(results, dict):
         raise DataError(f"{path}: expected a JSON object of evaluation results")
     return results

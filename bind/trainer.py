@@ -34,6 +34,7 @@ import numpy as np
 import torch
 import yaml
 
+from .budget import MemoryCheck, memory_budget
 from .checkpoint import (
     Checkpoint,
     CheckpointWriter,
@@ -84,10 +85,16 @@ def seed_everything(seed: int) -> None:
 
 
 def build_model(recipe: Recipe) -> BindModel:
+    """The recipe's towers, each counted on the meta device against the memory budget before it is built."""
+    memory = MemoryCheck(memory_budget(recipe.device))
     encoders = {}
     for modality, spec in recipe.modalities.items():
+        kwargs = {"embed_dim": recipe.embed_dim, **spec.args}
+        tower = f"modalities.{modality}"
+        argument_key = lambda arg, tower=tower: "embed_dim" if arg == "embed_dim" else f"{tower}.args.{arg}"  # noqa: E731
         try:
-            encoder = create_encoder(spec.encoder, embed_dim=recipe.embed_dim, **spec.args)
+            memory.admit(spec.encoder, kwargs, recipe.source, tower, argument_key)
+            encoder = create_encoder(spec.encoder, **kwargs)
         except (ConfigError, DataError, InputError) as err:  # the factory knows what; the recipe key says where
             if type(err) not in (ConfigError, DataError, InputError):  # subclasses carry more than a message
                 raise

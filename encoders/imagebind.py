@@ -61,6 +61,7 @@ from torch import Tensor, nn
 from bind import ModalityEncoder, register_encoder
 from bind.encoder import ClipBatch, build_head
 from bind.errors import ConfigError, InputError
+from bind.registry import FileArg
 
 from .audio_io import AUDIO_SUFFIXES, load_audio
 from .clip_bpe import VOCAB_FILE, VOCAB_URL, CLIPTokenizer, find_bpe_vocab
@@ -721,7 +722,9 @@ def _read_video_with_rate(item: Any) -> tuple[np.ndarray, float]:
 
 # ---- the registered factories ------------------------------------------------------------------------------------
 PRETRAINED = f"ImageBind checkpoint (checkpoint=PATH; {CHECKPOINT_URL})"
-FILES = {"checkpoint": f"download {CHECKPOINT_URL}"}  # what bindkit validate checks before a run reads them
+# the arguments that name files: bindkit validate checks they exist, a saved model's config.json may name them only
+# inside its folder (bind.registry.FileArg)
+FILES = {"checkpoint": FileArg(f"download {CHECKPOINT_URL}")}
 
 
 def check_weights(modality: str, checkpoint: Any, config: Any, random_init: bool) -> None:
@@ -778,7 +781,7 @@ def _build(
     check_config(config)
     config = {**config, "heads": num_heads or config["heads"]}
     encoder = ImageBindEncoder(config, head, embed_dim, kwargs.get("bpe_path"), kwargs.get("clips"), video)
-    if state is not None:
+    if state is not None and not encoder.log_logit_scale.is_meta:  # on the meta device (bind.budget) sizes only
         encoder.load_imagebind(state, where)
     return encoder
 
@@ -878,7 +881,7 @@ def imagebind_video(
     pretrained=PRETRAINED,
     tiny=_tiny,
     check_args=_args_check("text"),
-    files={**FILES, "bpe_path": f"expected CLIP's {VOCAB_FILE} (from {VOCAB_URL})"},
+    files={**FILES, "bpe_path": FileArg(f"expected CLIP's {VOCAB_FILE} (from {VOCAB_URL})")},
 )
 def imagebind_text(
     checkpoint: str | None = None,

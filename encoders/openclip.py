@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from bind import ModalityEncoder, find_blocks, register_encoder
 from bind.encoder import HeadKind
 from bind.errors import ConfigError, DataError, InputError, did_you_mean
+from bind.registry import FileArg
 
 from ._hf import HubFiles, hub_offline
 from .image_augment import ImageAugment
@@ -48,6 +49,12 @@ from .image_io import IMAGE_SUFFIXES, example_images, load_rgb_pil
 log = logging.getLogger(__name__)
 
 EXTRA = "pip install -c constraints.txt -e '.[openclip]'"
+# the arguments that name files: bindkit validate checks they exist, a saved model's config.json may name them only
+# inside its folder (bind.registry.FileArg); pretrained may also be a weights tag
+FILES = {
+    "pretrained": FileArg("expected a weights file of the architecture, or one of its tags", or_name=True),
+    "path": FileArg("expected an OpenCLIP model folder (open_clip_config.json and weights)", folder=True),
+}
 PRETRAINED = "OpenCLIP (model= architecture, pretrained= tag or file; hf-hub: ids; path= local folder)"
 DEFAULT_MODEL = "ViT-B-32"
 WEIGHTS_SUFFIXES = (".bin", ".pt", ".pth", ".safetensors")
@@ -78,7 +85,11 @@ def load_open_clip(
     try:
         with hub_offline() if local_only else nullcontext():
             clip, _, transform = open_clip.create_model_and_transforms(
-                name, pretrained=pretrained, load_weights=load_weights and not random_init, cache_dir=cache_dir
+                name,
+                pretrained=pretrained,
+                load_weights=load_weights and not random_init,
+                cache_dir=cache_dir,
+                device="meta" if torch.empty(0).is_meta else "cpu",  # built on meta: sizes only (bind.budget)
             )
             tokenizer = open_clip.get_tokenizer(name, cache_dir=cache_dir)
     except (RuntimeError, OSError, ValueError) as err:
@@ -187,6 +198,11 @@ def export_open_clip(directory: Path, config: dict[str, Any]) -> dict[str, Any]:
             "load_weights": False}  # fmt: skip
 
 
+def initial_logit_scale(clip: nn.Module) -> float:
+    """The CLIP model's logit scale (at most 100); on the meta device, where no value exists, 100 (sizes only)."""
+    return 100.0 if clip.logit_scale.is_meta else min(float(clip.logit_scale.detach().exp()), 100.0)
+
+
 class OpenCLIPImageEncoder(ModalityEncoder):
     """OpenCLIP's image tower (``model.visual``, its projection included) and its evaluation transform."""
 
@@ -194,7 +210,7 @@ class OpenCLIPImageEncoder(ModalityEncoder):
 
     def __init__(self, clip: nn.Module, transform: Any, config: dict[str, Any], head: HeadKind, embed_dim: int | None):
         out_dim = config["model_cfg"]["embed_dim"]
-        scale = min(float(clip.logit_scale.detach().exp()), 100.0)
+        scale = initial_logit_scale(clip)
         super().__init__("image", clip.visual, out_dim, embed_dim or out_dim, head, scale, False)
         self.transform, self.open_clip_config = transform, config
         self.blocks = find_blocks(clip.visual)
@@ -234,7 +250,7 @@ class OpenCLIPTextEncoder(ModalityEncoder):
 
     def __init__(self, clip: nn.Module, tokenizer: Any, config: dict[str, Any], head: HeadKind, embed_dim: int | None):
         out_dim = config["model_cfg"]["embed_dim"]
-        scale = min(float(clip.logit_scale.detach().exp()), 100.0)
+        scale = initial_logit_scale(clip)
         super().__init__("text", TextTower(clip), out_dim, embed_dim or out_dim, head, scale, True)
         self.tokenizer, self.open_clip_config = tokenizer, config
         self.blocks = find_blocks(self.trunk)
@@ -302,7 +318,9 @@ def _tiny(scratch_dir: Path) -> dict[str, Any]:
     return {"path": str(save_tiny_open_clip(scratch_dir / "open_clip_tiny")), "head": "linear"}
 
 
-@register_encoder("image", pretrained=PRETRAINED, check_args=check_open_clip_args, tiny=_tiny, augmenter=ImageAugment)
+@register_encoder(
+    "image", pretrained=PRETRAINED, check_args=check_open_clip_args, tiny=_tiny, augmenter=ImageAugment, files=FILES
+)
 def open_clip_image(
     model: str | None = DEFAULT_MODEL,
     pretrained: str | None = None,
@@ -320,7 +338,7 @@ def open_clip_image(
     return _build("image", model, pretrained, path, load_weights, cache_dir, head, embed_dim, random_init)
 
 
-@register_encoder("text", pretrained=PRETRAINED, check_args=check_open_clip_args, tiny=_tiny)
+@register_encoder("text", pretrained=PRETRAINED, check_args=check_open_clip_args, tiny=_tiny, files=FILES)
 def open_clip_text(
     model: str | None = DEFAULT_MODEL,
     pretrained: str | None = None,

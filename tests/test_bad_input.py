@@ -326,7 +326,9 @@ def test_a_run_from_a_newer_format_says_to_upgrade_bindkit(tmp_path):
     with pytest.raises(ConfigError, match="config.json: format_version: expected an integer, got 'one'"):
         load_run(run)
     (run / "config.json").write_text("{ not json")
-    with pytest.raises(ConfigError, match="config.json is not valid JSON"):
+    with pytest.raises(
+        ConfigError, match="config.json: not valid JSON .*expected a model config written by BindModel.save_pretrained"
+    ):
         load_run(run)
 
 

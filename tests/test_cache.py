@@ -62,6 +62,30 @@ def test_disk_cache_round_trips_and_is_keyed_by_weights_args_and_items(tmp_path)
     assert cache_key(enc, items) == before
 
 
+def test_the_cache_key_changes_with_item_names_alone_so_other_files_never_read_stale_features(tmp_path):
+    """Two folders of six images with the same labels (and so the same count): only the names tell them apart.
+    The second build must compute its own features (those of a forward pass here), not map the first one's."""
+    torch.manual_seed(0)
+    enc = create_encoder("digits_cnn", width=4, embed_dim=8).freeze("trunk")
+    rng = np.random.default_rng(0)
+    labels = [0, 1, 2, 0, 1, 2]
+    images = {folder: [rng.integers(0, 255, (28, 28), dtype=np.uint8) for _ in labels] for folder in ("a", "b")}
+    items = {folder: Items(images[folder], labels, [f"{folder}/{i}.png" for i in range(6)]) for folder in images}
+
+    key = cache_key(enc, items["a"])
+    assert cache_key(enc, Items(images["a"], labels, list(items["a"].names))) == key  # the same items: reused
+    assert cache_key(enc, Items(images["a"], labels, [f"c/{i}.png" for i in range(6)])) != key  # renamed alone
+    assert cache_key(enc, items["b"]) != key
+
+    FeatureCache.build(enc, items["a"], torch.device("cpu"), cache_dir=tmp_path)
+    cached = FeatureCache.build(enc, items["b"], torch.device("cpu"), cache_dir=tmp_path)
+    assert len(list(tmp_path.iterdir())) == 2
+    enc.eval()
+    with torch.no_grad():
+        expected = enc.forward_features(enc.collate([enc.preprocess(x) for x in images["b"]]))
+    torch.testing.assert_close(cached.gather(torch.arange(6))[0], expected)
+
+
 def test_unreadable_disk_cache_names_the_folder(tmp_path):
     (tmp_path / "features.npy").write_bytes(b"not numpy")
     with pytest.raises(DataError, match=str(tmp_path)):

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -35,6 +37,40 @@ def test_ties_are_broken_by_gallery_index():
         torch.tensor([[1.0, 0.0]]), torch.tensor([1]), gallery, torch.tensor([0, 1]), ks=(1,)
     )
     assert (first["R@1"], second["R@1"]) == (1.0, 0.0)
+
+
+def reference_retrieval(queries, query_labels, gallery, gallery_labels, ks):
+    """The metrics one query at a time, from their definitions: the gallery ranked by a stable sort of the scores."""
+    recall, first_ranks, aps = dict.fromkeys(ks, 0), [], []
+    for query, label in zip(queries.tolist(), query_labels.tolist(), strict=True):
+        scores = np.asarray(gallery.tolist()) @ np.asarray(query)
+        ranked = np.argsort(-scores, kind="stable")
+        hit_ranks = [rank for rank, j in enumerate(ranked, start=1) if gallery_labels[j] == label]
+        for k in ks:
+            recall[k] += bool(hit_ranks) and hit_ranks[0] <= k
+        first_ranks.append(hit_ranks[0] if hit_ranks else math.inf)
+        aps.append(sum(n / rank for n, rank in enumerate(hit_ranks, start=1)) / max(1, len(hit_ranks)))
+    result = {f"R@{k}": recall[k] / len(queries) for k in ks}
+    result["median_rank"] = sorted(first_ranks)[(len(first_ranks) - 1) // 2]  # the lower middle, as torch's median
+    result["mAP"] = sum(aps) / len(aps)
+    return result
+
+
+@pytest.mark.parametrize("block", [1, 3, 5, 1024])
+def test_retrieval_in_blocks_of_queries_matches_one_query_at_a_time(block):
+    """Every block of queries is scored against its own labels: 12 queries in blocks of 1, 3 (four full blocks),
+    5 (a short last one) and one block; integer embeddings, so scores are exact and ties are frequent."""
+    g = torch.Generator().manual_seed(2)
+    queries, gallery = (
+        torch.randint(-2, 3, (12, 3), generator=g).float(),
+        torch.randint(-2, 3, (30, 3), generator=g).float(),
+    )
+    query_labels = torch.tensor([0, 1, 2, 3, 4, 0, 1, 2, 3, 0, 1, 4])  # 4: no relevant item in the gallery
+    gallery_labels = torch.randint(0, 4, (30,), generator=g)
+    expected = reference_retrieval(queries, query_labels, gallery, gallery_labels, ks=(1, 2, 5))
+    assert 0 < expected["R@1"] < expected["R@5"] < 1  # the queries differ: labels mixed up between blocks would show
+    got = class_match_retrieval(queries, query_labels, gallery, gallery_labels, ks=(1, 2, 5), block=block)
+    assert got == pytest.approx(expected, rel=1e-6)
 
 
 def test_zero_shot_against_template_averaged_prototypes():

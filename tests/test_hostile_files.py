@@ -2,15 +2,19 @@
 
 One test per row of the "Trust boundaries and crash safety" issue: a run's config.json or a shard index
 naming files outside its folder, an hour of audio or a huge image, NaN or mis-shaped weights, bad gallery
-embeddings, and a truncated tar in a streamed run. Each is refused with one line naming the file and key,
-or (long audio, damaged shards) handled within bounded memory without stopping the run.
+embeddings, and a truncated tar in a streamed run; then the "one set of rules" issue: config.json keys of the
+wrong type, malformed manifests and shard indexes, sparse, oversized or lying tar members, labels that are not
+class indexes. Each is refused with one line naming the file and key (and line), or (long audio, damaged
+shards, bad members) handled within bounded memory without stopping the run, the bad items counted.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -105,6 +109,38 @@ def test_an_asset_path_inside_the_run_is_followed(run_with_asset):
     with pytest.raises(DataError, match="is a directory without config.json") as err:
         BindModel.from_pretrained(run)
     assert str((run / "assets" / "text").resolve()) in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (("image", "width", "4"), r"encoders.image.kwargs.width: expected an integer, got '4'"),
+        (("audio", "clip_seconds", None), r"encoders.audio.kwargs.clip_seconds: expected a finite number, got None"),
+        (("audio", "n_mels", True), r"encoders.audio.kwargs.n_mels: expected an integer, got True"),
+        (("image", "bogus", 1), r"encoders.image.kwargs.bogus: encoder 'digits_cnn' takes no such argument; it takes"),
+        (("image", "embed_dim", 32), r"encoders.image.kwargs.embed_dim: 32, but the model's embed_dim is 16"),
+        (("image", "freeze", "most"), r"encoders.image.freeze: expected 'none', 'trunk' or 'all', got 'most'"),
+        (("image", "unfreeze_last_blocks", 1), r"encoders.image.unfreeze_last_blocks: 1 goes with freeze 'trunk'"),
+        ((None, "shared_trunks", ["audio"]), r"shared_trunks: expected a mapping of modality -> another modality"),
+        ((None, "anchor_modality", "text"), r"anchor_modality: expected one of image, audio, got 'text'"),
+        ((None, "class_names", [1, 2]), r"class_names: expected a list of strings or null, got \[1, 2\]"),
+    ],
+)
+def test_a_config_key_of_the_wrong_type_or_value_is_one_line_naming_the_file_and_key(tmp_path, edit, message):
+    run = saved_model(tmp_path / "run")
+    config = json.loads((run / "config.json").read_text())
+    modality, key, value = edit
+    if modality is None:
+        config[key] = value
+    elif key in ("freeze", "unfreeze_last_blocks"):
+        config["encoders"][modality][key] = value
+    else:
+        config["encoders"][modality]["kwargs"][key] = value
+    (run / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError) as err:
+        BindModel.from_pretrained(run)
+    assert str(err.value).startswith(f"{run / 'config.json'}: ") and "\n" not in str(err.value)
+    assert re.search(message, str(err.value)), str(err.value)
 
 
 # ---- shard index.json: shard files stay inside the shard folder ----------------------------------------
@@ -399,3 +435,268 @@ def test_a_truncated_shard_in_a_streamed_run_is_skipped_and_counted(tmp_path, ca
 
 def test_fixture_files_are_left_alone():
     assert os.path.isdir(Path(__file__).parent)
+
+
+# ---- manifests: each bad file is one line naming the file, the line and the column --------------------------
+BIG = 1 << 20  # safe_io's bound on a line and on a CSV field
+MANIFEST_CASES = {
+    "not UTF-8": ("m.csv", b"text,label\nfine,a\ncaf\xe9,b\n", r"line 3: not UTF-8 text \(byte 4 of the line"),
+    "a huge quoted field": (
+        "m.csv",
+        b'text,label\n"' + b"x\n" * (BIG // 2 + 10) + b'",a\n',
+        r"line \d+: not readable as CSV \(field larger than field limit",
+    ),
+    "no line breaks": ("m.csv", b"text,label\n" + b"x" * (3 * BIG), r"line 2 is longer than 1 MiB"),
+    "a field too many": (
+        "m.csv",
+        b"text,label\na,1\nb,2,3\n",
+        r"line 3: 3 fields, the header names 2 columns \(text, label\)",
+    ),
+    "a field too few": ("m.csv", b"text,label\na,1\nb\n", r"line 3: 1 fields, the header names 2 columns"),
+    "a repeated column": ("m.csv", b"text,text,label\na,b,1\n", r"line 1: the header has column 'text' twice"),
+    "an empty label": ("m.csv", b"text,label\na,1\nb,\n", r"line 3: empty label"),
+    "a NUL": ("m.csv", b"text,label\na\x00b,1\n", r"line 2: column 'text' holds a NUL character"),
+    "an empty cell": ("m.csv", b"text,label\na,1\n,2\n", r"line 3: empty 'text'"),
+    "a row that is a list": (
+        "m.jsonl",
+        b'{"text": "a"}\n["b"]\n',
+        r"line 2: expected a JSON object \(a row: column -> value\), got list",
+    ),
+    "a row that is a number": ("m.jsonl", b'{"text": "a"}\n\n7\n', r"line 3: expected a JSON object"),
+    "deep nesting": ("m.jsonl", b'{"text": ' + b"[" * 100_000 + b"\n", r"line 1: nested more than 64 levels deep"),
+    "a nested cell": (
+        "m.jsonl",
+        b'{"text": {"a": "b"}}\n',
+        r"line 1: column 'text': expected text, a number or null, got a dict",
+    ),
+    "not JSON": ("m.jsonl", b'{"text": "a"}\n{"text": \n', r"line 2: not valid JSON \(column 10: Expecting value\)"),
+    "a duplicate key": ("m.jsonl", b'{"text": "a", "text": "b"}\n', r"line 1: duplicate key 'text'"),
+    "a missing column": (
+        "m.jsonl",
+        b'{"text": "a", "label": 1}\n{"label": 2}\n',
+        r"line 2: no 'text' \(line 1 has that column\)",
+    ),
+    "a missing label": ("m.jsonl", b'{"text": "a", "label": 1}\n{"text": "b"}\n', r"line 2: no 'label'"),
+    "a null label": ("m.jsonl", b'{"text": "a", "label": 1}\n{"text": "b", "label": null}\n', r"line 2: empty label"),
+    "an optional column left out": (
+        "m.jsonl",
+        b'{"text": "a", "split": "x"}\n{"text": "b"}\n',
+        r"line 2: empty 'split'",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(MANIFEST_CASES))
+def test_a_bad_manifest_is_one_line_naming_the_file_and_line(tmp_path, case):
+    from bind.data.manifest import manifest
+
+    name, content, message = MANIFEST_CASES[case]
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(DataError) as err:
+        manifest(tmp_path, "*", name, "split" if "split" in message else "text")
+    text = str(err.value)
+    assert text.startswith(f"{tmp_path / name}: ") and "\n" not in text and len(text) < 400, text
+    assert re.search(message, text), text
+
+
+def test_a_manifest_without_line_breaks_is_refused_within_a_bounded_read(tmp_path):
+    import tracemalloc
+
+    from bind.data.manifest import read_manifest
+
+    (tmp_path / "m.jsonl").write_bytes(b'{"text": "' + b"x" * (64 * BIG) + b'"}\n')  # one 64 MiB line
+    tracemalloc.start()
+    with pytest.raises(DataError, match="line 1 is longer than 1 MiB"):
+        read_manifest(tmp_path / "m.jsonl")
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 4 * BIG, peak  # the first MiB (and a bit), not the line
+
+
+def test_manifest_cells_of_any_json_scalar_read_as_text_and_long_digit_labels_sort_as_text(tmp_path):
+    from bind.data.manifest import manifest
+
+    rows = [{"text": 7, "label": "1" * 5000}, {"text": 2.5, "label": True}, {"text": "a", "label": "3"}]
+    (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    items = manifest(tmp_path, "*", "m.jsonl", "text", kind="text")
+    assert list(items) == ["7", "2.5", "a"]
+    assert items.class_names == sorted(["1" * 5000, "true", "3"])  # a 5000-digit "number" is no int: text order
+
+
+# ---- shard members: bounded, never expanded, a bad label is a bad item ------------------------------------
+def tar_member(name: str, data: bytes, **fields) -> tuple[tarfile.TarInfo, bytes]:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    for key, value in fields.items():
+        setattr(info, key, value)
+    return info, data
+
+
+def sparse_member(name: str, data: bytes, real_size: int) -> bytes:
+    """A GNU sparse member: ``data`` at offset 0 of a file ``real_size`` bytes long (the rest a hole).
+
+    tarfile writes no sparse maps, so the header is patched: one map entry and the real size, as GNU tar writes."""
+    info = tarfile.TarInfo(name)
+    info.size, info.type = len(data), tarfile.GNUTYPE_SPARSE
+    header = bytearray(info.tobuf(tarfile.GNU_FORMAT))
+    header[386:398] = b"%011o\0" % 0  # the map's one entry: offset 0 ...
+    header[398:410] = b"%011o\0" % len(data)  # ... len(data) bytes
+    header[483:495] = b"\x80" + real_size.to_bytes(11, "big")  # realsize, base-256 (past 8 GiB)
+    header[148:156] = b" " * 8
+    header[148:156] = b"%06o\0 " % sum(header[:512])
+    return bytes(header) + data + b"\0" * (-len(data) % 512)
+
+
+def write_shard_folder(
+    folder: Path, samples: list[list], class_names: list[str] | None = None, shards: int = 1
+) -> Path:
+    """``samples`` (each a list of (TarInfo, bytes), or of raw header + data bytes) dealt over ``shards`` tars in
+    order (the first ones to the first shard), and their index.json."""
+    folder.mkdir(parents=True, exist_ok=True)
+    per_shard = -(-len(samples) // shards)
+    entries = []
+    for i in range(shards):
+        part = samples[i * per_shard : (i + 1) * per_shard]
+        with open(folder / f"shard-{i:06d}.tar", "wb") as f:
+            for sample in part:
+                for member in sample:
+                    if isinstance(member, bytes):
+                        f.write(member)
+                    else:
+                        info, data = member
+                        f.write(info.tobuf(tarfile.GNU_FORMAT) + data + b"\0" * (-len(data) % 512))
+            f.write(b"\0" * 1024)
+        entries.append({"file": f"shard-{i:06d}.tar", "samples": len(part)})
+    index = {"shards": entries, "columns": {"text": ["txt"]}, "class_names": class_names}
+    (folder / "index.json").write_text(json.dumps(index))
+    return folder
+
+
+def stream_all(folder: Path) -> tuple[list, list[int], list[tuple[str, str]]]:
+    """(texts, labels, bad) of one pass over a shard folder, in order."""
+    texts, labels, bad = [], [], []
+    stream = ShardStream(folder, shuffle=False, shuffle_buffer=0)
+    for members, label, skipped in stream.iterate(0):
+        texts.append(members["text"])
+        labels.append(label)
+        bad += skipped
+    return texts, labels, bad
+
+
+BAD_LABELS = [b"abc", b"-3", b"7.5", b"99999999999999999999", b"1" * 5000, b"\xff\xfe", b"", b"12"]
+
+
+def test_a_label_that_is_not_a_small_class_index_is_a_counted_bad_item(tmp_path, caplog):
+    good = [
+        [tar_member(f"g{i}.text.txt", f"good {i}".encode()), tar_member(f"g{i}.label.cls", b"%d\n" % i)]
+        for i in range(3)
+    ]
+    bad = [
+        [tar_member(f"b{i}.text.txt", b"bad"), tar_member(f"b{i}.label.cls", label)]
+        for i, label in enumerate(BAD_LABELS)
+    ]
+    folder = write_shard_folder(
+        tmp_path / "s", [good[0], *bad[:4], good[1], *bad[4:], good[2]], class_names=list("abcdefghij")
+    )
+    texts, labels, skipped = stream_all(folder)
+    assert texts == ["good 0", "good 1", "good 2"] and labels == [0, 1, 2]
+    assert [name for name, _ in skipped] == [f"shard-000000.tar/b{i}" for i in range(len(BAD_LABELS))]
+    assert all("label.cls" in message for _, message in skipped)
+    assert "12, but index.json names 10 classes" in skipped[-1][1]
+    # reading by index (evaluation) scores against labels: it refuses, naming the shard and the sample
+    with pytest.raises(DataError, match=r"shard-000000.tar: sample 'b0': label.cls: expected a class index"):
+        shards(tmp_path, "train", path=str(folder), column="text")
+
+
+def test_a_sparse_member_is_never_expanded_and_is_a_counted_bad_item(tmp_path):
+    import tracemalloc
+
+    hole = sparse_member("s0.text.txt", b"tiny", real_size=1 << 40)  # 4 bytes in the tar, 1 TiB when expanded
+    good = [tar_member("g0.text.txt", b"fine"), tar_member("g0.label.cls", b"0")]
+    folder = write_shard_folder(tmp_path / "s", [[hole, tar_member("s0.label.cls", b"1")], good], ["a", "b"])
+    tracemalloc.start()
+    texts, labels, skipped = stream_all(folder)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert texts == ["fine"] and labels == [0] and peak < 4 * BIG, peak  # not 1 TiB, nor the 512 MiB cap
+    assert skipped == [("shard-000000.tar/s0", "s0.text.txt: a sparse tar member (shards hold plain files)")]
+    with pytest.raises(DataError, match=r"shard-000000.tar: damaged tar \(s0.text.txt: a sparse tar member"):
+        shards(tmp_path, "train", path=str(folder), column="text")
+
+
+def test_a_member_over_the_size_cap_is_not_read_and_is_a_counted_bad_item(tmp_path, monkeypatch):
+    monkeypatch.setenv("BINDKIT_MAX_MEMBER_BYTES", "1000")
+    big = [tar_member("b0.text.txt", b"x" * 5000), tar_member("b0.label.cls", b"0")]
+    good = [tar_member("g0.text.txt", b"fine"), tar_member("g0.label.cls", b"1")]
+    folder = write_shard_folder(tmp_path / "s", [big, good], ["a", "b"])
+    texts, labels, skipped = stream_all(folder)
+    assert texts == ["fine"] and labels == [1]
+    assert skipped == [
+        (
+            "shard-000000.tar/b0",
+            "b0.text.txt: 4.883 KiB, over the 1000 bytes a member may have ($BINDKIT_MAX_MEMBER_BYTES)",
+        )
+    ]
+    monkeypatch.setenv("BINDKIT_MAX_MEMBER_BYTES", "-1")
+    with pytest.raises(ConfigError, match=r"\$BINDKIT_MAX_MEMBER_BYTES: expected a positive number of bytes, got '-1'"):
+        stream_all(folder)
+
+
+@pytest.mark.parametrize("size", [100 << 30, 1 << 62])
+def test_a_member_whose_header_lies_about_its_size_is_skipped_at_once(tmp_path, size):
+    """A header that promises 100 GiB or 4 EiB in a short file: refused unread, and skipping it is one seek (a tar
+    stream would read its way through them a block at a time: a hang); past the file's end the shard ends, its
+    missing samples counted."""
+    liar, _ = tar_member("l0.text.txt", b"")
+    liar.size = size
+    header = liar.tobuf(tarfile.GNU_FORMAT)
+    good = [[tar_member(f"g{i}.text.txt", b"fine %d" % i), tar_member(f"g{i}.label.cls", b"%d" % i)] for i in range(2)]
+    folder = write_shard_folder(tmp_path / "s", [good[0], [header + b"x" * 512], good[1]], shards=2)
+    start = time.monotonic()
+    texts, labels, skipped = stream_all(folder)
+    assert time.monotonic() - start < 5
+    assert texts == ["fine 0", "fine 1"] and labels == [0, 1]  # the other shard is read whole
+    assert len(skipped) == 1 and skipped[0][0] == "shard-000000.tar", skipped
+    assert skipped[0][1].startswith("damaged tar: 1 of 2 samples read"), skipped
+
+
+def test_an_npy_member_whose_header_declares_a_terabyte_is_a_bad_item_not_an_allocation(tmp_path):
+    import io
+
+    from bind.data.decoders import decode
+    from bind.data.pairs import BadItem
+
+    lying = io.BytesIO()
+    np.lib.format.write_array_header_1_0(lying, {"descr": "<f4", "fortran_order": False, "shape": (1 << 38,)})
+    lying.write(b"\0" * 16)  # 2**38 floats (1 TiB) declared, 16 bytes held
+    with pytest.raises(BadItem, match=r"x.npy: cannot decode .npy \(ValueError: the header declares \(274877906944,\)"):
+        decode("npy", lying.getvalue(), "x.npy")
+    raw = io.BytesIO()
+    np.save(raw, np.arange(4, dtype=np.float32))
+    np.testing.assert_array_equal(decode("npy", raw.getvalue(), "x.npy"), np.arange(4, dtype=np.float32))
+
+
+@pytest.mark.parametrize(
+    ("index", "message"),
+    [
+        ('{"shards": {}, "columns": {}}', r"shards: expected a list of \{file, samples\}, got \{\}"),
+        ('{"shards": [{"file": "a.tar", "samples": "3"}], "columns": {}}', r"shards\[0\].samples: expected a count"),
+        (
+            '{"shards": [], "columns": {"text": "txt"}}',
+            r"columns: expected a mapping of column -> list of file extensions",
+        ),
+        (
+            '{"shards": [], "columns": {}, "class_names": {"a": 1}}',
+            r"class_names: expected a list of class names or null",
+        ),
+        ('{"shards": [], "columns": {}, "columns": {}}', r"duplicate key 'columns'"),
+        ("[" * 100_000, r"nested more than 64 levels deep"),
+        ("[]", r"\(top level\): expected a JSON object"),
+    ],
+)
+def test_a_malformed_shard_index_is_one_line_naming_it_and_the_key(tmp_path, index, message):
+    (tmp_path / "index.json").write_text(index)
+    with pytest.raises(DataError) as err:
+        ShardIndex.load(tmp_path)
+    assert str(err.value).startswith(f"{tmp_path / 'index.json'}: ") and "\n" not in str(err.value)
+    assert re.search(message, str(err.value)), str(err.value)

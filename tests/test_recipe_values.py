@@ -18,12 +18,13 @@ import typing
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bind.errors import BindError
-from bind.recipe import RANGES, Recipe, load_recipe
+from bind.errors import BindError, ConfigError
+from bind.recipe import RANGES, Recipe, load_recipe, parse_recipe
 from bind.reference import nested_dataclasses
 
 TESTS = Path(__file__).parent
@@ -65,6 +66,24 @@ def test_a_range_says_what_it_accepts():
     assert ranges["seed"].accepts(2**32 - 1) and not ranges["seed"].accepts(2**32) and not ranges["seed"].accepts(-1)
     assert ranges["max_bad_fraction"].accepts(0) and ranges["max_bad_fraction"].accepts(1)
     assert not ranges["max_bad_fraction"].accepts(1.01)
+
+
+def test_eval_tta_takes_1_to_16_views_and_refuses_the_values_around_them():
+    """A recipe's eval.tta: 1 (off) through 16 views are read as given; 0, 17 and far above are one ConfigError
+    naming the file, the key, the range and the value."""
+
+    def with_tta(value: Any) -> dict[str, Any]:
+        data = yaml.safe_load(DIGITS.read_text())
+        data["eval"]["tta"] = value
+        return data
+
+    for value in (1, 2, 16):
+        assert parse_recipe(with_tta(value), "digits.yaml", check_data=False).eval.tta == value
+    for value in (0, -1, 17, 100):
+        with pytest.raises(
+            ConfigError, match=rf"^digits\.yaml: eval\.tta: expected an integer in 1\.\.16, got {value}$"
+        ):
+            parse_recipe(with_tta(value), "digits.yaml", check_data=False)
 
 
 # ---- the fuzz ----------------------------------------------------------------------------------------------

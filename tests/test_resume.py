@@ -174,6 +174,49 @@ def test_a_nan_loss_skips_the_step_and_n_in_a_row_stop_the_run(data_root):
         runner.run(None, show_progress=False)
 
 
+@pytest.mark.parametrize("grad_clip", [None, 1.0])
+def test_a_nonfinite_gradient_with_a_finite_loss_skips_the_step_leaving_weights_and_adamw_as_they_were(grad_clip):
+    """One gradient entry NaN, then one inf, the loss finite both times: apply_update (the trainer's and the bench's
+    one update) steps neither time, so the weights, the AdamW moments and step count, and the schedule stay bitwise
+    what the last good step left, and the bad gradient is cleared."""
+    from bind import create_encoder
+    from bind.model import BindModel
+    from bind.optim import apply_update, build_optimizer
+    from bind.recipe import OptimSpec
+
+    torch.manual_seed(0)
+    encoder = create_encoder("digits_cnn", width=4, embed_dim=8)
+    model = BindModel({"image": encoder}, "image")
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer, scheduler = build_optimizer(params, OptimSpec(grad_clip=grad_clip, warmup_steps=2), total_steps=10)
+    batch = encoder.collate([encoder.preprocess(x) for x in encoder.example_inputs(4, seed=0)])
+
+    def step(bad: float | None = None) -> tuple[float, bool]:
+        loss = (model["image"](batch) @ torch.ones(8)).square().mean()
+        loss.backward()
+        if bad is not None:
+            next(p for p in params if p.grad is not None).grad.view(-1)[0] = bad  # one entry of one gradient
+        return apply_update(model, params, optimizer, scheduler, loss.item(), grad_clip)
+
+    assert step()[1]  # AdamW holds moments from here on
+    weights = {name: p.detach().clone() for name, p in model.named_parameters()}
+    moments = {
+        (i, key): value.clone() for i, state in enumerate(optimizer.state.values()) for key, value in state.items()
+    }
+    schedule, lrs = scheduler.state_dict(), [group["lr"] for group in optimizer.param_groups]
+    assert {key for _, key in moments} == {"step", "exp_avg", "exp_avg_sq"}
+    for bad in (math.nan, math.inf):
+        grad_norm, stepped = step(bad)
+        assert not stepped and not math.isfinite(grad_norm)
+        for name, p in model.named_parameters():
+            assert torch.equal(p, weights[name]) and p.grad is None, name
+        for (i, key), value in moments.items():
+            assert torch.equal(list(optimizer.state.values())[i][key], value), key
+        assert scheduler.state_dict() == schedule and [group["lr"] for group in optimizer.param_groups] == lrs
+    assert step()[1]  # the next good batch steps again
+    assert not all(torch.equal(p, weights[name]) for name, p in model.named_parameters())
+
+
 # ---- bad items inside a dataset -------------------------------------------------------------------
 def image_manifest(tmp_path: Path, n: int, corrupt: set[int]) -> Path:
     rng = np.random.default_rng(0)

@@ -32,6 +32,12 @@ def test_exact_search_matches_a_full_sort(block_size):
     np.testing.assert_allclose(scores, np.take_along_axis(full, expected, 1), rtol=1e-6)
 
 
+def eighths(x: np.ndarray) -> np.ndarray:
+    """``x`` rounded to multiples of 1/8: every inner product of such rows is exact in float32, whatever the
+    summation order, so equal rows score exactly equal in any block and in the reference."""
+    return np.round(x * 8) / 8
+
+
 @pytest.mark.parametrize("order", ["random", "ascending", "ties"])
 def test_the_threshold_merge_matches_a_full_sort_on_many_blocks(order):
     # ascending: every block beats the k-th best (the top-k path); ties: equal scores keep the earlier row
@@ -39,15 +45,62 @@ def test_the_threshold_merge_matches_a_full_sort_on_many_blocks(order):
     if order == "ascending":
         gallery = gallery[np.argsort(gallery @ queries[0])]
     if order == "ties":
-        gallery = np.repeat(gallery[:300], 10, axis=0)
+        queries, gallery = eighths(queries), np.repeat(eighths(gallery[:300]), 10, axis=0)
     scores, indices = exact_search(queries, gallery, k=5, block_size=64)
-    full = queries @ gallery.T
+    full = queries.astype(np.float64) @ gallery.T.astype(np.float64)
     expected = np.argsort(-full, axis=1, kind="stable")[:, :5]
     np.testing.assert_allclose(scores, np.take_along_axis(full, expected, 1), rtol=1e-6)
-    if order != "ties":
+    np.testing.assert_array_equal(indices, expected)
+
+
+def tied_gallery(kind: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Queries and a gallery whose scores hold many exact ties (integer vectors: exact float32 products).
+
+    duplicates: 40 distinct rows, each repeated far apart (tile) and side by side (repeat), so equal rows fall in
+    one block and in different blocks; quantized: 2-d vectors of -2..2, so 17 possible scores for 600 rows."""
+    rng = np.random.default_rng(seed)
+    if kind == "duplicates":
+        rows = rng.integers(-3, 4, (40, 5))
+        gallery = np.concatenate([np.tile(rows, (6, 1)), np.repeat(rows, 4, axis=0)])
+        queries = rng.integers(-3, 4, (9, 5))
+    else:
+        gallery, queries = rng.integers(-2, 3, (600, 2)), rng.integers(-2, 3, (25, 2))
+    return queries.astype(np.float32), gallery.astype(np.float32)
+
+
+def stable_reference(queries: np.ndarray, gallery: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    full = queries.astype(np.int64) @ gallery.T.astype(np.int64)  # integers: exact
+    order = np.argsort(-full, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(full, order, 1), order
+
+
+@pytest.mark.parametrize("kind", ["duplicates", "quantized"])
+@pytest.mark.parametrize("block_size", [1, 7, 64, 4096])
+@pytest.mark.parametrize("k", [1, 5, 30])
+def test_equal_scores_keep_the_earlier_row_in_a_block_across_blocks_and_in_the_merge(kind, block_size, k):
+    """As a stable sort of each query's scores orders them: small blocks (k > block: blocks merge by top-k),
+    large ones (one topk over ties), and the threshold merge (many blocks after the first k)."""
+    queries, gallery = tied_gallery(kind, seed=k + block_size)
+    expected_scores, expected = stable_reference(queries, gallery, k)
+    full = queries @ gallery.T
+    assert ((full == expected_scores[:, -1:]).sum(1) > 1).all()  # every query's k-th score is tied: the case is ties
+    scores, indices = exact_search(queries, gallery, k=k, block_size=block_size)
+    np.testing.assert_array_equal(indices, expected)
+    np.testing.assert_array_equal(scores, expected_scores)
+
+
+@pytest.mark.parametrize("kind", ["duplicates", "quantized"])
+@pytest.mark.parametrize("num_queries", [1, 25])  # FAISS scores fewer than 20 queries one way, more another
+def test_faiss_orders_equal_scores_as_exact_search_does(kind, num_queries):
+    pytest.importorskip("faiss")
+    queries, gallery = tied_gallery(kind, seed=num_queries)
+    queries = np.resize(queries, (num_queries, queries.shape[1]))
+    index = SearchIndex(gallery, backend="faiss")
+    for k in (1, 5, 30, len(gallery) + 3):  # the last: the whole gallery
+        expected_scores, expected = stable_reference(queries, gallery, k)
+        scores, indices = index.search_indices(queries, k)
         np.testing.assert_array_equal(indices, expected)
-    else:  # float rounding may order equal rows differently: the scores agree, and each found row has that score
-        np.testing.assert_allclose(np.take_along_axis(full, indices, 1), scores, rtol=1e-6)
+        np.testing.assert_array_equal(scores, expected_scores)
 
 
 def test_k_larger_than_gallery_and_memmapped_gallery(tmp_path):

@@ -195,6 +195,46 @@ def test_a_damaged_checkpoint_does_not_verify(whole, tmp_path, how):
     assert verify_checkpoint(good) is None
 
 
+def test_every_file_the_manifest_lists_is_checked_by_its_sha256(tmp_path):
+    """The manifest lists every file of the checkpoint with its SHA-256 (computed here with hashlib), and one
+    flipped byte in any of them, the size unchanged, fails verification naming that file."""
+    import hashlib
+
+    import torch
+
+    from bind import create_encoder
+    from bind.checkpoint import save_checkpoint
+    from bind.model import BindModel
+    from bind.optim import build_optimizer
+    from bind.recipe import OptimSpec
+
+    torch.manual_seed(0)
+    model = BindModel({"image": create_encoder("digits_cnn", width=4, embed_dim=8)}, "image")
+    params = list(model.parameters())
+    optimizer, scheduler = build_optimizer(params, OptimSpec(), total_steps=4)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    optimizer.step()  # moments to save
+    path = save_checkpoint(tmp_path, model, optimizer, scheduler, 0, 1, {"total_steps": 4})
+    checkpoint = list_checkpoints(tmp_path)[0]
+    assert checkpoint.path == path and verify_checkpoint(checkpoint) is None
+
+    listed = json.loads((path / MANIFEST).read_text())["files"]
+    on_disk = {f.relative_to(path).as_posix() for f in path.rglob("*") if f.is_file()} - {MANIFEST}
+    assert set(listed) == on_disk and len(on_disk) >= 5
+    for name, entry in listed.items():
+        data = (path / name).read_bytes()
+        assert entry == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}, name
+    for name in sorted(listed, reverse=True):  # the last listed first: a check stopping early misses it
+        original = (path / name).read_bytes()
+        flipped = bytearray(original)
+        flipped[len(flipped) // 2] ^= 0x01
+        (path / name).write_bytes(flipped)
+        assert verify_checkpoint(checkpoint) == f"{name}: its SHA-256 differs from the manifest's"
+        (path / name).write_bytes(original)
+        assert verify_checkpoint(checkpoint) is None
+
+
 def test_a_checkpoint_without_its_manifest_is_not_complete_and_pruning_removes_the_manifest_first(
     whole, tmp_path, monkeypatch
 ):

@@ -100,3 +100,68 @@ def test_bench_step_compares_every_stage_with_a_bare_loop(tmp_path, data_root):
     for stage in result["stages"].values():
         assert stage["trainer_samples_per_s"] > 0 and stage["bare_samples_per_s"] > 0
         assert 0 <= stage["data_wait_fraction"] <= 1 and stage["overhead"] < 1
+
+
+def test_a_pairs_weight_scales_its_share_of_the_loss_and_of_the_gradient(data_root):
+    """Weight 0.25 on the audio pair: the step's loss (what is backpropagated and what is logged) and every
+    gradient are 0.25 x those of the pair's InfoNCE, computed here from its definition on the same batch."""
+    import torch.nn.functional as F
+
+    from bind.bench.ddp import check_recipe
+    from bind.data import build_dataset
+    from bind.recipe import parse_recipe
+    from bind.stage import StageRunner
+    from bind.trainer import build_model, seed_everything
+
+    weight = 0.25
+    data = check_recipe(str(data_root), 16, local_loss=False, chunk_size=None)
+    data["stages"][0]["pairs"]["audio"] |= {"weight": weight, "loss": "info_nce"}
+    recipe = parse_recipe(data)
+    seed_everything(0)
+    model = build_model(recipe)
+    train_sets = {m: build_dataset(s.train_data, recipe.data_root) for m, s in recipe.modalities.items()}
+    runner = StageRunner(model, recipe, recipe.stages[0], torch.device("cpu"), train_sets)
+    batches = {m: next(iterator) for m, iterator in runner.data.iterators().items()}
+
+    loss, parts, _ = runner.backward({m: iter([batch]) for m, batch in batches.items()})
+    grads = [p.grad.clone() for p in runner.params]
+
+    anchor_x, x, _, _ = batches["audio"]
+    z_audio, z_image = runner.towers["audio"](x), runner.towers["image"](anchor_x)  # no dropout: the same forward
+    logits = model["audio"].logit_scale * z_audio @ z_image.T
+    targets = torch.arange(len(logits))
+    pair_loss = (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+    expected_grads = torch.autograd.grad(weight * pair_loss, runner.params)
+
+    assert parts["audio"] == pytest.approx(pair_loss.item(), rel=1e-5)  # the part is the pair's own loss
+    assert loss == pytest.approx(weight * pair_loss.item(), rel=1e-5)
+    assert len(grads) > 1 and all(g.abs().sum() > 0 for g in grads)
+    for got, expected in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))  # float32 sums
+
+
+def test_num_workers_0_and_2_train_the_same_weights_with_augmentation(tmp_path, data_root):
+    """README: a run is the same whatever the number of DataLoader workers. Audio is augmented (speed, noise) and
+    dropped out in both stages, so every random draw of preprocessing runs in the workers with num_workers=2."""
+    from test_resume import tiny_recipe
+
+    from bind.recipe import parse_recipe
+    from bind.trainer import build_model, seed_everything
+
+    weights = []
+    for workers in (0, 2):
+        data = tiny_recipe(data_root)
+        data |= {"num_workers": workers, "checkpoint_every": None}
+        data["stages"][0]["steps"], data["stages"][1]["steps"] = 2, 2
+        for modality in data["modalities"].values():
+            modality.pop("eval_data")  # the weights are the point; no evaluation
+            modality["train_data"]["args"]["limit"] = 64  # every digit, in a few seconds
+        assert data["modalities"]["audio"]["train_data"]["augment"]
+        run_recipe(parse_recipe(data), tmp_path / str(workers), show_progress=False)
+        weights.append(BindModel.from_pretrained(tmp_path / str(workers)).state_dict())
+    seed_everything(data["seed"])
+    initial = build_model(parse_recipe(data)).state_dict()
+    assert weights[0].keys() == weights[1].keys() == initial.keys()
+    assert not all(torch.equal(weights[0][key], initial[key]) for key in initial)  # it trained: equal is not trivial
+    for key in weights[0]:
+        assert torch.equal(weights[0][key], weights[1][key]), key  # bitwise

@@ -1,13 +1,18 @@
 """The ``bindkit`` command. One module per verb; each adds its parser and a ``run(args)`` function.
 
-The CLI owns the terminal: errors bindkit raises on purpose print as one or two lines on stderr
-and exit with status 2; ``--debug`` shows the traceback instead.
+The CLI owns the terminal, and :func:`main` is its one error boundary: errors bindkit raises on purpose
+(:class:`~bind.errors.BindError`) and the library exceptions of reading and writing files
+(:data:`bind.safe_io.BOUNDARY_ERRORS`: OSError, UnicodeDecodeError, csv.Error, RecursionError,
+UnpicklingError, SafetensorError, ...) print as one line on stderr, naming the file, and exit with status 2;
+``--debug`` (or ``BINDKIT_DEBUG=1``) shows the traceback instead. Any other exception is a bug and keeps its
+traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
 import sys
 from collections.abc import Sequence
@@ -15,6 +20,7 @@ from collections.abc import Sequence
 from .. import __version__
 from ..errors import BindError
 from ..memory import tune_malloc
+from ..safe_io import BOUNDARY_ERRORS, error_line
 from . import bench as bench_verb
 from . import check as check_verb
 from . import data as data_verb
@@ -49,7 +55,7 @@ VERBS += [check_verb]
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bindkit", description="Bind modality encoders into one embedding space.")
     parser.add_argument("--version", action="version", version=f"bindkit {__version__}")
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks (also: BINDKIT_DEBUG=1)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="COMMAND")
     for verb in VERBS:
@@ -81,20 +87,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     _quiet_transformers(args.verbose)
     tune_malloc()
+    args.debug = debug = args.debug or os.environ.get("BINDKIT_DEBUG", "") not in ("", "0")
     try:
         code = args.func(args)
+    except KeyboardInterrupt:
+        sys.exit(130)
     except BindError as err:
-        if args.debug:
+        if debug:
             raise
         print(f"bindkit {args.verb}: error: {_one_line(str(err))}", file=sys.stderr)
         sys.exit(getattr(err, "exit_code", 2))
-    except OSError as err:  # a path the user gave (--out in a missing folder, no permission): name it
-        if args.debug or not err.filename:
+    except BOUNDARY_ERRORS as err:  # a library's error about a file (full disk, a pickle, bad bytes): name the file
+        if debug:
             raise
-        print(f"bindkit {args.verb}: error: {err.filename}: {err.strerror}; check the path", file=sys.stderr)
+        print(f"bindkit {args.verb}: error: {_one_line(error_line(err))}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        sys.exit(130)
     sys.exit(code or 0)
 
 

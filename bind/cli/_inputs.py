@@ -11,6 +11,7 @@ import torch
 from ..errors import ConfigError, DataError, InputError
 from ..inputs import glob_files, is_glob, walk_files
 from ..model import BindModel
+from ..safe_io import text_lines
 
 INPUTS_HELP = (
     "text: the strings themselves; other modalities: files, folders (the files of that modality in them and "
@@ -94,10 +95,8 @@ def _read_lines(path: Path, arg: str) -> list[str]:
     """The non-blank lines of an ``@FILE`` argument."""
     if not path.is_file():
         raise DataError(f"{path}: list file not found (from {arg!r}; @FILE reads one item per line)")
-    try:
-        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    except UnicodeDecodeError as err:
-        raise InputError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8") from None
+    with open(path, "rb") as f:  # line by line, each bounded: a file without line breaks is refused, not loaded
+        lines = [line.strip() for line in text_lines(f, path) if line.strip()]
     if not lines:
         raise InputError(f"{path}: no items in it (from {arg!r}); expected one item per line")
     return lines
@@ -136,7 +135,3 @@ def names_path(npy: str | Path) -> Path:
     """``gallery.npy`` -> ``gallery.names.txt``: the item of each row, written by ``bindkit embed``."""
     npy = Path(npy)
     return npy.with_name((npy.name[: -len(".npy")] if npy.name.endswith(".npy") else npy.name) + ".names.txt")
-
-
-def write_names(path: Path, names: list[str]) -> None:
-    path.write_text("".join(name.replace("\r", " ").replace("\n", " ") + "\n" for name in names), encoding="utf-8")

@@ -3,7 +3,8 @@
 MODEL is a training run, a folder written by BindModel.save_pretrained, or a hub id (org/name).
 
 Writes FILE.npy (float32, one unit-norm row per item, in input order) and FILE.names.txt beside it
-(the item of each row, one per line), which bindkit retrieve --gallery-embeddings reads.
+(the item of each row, one per line), which bindkit retrieve --gallery-embeddings reads. The two are
+written as one unit: a write that fails (disk full, ulimit -f) leaves the previous pair as it was.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ..registry import load_plugins
+from ..safe_io import atomic_outputs
 from ._inputs import (
     INPUTS_HELP,
     add_plugin_args,
@@ -22,7 +24,6 @@ from ._inputs import (
     names_path,
     read_inputs,
     resolve_device,
-    write_names,
 )
 
 
@@ -47,8 +48,32 @@ def run(args: argparse.Namespace) -> int:
     model, _ = load_run(args.run_dir, args.plugin, trust_plugins=args.trust_plugins)
     items = read_inputs(model, args.modality, args.inputs)
     embeddings = embed_inputs(model.to(device), args.modality, items, args.batch_size)
-    out = Path(args.out)
-    np.save(out, embeddings)
-    write_names(names_path(out), items)
-    print(f"{out}: {embeddings.shape[0]} x {embeddings.shape[1]} float32 ({args.modality}); names in {names_path(out)}")
+    npy = npy_path(args.out)
+    names = names_path(npy)
+    write_gallery(npy, embeddings, items)
+    print(f"{npy}: {embeddings.shape[0]} x {embeddings.shape[1]} float32 ({args.modality}); names in {names}")
     return 0
+
+
+def npy_path(out: str | Path) -> Path:
+    """The file ``--out`` names, as numpy would write it: ``.npy`` added when it lacks that suffix."""
+    out = Path(out)
+    return out if out.name.endswith(".npy") else out.with_name(out.name + ".npy")
+
+
+def write_gallery(npy: Path, embeddings: np.ndarray, items: list[str]) -> None:
+    """``npy`` and its names file as one unit (:func:`bind.safe_io.atomic_outputs`).
+
+    Both are written whole to temporary files beside them first; only then are they renamed over the previous
+    pair (the ``.npy``, then its names), and if the second rename fails the first is undone. So a write that
+    fails (a full disk or ``ulimit -f``: the failures that happen while writing) leaves the previous pair
+    byte for byte; only a crash between the two renames, microseconds apart, could pair a new ``.npy`` with old
+    names (``bindkit retrieve`` refuses the pair when their counts differ)."""
+    with atomic_outputs([npy, names_path(npy)]) as (npy_file, names_file):
+        np.save(npy_file, embeddings)
+        names_file.write(names_text(items).encode("utf-8"))
+
+
+def names_text(items: list[str]) -> str:
+    """One item per line (line breaks inside an item become spaces, so lines and rows stay one to one)."""
+    return "".join(item.replace("\r", " ").replace("\n", " ") + "\n" for item in items)

@@ -22,10 +22,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..reference import recipe_reference
+    from ..safe_io import write_atomic
 
     text = recipe_reference()
     if args.out:
-        Path(args.out).write_text(text)
+        write_atomic(Path(args.out), text.encode())
         print(f"wrote {args.out}")
     else:
         sys.stdout.write(text)

@@ -16,6 +16,7 @@ import numpy as np
 
 from ..errors import ConfigError, DataError
 from ..registry import load_plugins
+from ..safe_io import text_lines
 from ._inputs import (
     INPUTS_HELP,
     add_plugin_args,
@@ -29,7 +30,9 @@ from ._inputs import (
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("retrieve", help="cross-modal search with a model (a run, a saved folder, a hub id)", description=__doc__)
+    p = sub.add_parser(
+        "retrieve", help="cross-modal search with a model (a run, a saved folder, a hub id)", description=__doc__
+    )
     p.add_argument("run_dir", metavar="MODEL", help="a model folder (a run, e.g. runs/digits) or a hub id (org/name)")
     p.add_argument("--query-modality", required=True, help="the modality of the queries, e.g. audio")
     p.add_argument("--query", nargs="+", required=True, metavar="INPUT", help="queries; " + INPUTS_HELP)
@@ -98,10 +101,8 @@ def _load_gallery(path: str, names_file: str | None, embed_dim: int) -> tuple[np
         return gallery, [str(i) for i in range(len(gallery))]
     if not Path(names_file).is_file():
         raise DataError(f"{names_file}: gallery names file not found")
-    try:
-        names = Path(names_file).read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as err:
-        raise DataError(f"{names_file}: not UTF-8 text ({err}); expected one gallery name per line") from None
+    with open(names_file, "rb") as f:  # one name per line, each bounded (bind.safe_io)
+        names = [line.rstrip("\r\n") for line in text_lines(f, Path(names_file))]
     if len(names) != len(gallery):
         raise ConfigError(f"{names_file}: {len(names)} names for {len(gallery)} gallery rows in {path}")
     return gallery, names

@@ -17,13 +17,14 @@ A member with no decoder reaches the encoder's ``preprocess`` as its bytes.
 from __future__ import annotations
 
 import io
-import json
+import math
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from ..registry import load_plugins
+from ..safe_io import parse_json
 from .pairs import BadItem
 
 Decoder = Callable[[bytes, str], Any]  # (the member's bytes, its name for messages) -> raw item
@@ -64,9 +65,22 @@ def _text(data: bytes, where: str) -> str:
 
 @register_decoder("npy")
 def _array(data: bytes, where: str) -> np.ndarray:
+    """An ``.npy`` member; its header's shape must fit the bytes it holds (numpy allocates the declared shape
+    before reading a file object's data: a 100-byte member claiming a terabyte would be a MemoryError)."""
+    f = io.BytesIO(data)
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+    elif version == (2, 0):
+        shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+    else:  # 3.0 (UTF-8 field names) and later: bindkit writes none; refuse rather than trust the header
+        raise ValueError(f".npy format version {version[0]}.{version[1]}; expected 1.0 or 2.0")
+    declared = math.prod(shape) * dtype.itemsize
+    if declared > len(data) - f.tell():
+        raise ValueError(f"the header declares {shape} {dtype} ({declared} bytes), the member holds {len(data)}")
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 
 @register_decoder("json")
 def _json(data: bytes, where: str) -> Any:
-    return json.loads(data)
+    return parse_json(data, where, "a JSON document", error=ValueError)

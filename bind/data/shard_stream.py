@@ -96,6 +96,8 @@ class ShardStream(IterableDataset):
         in_a_row = 0
         for sample in shuffled(self._read(self.shards_for(epoch, worker, num_workers), bad), self.shuffle_buffer, rng):
             try:
+                if sample.problem is not None:  # a member refused unread (sparse, over the size cap)
+                    raise BadItem(sample.name, sample.problem)
                 out = self.load(sample, epoch)
             except BadItem as err:
                 if not self.skip_bad:
@@ -115,11 +117,11 @@ class ShardStream(IterableDataset):
         for i in shards:
             file, read, error = self.index.files[i], 0, "it ends early"
             try:
-                for key, members in read_shard(self.index.directory / file):
-                    yield ShardSample(file, key, self.offsets[i] + read, members)
+                for key, members, problem in read_shard(self.index.directory / file):
+                    yield ShardSample(file, key, self.offsets[i] + read, members, problem)
                     read += 1
             except (tarfile.TarError, OSError, EOFError) as err:
-                error = f"{type(err).__name__}: {err}"
+                error = f"{type(err).__name__}: {' '.join(str(err).split())}"  # one line
             # tarfile takes a cut inside a header for the end of the archive: the index's count catches it
             if read < self.index.counts[i]:
                 message = f"damaged tar: {read} of {self.index.counts[i]} samples read ({error}); the rest was skipped"
@@ -147,7 +149,12 @@ class ShardStream(IterableDataset):
             raise BadItem(sample.name, f"{column}: {err}") from err
 
     def load(self, sample: ShardSample, epoch: int) -> tuple[Any, ...]:
-        return {c: self.decode(sample, c) for c in self.index.columns}, sample.label()
+        return {c: self.decode(sample, c) for c in self.index.columns}, self.label(sample)
+
+    def label(self, sample: ShardSample) -> int:
+        """The sample's class index, checked against the index's classes; :class:`BadItem` when it is not one."""
+        names = self.index.class_names
+        return sample.label(len(names) if names is not None else None)
 
 
 class ShardPreprocessed(ShardStream):
@@ -161,7 +168,7 @@ class ShardPreprocessed(ShardStream):
         self.column, self.preprocess, self.augment = column, preprocess, augment
 
     def load(self, sample: ShardSample, epoch: int) -> tuple[Any, int]:
-        return self.prepare(sample, self.column, self.preprocess, self.augment, epoch), sample.label()
+        return self.prepare(sample, self.column, self.preprocess, self.augment, epoch), self.label(sample)
 
 
 class ShardPairs(ShardStream):
@@ -188,7 +195,7 @@ class ShardPairs(ShardStream):
 
     def load(self, sample: ShardSample, epoch: int) -> tuple[Any, Any, int]:
         anchor_x = self.prepare(sample, self.anchor_column, self.anchor_preprocess, None, epoch)
-        return anchor_x, self.prepare(sample, self.column, self.preprocess, self.augment, epoch), sample.label()
+        return anchor_x, self.prepare(sample, self.column, self.preprocess, self.augment, epoch), self.label(sample)
 
 
 def collate_with_bad(collate: Callable[[list[tuple[Any, ...]]], tuple[Any, ...]]) -> Callable[[list], tuple]:

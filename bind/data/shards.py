@@ -44,8 +44,8 @@ evaluation and the map-style trainer, not streaming.
 
 from __future__ import annotations
 
-import json
 import os
+import reprlib
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -56,6 +56,7 @@ import torch
 
 from ..errors import DataError
 from ..model_files import resolve_inside
+from ..safe_io import max_member_bytes, member_problem, read_json, read_member
 from . import Items, register_dataset
 from .decoders import decode
 from .pairs import BadItem
@@ -86,24 +87,10 @@ class ShardIndex:
         file = path if path.suffix == ".json" else path / INDEX
         if not file.is_file():
             raise DataError(f"{file} not found: write shards with `bindkit shard MANIFEST --out {file.parent}`")
-        try:
-            raw = json.loads(file.read_text())
-            index = cls(
-                file.parent,
-                [s["file"] for s in raw["shards"]],
-                [int(s["samples"]) for s in raw["shards"]],
-                dict(raw["columns"]),
-                raw.get("class_names"),
-                raw.get("split"),
-            )
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-            raise DataError(
-                f"{file}: not a shard index written by `bindkit shard` ({type(err).__name__}: {err})"
-            ) from err
-        for i, (name, count) in enumerate(zip(index.files, index.counts, strict=True)):
+        raw = read_json(file, "a shard index written by `bindkit shard`")
+        index = cls(file.parent, *_index_fields(file, raw))
+        for i, name in enumerate(index.files):
             _check_shard_name(file, i, name)
-            if count < 0:
-                raise DataError(f"{file}: shards[{i}].samples: expected a count of samples (>= 0), got {count}")
         missing = [f for f in index.files if not (index.directory / f).is_file()]
         if missing:
             raise DataError(f"{file} lists {len(missing)} shard(s) not in {index.directory}: {', '.join(missing[:5])}")
@@ -112,6 +99,41 @@ class ShardIndex:
     def check_column(self, column: str) -> None:
         if column not in self.columns:
             raise DataError(f"{self.directory / INDEX}: no column {column!r}; columns are {', '.join(self.columns)}")
+
+
+def _index_fields(file: Path, raw: Any) -> tuple[Any, ...]:
+    """``(files, counts, columns, class_names, split)`` of a parsed index.json, each key's type checked."""
+
+    def refuse(key: str, expected: str, got: Any) -> DataError:
+        shown = reprlib.repr(got)
+        return DataError(
+            f"{file}: {key}: expected {expected}, got {shown}; not a shard index written by `bindkit shard`"
+        )
+
+    if not isinstance(raw, dict):
+        raise refuse("(top level)", "a JSON object", raw)
+    shards = raw.get("shards")
+    if not isinstance(shards, list):
+        raise refuse("shards", "a list of {file, samples}", shards)
+    files, counts = [], []
+    for i, shard in enumerate(shards):
+        count = shard.get("samples") if isinstance(shard, dict) else None
+        if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+            raise refuse(f"shards[{i}].samples", "a count of samples (an integer >= 0)", count)
+        files.append(shard.get("file"))
+        counts.append(count)
+    columns = raw.get("columns")
+    if not isinstance(columns, dict) or not all(
+        isinstance(exts, list) and all(isinstance(e, str) for e in exts) for exts in columns.values()
+    ):
+        raise refuse("columns", "a mapping of column -> list of file extensions", columns)
+    class_names = raw.get("class_names")
+    if class_names is not None and not (isinstance(class_names, list) and all(isinstance(c, str) for c in class_names)):
+        raise refuse("class_names", "a list of class names or null", class_names)
+    split = raw.get("split")
+    if split is not None and not isinstance(split, str):
+        raise refuse("split", "a split name or null", split)
+    return files, counts, columns, class_names, split
 
 
 def _check_shard_name(index_file: Path, i: int, name: Any) -> None:
@@ -128,26 +150,57 @@ def _check_shard_name(index_file: Path, i: int, name: Any) -> None:
 
 @dataclass
 class ShardSample:
-    """One sample as read from a shard: ``members`` maps a column to its (extension, bytes)."""
+    """One sample as read from a shard: ``members`` maps a column to its (extension, bytes).
+
+    ``problem``: why a member of it was not read (sparse, over the size cap); such a sample is a bad item."""
 
     shard: str
     key: str
     ordinal: int  # position in the whole shard set (shard by shard): the index augmentation seeds on
     members: dict[str, tuple[str, bytes]]
+    problem: str | None = None
 
     @property
     def name(self) -> str:
         return f"{self.shard}/{self.key}"
 
-    def label(self) -> int:
-        """The ``label.cls`` class index; without one each sample is its own class, as in a manifest."""
-        return int(self.members["label"][1]) if "label" in self.members else self.ordinal
+    def label(self, num_classes: int | None = None) -> int:
+        """The ``label.cls`` class index; without one each sample is its own class, as in a manifest.
+
+        Raises :class:`BadItem` when ``label.cls`` is not a small integer >= 0 (below ``num_classes``, if given)."""
+        if "label" not in self.members:
+            return self.ordinal
+        try:
+            return parse_label(self.members["label"][1], num_classes)
+        except ValueError as err:
+            raise BadItem(self.name, str(err)) from None
 
 
-def read_shard(path: Path) -> Iterator[tuple[str, dict[str, tuple[str, bytes]]]]:
-    """``(key, {column: (ext, bytes)})`` for each sample of one tar shard, in order, streaming."""
-    key, members = None, {}
-    with tarfile.open(path, mode="r|") as tar:
+MAX_LABEL_DIGITS = 9  # a class index; anything longer is not one (and int() of 5000 digits is slow or refused)
+MAX_LABEL_BYTES = MAX_LABEL_DIGITS + 64  # the digits and white space around them (a line break, padding)
+
+
+def parse_label(data: bytes, num_classes: int | None = None) -> int:
+    """The class index in a ``label.cls`` member (ASCII digits, white space around them allowed); else ValueError."""
+    text = data.strip() if len(data) <= MAX_LABEL_BYTES else b""
+    if not (0 < len(text) <= MAX_LABEL_DIGITS and text.isascii() and text.isdigit()):
+        raise ValueError(f"label.cls: expected a class index (a small integer >= 0), got {data[:20]!r}")
+    label = int(text)
+    if num_classes is not None and label >= num_classes:
+        raise ValueError(f"label.cls: class {label}, but index.json names {num_classes} classes")
+    return label
+
+
+def read_shard(path: Path) -> Iterator[tuple[str, dict[str, tuple[str, bytes]], str | None]]:
+    """``(key, {column: (ext, bytes)}, problem)`` for each sample of one tar shard, in order, member by member.
+
+    A member that is sparse or larger than :func:`~bind.safe_io.max_member_bytes` is not read (its header may
+    promise any size): its sample comes with ``problem`` saying why, to be skipped as a bad item."""
+    limit = max_member_bytes()
+    key, members, problem = None, {}, None
+    # random access, not the stream mode ("r|"): a stream skips a member's data by reading it block by block, so a
+    # header claiming exabytes would take forever to skip; here a skip is one seek (past the end: the tar ends)
+    with tarfile.open(path, mode="r:") as tar:
         for member in tar:
             if not member.isfile():
                 continue
@@ -156,13 +209,19 @@ def read_shard(path: Path) -> Iterator[tuple[str, dict[str, tuple[str, bytes]]]]
             if dot < 0:
                 continue
             if member.name[:dot] != key and key is not None:
-                yield key, members
-                members = {}
+                yield key, members, problem
+                members, problem = {}, None
             key = member.name[:dot]
             column, _, ext = member.name[dot + 1 :].partition(".")
-            members[column] = (ext, tar.extractfile(member).read())
+            refused = member_problem(member, limit)
+            if refused is None:
+                try:
+                    members[column] = (ext, read_member(tar.extractfile(member), member.name, limit))
+                except ValueError as err:
+                    refused = str(err)
+            problem = problem or refused
     if key is not None:
-        yield key, members
+        yield key, members, problem
 
 
 # ---- map-style view (recipes: source: shards) --------------------------------------------------------
@@ -179,9 +238,12 @@ def shards(root: Path, split: str, path: str, column: str) -> Items:
     if index.split not in (None, split):
         raise DataError(f"{index.directory} holds split {index.split!r}, not {split!r}; shard each split to its folder")
     places, labels, names = [], [], []
+    limit = max_member_bytes()
     for shard, file in enumerate(index.files):
         path = index.directory / file
         by_key, damage = _scan_members(path, index, shard)
+        # a sparse or oversized member says so (its declared size also runs past the file's end)
+        damage = next((p for ms in by_key.values() for m in ms.values() if (p := member_problem(m, limit))), damage)
         if damage is not None:  # a skipped item would change what evaluation scores: refuse, naming the shard
             raise DataError(
                 f"{path}: damaged tar ({damage}); reading by index (evaluation, stream: false) needs whole shards: "
@@ -189,13 +251,13 @@ def shards(root: Path, split: str, path: str, column: str) -> Items:
             )
         with open(path, "rb") as f:
             for key, members in by_key.items():
-                if "split" in members and _member_bytes(f, members["split"]).decode() not in (split, ""):
+                if "split" in members and _member_text(f, members["split"], path) not in (split, ""):
                     continue
                 if column not in members:
                     raise DataError(f"{path}: sample {key!r} has no {column!r} member")
                 m = members[column]
                 places.append((shard, m.name.partition(".")[2].partition(".")[2], m.offset_data, m.size))
-                labels.append(int(_member_bytes(f, members["label"])) if "label" in members else len(labels))
+                labels.append(_member_label(f, members, path, key, index) if "label" in members else len(labels))
                 names.append(f"{file}/{key}")
 
     def read(i: int) -> Any:
@@ -240,12 +302,12 @@ def _scan_members(
     by_key: dict[str, dict[str, tarfile.TarInfo]] = {}
     damage = None
     try:
-        with tarfile.open(path) as tar:
+        with tarfile.open(path, mode="r:") as tar:
             while (member := tar.next()) is not None:
                 key, _, suffix = member.name.partition(".")
                 by_key.setdefault(key, {})[suffix.partition(".")[0]] = member
     except (tarfile.TarError, OSError, EOFError) as err:
-        damage = f"{type(err).__name__}: {err}"
+        damage = f"{type(err).__name__}: {' '.join(str(err).split())}"
     size = path.stat().st_size
     if damage is None and len(by_key) < index.counts[shard]:  # tarfile takes a cut inside a header for the end
         damage = f"it ends early: {len(by_key)} of {index.counts[shard]} samples"
@@ -258,6 +320,22 @@ def _scan_members(
     return by_key, damage
 
 
-def _member_bytes(f: Any, member: tarfile.TarInfo) -> bytes:
+def _member_bytes(f: Any, member: tarfile.TarInfo, limit: int | None = None) -> bytes:
     f.seek(member.offset_data)
-    return f.read(member.size)
+    return f.read(member.size if limit is None else min(member.size, limit))
+
+
+def _member_text(f: Any, member: tarfile.TarInfo, path: Path) -> str:
+    """A small text member (``split.txt``), read as at most 1 KiB."""
+    try:
+        return _member_bytes(f, member, 1024).decode("utf-8")
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: {member.name}: not UTF-8 text; expected a split name") from None
+
+
+def _member_label(f: Any, members: dict[str, tarfile.TarInfo], path: Path, key: str, index: ShardIndex) -> int:
+    num_classes = len(index.class_names) if index.class_names is not None else None
+    try:
+        return parse_label(_member_bytes(f, members["label"], MAX_LABEL_BYTES + 1), num_classes)
+    except ValueError as err:  # evaluation scores against labels: a wrong one is refused, not skipped
+        raise DataError(f"{path}: sample {key!r}: {err}; write the shards again with `bindkit shard`") from None
