@@ -141,18 +141,23 @@ def text_lines(f: IO[bytes], path: Path, limit: int = MAX_LINE_BYTES) -> Iterato
             ) from None
 
 
-def max_member_bytes() -> int:
-    """The largest tar member read: ``$BINDKIT_MAX_MEMBER_BYTES`` when set, else :data:`MAX_MEMBER_BYTES`."""
-    value = os.environ.get("BINDKIT_MAX_MEMBER_BYTES")
+def positive_env(name: str, default: int, unit: str) -> int:
+    """A limit a user may raise: ``$NAME`` when set (a positive whole number of ``unit``), else ``default``."""
+    value = os.environ.get(name)
     if value is None:
-        return MAX_MEMBER_BYTES
+        return default
     try:
         limit = int(value)
     except ValueError:
         limit = 0
     if limit < 1:
-        raise ConfigError(f"$BINDKIT_MAX_MEMBER_BYTES: expected a positive number of bytes, got {value!r}")
+        raise ConfigError(f"${name}: expected a positive number of {unit}, got {value!r}")
     return limit
+
+
+def max_member_bytes() -> int:
+    """The largest tar member read: ``$BINDKIT_MAX_MEMBER_BYTES`` when set, else :data:`MAX_MEMBER_BYTES`."""
+    return positive_env("BINDKIT_MAX_MEMBER_BYTES", MAX_MEMBER_BYTES, "bytes")
 
 
 def member_problem(member: tarfile.TarInfo, limit: int) -> str | None:

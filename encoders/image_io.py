@@ -24,6 +24,7 @@ from torch import Tensor
 
 from bind.data.decoders import register_decoder
 from bind.errors import ConfigError, InputError
+from bind.safe_io import positive_env
 
 LUMA = (0.299, 0.587, 0.114)  # ITU-R 601, the weights PIL's convert("L") uses
 
@@ -36,16 +37,7 @@ MAX_IMAGE_PIXELS = 50_000_000
 
 def max_image_pixels() -> int:
     """The pixel budget: ``$BINDKIT_MAX_IMAGE_PIXELS`` when set, else :data:`MAX_IMAGE_PIXELS`."""
-    value = os.environ.get("BINDKIT_MAX_IMAGE_PIXELS")
-    if value is None:
-        return MAX_IMAGE_PIXELS
-    try:
-        budget = int(value)
-    except ValueError:
-        budget = 0
-    if budget < 1:
-        raise ConfigError(f"$BINDKIT_MAX_IMAGE_PIXELS: expected a positive number of pixels, got {value!r}")
-    return budget
+    return positive_env("BINDKIT_MAX_IMAGE_PIXELS", MAX_IMAGE_PIXELS, "pixels")
 
 
 def check_image_size(size: tuple[int, int], where: str) -> None:

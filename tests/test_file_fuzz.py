@@ -22,7 +22,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_hostile_files import saved_model, sparse_member
-from test_recipe_values import _get, key_paths, watchdog
+from test_recipe_values import DELETE, _get, _set, key_paths, watchdog
 
 from bind.data.manifest import manifest
 from bind.data.shard_stream import ShardStream
@@ -97,24 +97,6 @@ def config_files(draw, base: dict[str, Any]) -> bytes:
     elif kind == "special":
         content = draw(st.sampled_from(SPECIAL_CONFIGS))
     return content
-
-
-class _Delete:
-    pass
-
-
-DELETE = _Delete()
-
-
-def _set(document: Any, path: tuple, value: Any) -> None:
-    try:
-        parent = _get(document, path[:-1])
-        if value is DELETE:
-            del parent[path[-1]]
-        elif isinstance(parent, (dict, list)):
-            parent[path[-1]] = value
-    except (KeyError, IndexError, TypeError):
-        pass
 
 
 def test_no_config_json_gets_past_from_pretrained_as_anything_but_a_one_line_error(tmp_path_factory):
