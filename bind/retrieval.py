@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from .errors import ConfigError, DataError, InputError
+from .safe_io import atomic_outputs, read_json
 
 
 def exact_search(
@@ -226,15 +227,22 @@ class SearchIndex:
         ]
 
     def save(self, directory: str | os.PathLike[str]) -> Path:
-        """``embeddings.npy`` + ``names.json`` (+ ``index.faiss``) in ``directory``."""
+        """``embeddings.npy`` + ``names.json`` (+ ``index.faiss``) in ``directory``, written as one unit: a write
+        that fails (a full disk) leaves the previous index as it was."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        np.save(directory / "embeddings.npy", np.asarray(self.embeddings, dtype=np.float32))
-        (directory / "names.json").write_text(json.dumps({"backend": self.backend, "names": self.names}))
+        paths = [directory / "embeddings.npy", directory / "names.json"]
+        faiss_bytes = None
         if self._faiss is not None:
             import faiss
 
-            faiss.write_index(self._faiss, str(directory / "index.faiss"))
+            faiss_bytes = faiss.serialize_index(self._faiss).tobytes()
+            paths.append(directory / "index.faiss")
+        with atomic_outputs(paths) as files:
+            np.save(files[0], np.asarray(self.embeddings, dtype=np.float32))
+            files[1].write(json.dumps({"backend": self.backend, "names": self.names}).encode())
+            if faiss_bytes is not None:
+                files[2].write(faiss_bytes)
         return directory
 
     @classmethod
@@ -244,15 +252,35 @@ class SearchIndex:
         for name in ("embeddings.npy", "names.json"):
             if not (directory / name).is_file():
                 raise DataError(f"{directory / name} is missing: not a saved bindkit search index")
-        meta = json.loads((directory / "names.json").read_text())
+        meta = read_json(directory / "names.json", "a search index's names (SearchIndex.save)", MAX_NAMES_BYTES)
+        if not (
+            isinstance(meta, dict) and meta.get("backend") in ("exact", "faiss") and isinstance(meta.get("names"), list)
+        ):
+            raise DataError(f"{directory / 'names.json'}: expected {{backend: exact|faiss, names: [...]}}")
         embeddings = load_embeddings(directory / "embeddings.npy", mmap=mmap)
+        if len(meta["names"]) != len(embeddings):
+            raise DataError(
+                f"{directory / 'names.json'}: {len(meta['names'])} names for {len(embeddings)} rows of embeddings.npy"
+            )
         index = cls.__new__(cls)
         index.embeddings, index.names, index.backend = embeddings, meta["names"], meta["backend"]
         index._faiss = None
         if index.backend == "faiss":
             faiss = _import_faiss()
-            index._faiss = faiss.read_index(str(directory / "index.faiss"))
+            path = directory / "index.faiss"
+            try:
+                index._faiss = faiss.read_index(str(path))
+            except RuntimeError as err:  # faiss reports a missing or damaged file as its own RuntimeError
+                raise DataError(f"{path}: not a readable FAISS index ({str(err).splitlines()[0][:200]})") from None
+            if index._faiss.ntotal != len(embeddings) or index._faiss.d != embeddings.shape[1]:
+                raise DataError(
+                    f"{path}: holds {index._faiss.ntotal} x {index._faiss.d} vectors, embeddings.npy "
+                    f"{len(embeddings)} x {embeddings.shape[1]}; the folder's files come from different indexes"
+                )
         return index
+
+
+MAX_NAMES_BYTES = 1 << 30  # names.json of a very large gallery: bounded, but large
 
 
 def _import_faiss():

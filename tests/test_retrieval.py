@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bind import ConfigError
+from bind import ConfigError, DataError
 from bind.retrieval import SearchIndex, exact_search
 
 REPO = Path(__file__).parents[1]
@@ -123,6 +123,45 @@ def test_index_save_load_and_faiss_agree_with_exact(tmp_path):
     assert [[n for n, _ in row] for row in got] == [[n for n, _ in row] for row in exact]
     with pytest.raises(ConfigError, match="3 gallery names for 200"):
         SearchIndex(gallery, names[:3])
+
+
+def test_a_saved_faiss_index_is_the_one_loaded_and_a_damaged_one_is_one_line(tmp_path):
+    """The FAISS index saved is read back (not rebuilt, not silently replaced by exact search), and a folder whose
+    files disagree or are damaged is refused naming the file."""
+    faiss = pytest.importorskip("faiss")
+    gallery, names = unit_rows(50, 8, 6), [f"item{i}" for i in range(50)]
+    folder = SearchIndex(gallery, names, backend="faiss").save(tmp_path / "faiss")
+    stored = faiss.read_index(str(folder / "index.faiss"))
+    assert stored.ntotal == 50 and stored.d == 8
+    loaded = SearchIndex.load(folder)
+    assert loaded.backend == "faiss" and loaded._faiss is not None and loaded._faiss.ntotal == 50
+    np.testing.assert_array_equal(faiss.rev_swig_ptr(loaded._faiss.get_xb(), 50 * 8), gallery.reshape(-1))
+    (folder / "index.faiss").write_bytes(b"not an index")
+    with pytest.raises(DataError, match=r"index.faiss: not a readable FAISS index"):
+        SearchIndex.load(folder)
+    SearchIndex(gallery[:10], names[:10], backend="faiss").save(tmp_path / "small")
+    (folder / "index.faiss").write_bytes((tmp_path / "small" / "index.faiss").read_bytes())
+    with pytest.raises(DataError, match=r"index.faiss: holds 10 x 8 vectors, embeddings.npy 50 x 8"):
+        SearchIndex.load(folder)
+    (folder / "names.json").write_text('{"backend": "faiss", "names": ["a"]}')
+    with pytest.raises(DataError, match=r"names.json: 1 names for 50 rows"):
+        SearchIndex.load(folder)
+
+
+def test_saving_an_index_over_another_replaces_all_its_files_or_none(tmp_path, monkeypatch):
+    import bind.safe_io
+
+    first, second = unit_rows(20, 8, 1), unit_rows(30, 8, 2)
+    folder = SearchIndex(first, [f"a{i}" for i in range(20)]).save(tmp_path / "index")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(bind.safe_io, "_replace_all", full_disk)
+    with pytest.raises(DataError, match="unchanged"):
+        SearchIndex(second, [f"b{i}" for i in range(30)]).save(folder)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # no temporary file, nothing replaced
 
 
 def bindkit(*args: str) -> subprocess.CompletedProcess:
