@@ -165,3 +165,24 @@ def test_num_workers_0_and_2_train_the_same_weights_with_augmentation(tmp_path, 
     assert not all(torch.equal(weights[0][key], initial[key]) for key in initial)  # it trained: equal is not trivial
     for key in weights[0]:
         assert torch.equal(weights[0][key], weights[1][key]), key  # bitwise
+
+
+def test_learnable_logit_scales_are_clamped_to_1_and_the_maximum_and_fixed_ones_left_alone():
+    """After a step a learnable scale stays in [1, max_logit_scale] (CLIP clamps its at 100); a fixed one is not
+    touched, whatever its value."""
+    from bind import create_encoder
+    from bind.optim import clamp_logit_scales
+
+    learnable = create_encoder("audio_cnn", width=4, embed_dim=8)
+    learnable.log_logit_scale.requires_grad_(True)  # what learnable_logit_scale=True gives
+    model = BindModel({"audio": learnable}, anchor_modality="audio")
+    for value, expected in [(-3.0, 1.0), (0.5, float(torch.tensor(0.5).exp())), (50.0, learnable.max_logit_scale)]:
+        with torch.no_grad():
+            learnable.log_logit_scale.fill_(value)
+        clamp_logit_scales(model)
+        assert float(learnable.log_logit_scale.detach().exp()) == pytest.approx(expected, rel=1e-6)
+    learnable.log_logit_scale.requires_grad_(False)
+    with torch.no_grad():
+        learnable.log_logit_scale.fill_(-3.0)
+    clamp_logit_scales(model)
+    assert float(learnable.log_logit_scale) == -3.0
