@@ -26,8 +26,8 @@ from typing import Any
 import yaml
 
 from .errors import BindError, DataError
-from .model_files import CONFIG_NAME, WEIGHTS_NAME, atomic_write
-from .safe_io import read_json
+from .model_files import CONFIG_NAME, WEIGHTS_NAME
+from .safe_io import read_json, write_atomic
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*(@[\w./-]+)?")  # "org/name", "org/name@revision"
 # what a bindkit model folder holds; nothing else of a repository is downloaded
@@ -115,7 +115,7 @@ def write_model_card(directory: Path, config: dict[str, Any], name: str | None =
     if path.is_file() and CARD_MARK not in path.read_text(encoding="utf-8", errors="replace"):
         return None
     results = _read_eval(directory / "eval.json")
-    atomic_write(path, model_card(config, name or directory.resolve().name, results).encode())
+    write_atomic(path, model_card(config, name or directory.resolve().name, results).encode())
     return path
 
 

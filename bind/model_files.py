@@ -23,7 +23,6 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from .errors import ConfigError, DataError
-from .safe_io import read_limited, write_atomic
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
@@ -306,17 +305,3 @@ def resolve_inside(folder: Path, relative: str | os.PathLike[str], where: str, c
             "are read (the file was edited, or comes from an untrusted source)"
         )
     return target
-
-
-MAX_CONFIG_BYTES = 16 << 20  # a model's config.json is a few KB (a long class list: a few hundred); more is no config
-
-
-def read_bounded(path: Path, limit: int = MAX_CONFIG_BYTES) -> str:
-    """The UTF-8 text of a small file anyone may have written, refused in one line past ``limit`` bytes."""
-    return read_limited(path, limit, "a small JSON file written by bindkit", ConfigError).decode("utf-8")
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a failure leaves either the old or the new file, never half of one
-    (:func:`bind.safe_io.write_atomic`: a temporary file beside it, fsynced, renamed; removed on any failure)."""
-    write_atomic(path, data)

@@ -17,9 +17,8 @@ from typing import Any
 
 from .config import read_recipe_file
 from .errors import ConfigError, DataError
-from .model_files import atomic_write
 from .recipe import Recipe, changed_keys
-from .safe_io import read_json
+from .safe_io import read_json, write_atomic
 
 SUMMARY_NAME = "seeds.json"
 
@@ -91,7 +90,7 @@ def same_recipe(run_dir: Path, recipe: Recipe) -> None:
 
 def write_summary(out: Path, summary: dict[str, Any]) -> Path:
     path = out / SUMMARY_NAME
-    atomic_write(path, json.dumps(summary, indent=2).encode())
+    write_atomic(path, json.dumps(summary, indent=2).encode())
     return path
 
 

@@ -59,11 +59,11 @@ from .hub import write_model_card
 from .init import init_from_encoder
 from .lora import apply_lora
 from .model import BindModel
-from .model_files import atomic_write
 from .monitor import MetricsLog, StopFlag
 from .recipe import Recipe, StageSpec, changed_keys, recipe_to_dict
 from .registry import create_encoder
 from .runlock import run_lock
+from .safe_io import write_atomic
 from .stage import StageRunner
 
 log = logging.getLogger(__name__)
@@ -225,7 +225,7 @@ def _run_locked(
     results = evaluate_all(model, recipe, device, dist, show_progress)
     if dist.is_main:
         metrics.write({"stage": "eval", **results})
-        atomic_write(out_dir / "eval.json", json.dumps(results, indent=2).encode())
+        write_atomic(out_dir / "eval.json", json.dumps(results, indent=2).encode())
         write_model_card(out_dir, model.config())  # now with the figures
     barrier()  # rank 0 hosts the process group's store: everyone is done before anyone leaves
     shutdown_distributed()
