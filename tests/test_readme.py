@@ -21,6 +21,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
+# the docs pages whose commands run after README's, in this order (the tutorial has its own test, tests/test_tutorial.py)
+DOC_PAGES = ["data", "encoders", "recipes", "search", "released-spaces", "scale", "reliability", "benchmarks", "layout"]
+PAGES = [README, *(REPO / "docs" / f"{name}.md" for name in DOC_PAGES)]
 BLOCK = re.compile(r"(<!-- long:[^>]*-->\n)?^```(\w*)\n(.*?)^```$", re.S | re.M)
 SKIP_COMMANDS = (
     "bindkit run ",
@@ -36,8 +39,20 @@ SKIP_COMMANDS = (
 
 
 def readme_blocks() -> list[tuple[str, str, bool]]:
-    """(language, text, marked long) of every fenced block, in order."""
-    return [(lang, text, bool(long)) for long, lang, text in BLOCK.findall(README.read_text())]
+    """(language, text, marked long) of every fenced block of README and the docs pages, in reading order."""
+    return [(lang, text, bool(long)) for page in PAGES for long, lang, text in BLOCK.findall(page.read_text())]
+
+
+def test_every_docs_page_is_run_or_named_and_every_relative_link_resolves():
+    pages = {p.stem for p in (REPO / "docs").glob("*.md")}
+    assert pages == {*DOC_PAGES, "tutorial", "recipe-keys"}  # a new page is added to DOC_PAGES, so its commands run
+    for page in [README, *(REPO / "docs").glob("*.md")]:
+        for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", page.read_text()):
+            assert (page.parent / target).exists(), f"{page.name}: link to {target} resolves to nothing"
+
+
+def test_readme_is_a_front_page():
+    assert len(README.read_text().splitlines()) <= 300  # guides, figures and dates live on the docs pages
 
 
 def shell_commands(text: str) -> list[str]:
