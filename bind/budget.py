@@ -146,7 +146,8 @@ def measure_tower(name: str, kwargs: Mapping[str, Any]) -> TowerSize | None:
     if "load_weights" in inspect.signature(get_encoder_info(name).factory).parameters:
         kwargs = {**kwargs, "load_weights": False}
     try:
-        with torch.random.fork_rng(devices=[]), torch.device("meta"):  # the random state stays as it was
+        # the random state stays as it was; modules first imported here keep real tensors
+        with torch.random.fork_rng(devices=[]), torch.device("meta"), _imports_off_meta():
             encoder = create_encoder(name, **kwargs)
     except BindError:
         raise
@@ -157,6 +158,129 @@ def measure_tower(name: str, kwargs: Mapping[str, Any]) -> TowerSize | None:
     blocks = len(encoder.trunk_blocks())
     total, head = module_bytes(encoder), module_bytes(encoder.head)
     return TowerSize(name, total, head, encoder.trunk_dim, blocks, encoder.embed_dim)
+
+
+# ---- sizes measured before: bindkit validate's edit-validate loop -------------------------------------------------
+# Building a tower on the meta device imports its code (transformers' BERT for MiniLM: seconds). ``validate`` only
+# advises (``run`` measures every tower again before it builds it), so it reads the sizes an earlier measurement
+# wrote here, keyed by everything the size depends on: the encoder, its arguments, the files they name (size and
+# modification time), the factory's source file, and the bindkit and torch versions. A wrong entry can only make
+# validate's advice wrong; a bad file is ignored and rewritten.
+SIZE_CACHE_ENV = "BINDKIT_CACHE"  # the folder of bindkit's own caches; default $XDG_CACHE_HOME/bindkit or ~/.cache
+SIZE_CACHE_NAME = "tower-sizes.json"
+SIZE_CACHE_ENTRIES = 256  # the newest kept: the file stays small
+SIZE_CACHE_BYTES = 1 << 20
+
+
+def size_cache_path() -> Path:
+    folder = os.environ.get(SIZE_CACHE_ENV)
+    if not folder:
+        folder = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "bindkit"
+    return Path(folder) / SIZE_CACHE_NAME
+
+
+def _stat(path: Any) -> list[int] | None:
+    try:
+        st = os.stat(path)
+    except (OSError, TypeError, ValueError):
+        return None
+    return [st.st_size, st.st_mtime_ns]
+
+
+def size_key(name: str, kwargs: Mapping[str, Any]) -> str | None:
+    """What a tower's size depends on, as one string; None when it cannot be told (arguments JSON cannot hold)."""
+    import hashlib
+    import json
+
+    from . import __version__
+
+    info = get_encoder_info(name)
+    try:
+        source = inspect.getsourcefile(info.factory)
+        files = {arg: _stat(kwargs[arg]) for arg in info.files if kwargs.get(arg) is not None}
+        if any(stamp is None for stamp in files.values()):
+            return None  # a file that is not there: the run says so
+        text = json.dumps(
+            [name, dict(kwargs), files, source, _stat(source), __version__, torch.__version__],
+            sort_keys=True,
+            allow_nan=False,
+        )
+    except (TypeError, ValueError):
+        return None
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _read_sizes(path: Path) -> dict[str, Any]:
+    from .safe_io import BOUNDARY_ERRORS, read_json
+
+    try:
+        sizes = read_json(path, "bindkit's tower size cache", limit=SIZE_CACHE_BYTES)
+    except (BindError, *BOUNDARY_ERRORS):
+        return {}
+    return sizes if isinstance(sizes, dict) else {}
+
+
+def _entry_size(entry: Any, name: str) -> TowerSize | None | bool:
+    """A cache entry as a :class:`TowerSize`; ``False`` for a tower that cannot be counted on the meta device; None
+    for anything else (not there, or not what the cache writes)."""
+    fields = ("total", "head", "width", "blocks", "embed_dim")
+    if not isinstance(entry, dict) or entry.get("name") != name:
+        return None
+    if entry == {"name": name, "counted": False}:
+        return False
+    values = [entry.get(f) for f in fields]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+        return None
+    return TowerSize(name, *values)
+
+
+def remembered_size(name: str, kwargs: Mapping[str, Any]) -> TowerSize | None | bool:
+    """The size measured before for this tower (``False``: it could not be counted), None if the cache has nothing."""
+    key = size_key(name, kwargs)
+    return None if key is None else _entry_size(_read_sizes(size_cache_path()).get(key), name)
+
+
+def remember_size(name: str, kwargs: Mapping[str, Any], size: TowerSize | None) -> None:
+    """Add ``size`` to the cache (None: the tower cannot be counted on the meta device); a cache that cannot be
+    written is left as it is (it only saves time)."""
+    import dataclasses
+    import json
+
+    from .safe_io import BOUNDARY_ERRORS, write_atomic
+
+    key = size_key(name, kwargs)
+    if key is None:
+        return
+    path = size_cache_path()
+    sizes = _read_sizes(path)
+    sizes.pop(key, None)
+    sizes[key] = dataclasses.asdict(size) if size is not None else {"name": name, "counted": False}  # newest last
+    kept = dict(list(sizes.items())[-SIZE_CACHE_ENTRIES:])
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, json.dumps(kept).encode())
+    except (BindError, *BOUNDARY_ERRORS) as err:
+        log.debug("tower size cache %s not written: %s", path, err)
+
+
+@contextmanager
+def _imports_off_meta() -> Iterator[None]:
+    """Run the imports of the block outside ``torch.device("meta")``: a module first imported while a tower is built
+    there (encoders import torchvision, torchaudio, ... on first use) keeps its module-level tensors real
+    (torchaudio's Kaldi ``EPSILON`` on meta broke every later fbank)."""
+    import builtins
+
+    real = builtins.__import__
+
+    def import_off_meta(*args: Any, **kwargs: Any) -> Any:
+        with torch._C.DisableTorchFunction():  # the device mode is a torch-function mode
+            return real(*args, **kwargs)
+
+    builtins.__import__ = import_off_meta
+    try:
+        yield
+    finally:
+        builtins.__import__ = real
 
 
 class MemoryCheck:
@@ -175,18 +299,23 @@ class MemoryCheck:
         tower: str,
         argument_key: Callable[[str], str],
         strict: bool = True,
+        remembered: bool = False,
     ) -> TowerSize | None:
         """Count encoder ``name`` built with ``kwargs``; :class:`MemoryBudgetError` when the towers so far and it
         exceed the budget. ``source``: the file; ``tower``: the tower's key in it (``modalities.image``);
         ``argument_key(arg)``: the key of one of its arguments. ``strict=False``: a tower whose meta build fails
-        is not counted (``bindkit validate``: the run raises the error, with its key)."""
-        try:
-            size = measure_tower(name, kwargs)
-        except BindError:
-            if strict:
-                raise
-            size = None
+        is not counted (``bindkit validate``: the run raises the error, with its key). ``remembered``: take a size
+        measured before (:func:`remembered_size`) instead of building the tower again (``bindkit validate``)."""
+        size = remembered_size(name, kwargs) if remembered else None
         if size is None:
+            try:
+                size = measure_tower(name, kwargs)
+            except BindError:
+                if strict:
+                    raise
+                return None  # not remembered: the run raises the error
+            remember_size(name, kwargs, size)
+        if not size:  # a factory that cannot build on the meta device: not counted
             return None
         self.used += size.total
         limit = self.budget.limit

@@ -27,7 +27,25 @@ import torch.distributed as dist
 from torch import Tensor
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+from .errors import ConfigError
+
 log = logging.getLogger(__name__)
+
+
+def resolve_device(name: str, key: str = "device") -> torch.device:
+    """``auto`` (CUDA when there is one), ``cpu``, ``cuda`` or ``cuda:N``, checked; errors name ``key`` (the recipe
+    key or the command-line option the name came from)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"{key}: expected auto, cpu, cuda or cuda:N, got {name!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"{key}: expected auto, cpu, cuda or cuda:N, got {name!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"{key}: {name!r} was asked for but no CUDA device is available here; use auto or cpu")
+    return device
 
 
 @dataclass(frozen=True)
@@ -179,7 +197,6 @@ def launch(nproc: int, argv: list[str], debug: bool = False) -> int:
 def check_nproc(nproc: int) -> None:
     """Refuse, in one line, more processes than this machine has devices for: one GPU per process on CUDA,
     at most one process per CPU core without one."""
-    from .errors import ConfigError
 
     if nproc < 1:
         raise ConfigError(f"--nproc: expected a number of processes >= 1, got {nproc}")

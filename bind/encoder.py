@@ -210,10 +210,20 @@ class ModalityEncoder(nn.Module):
             torch.cat(list(samples)), torch.repeat_interleave(torch.arange(len(samples)), counts), len(samples)
         )
 
+    # The logit scale's bounds live here, in these two methods: the scale used is capped at ``max_logit_scale``
+    # (ImageBind's LearnableLogitScaling clips the same way), and after each optimizer step a learnable scale is
+    # put back in [1, max_logit_scale] (CLIP clamps at 100), so it cannot drift where the cap hides its gradient.
     @property
     def logit_scale(self) -> Tensor:
-        """1 / temperature, clamped to ``max_logit_scale``."""
+        """1 / temperature, capped at ``max_logit_scale``."""
         return self.log_logit_scale.clamp(max=math.log(self.max_logit_scale)).exp()
+
+    @torch.no_grad()
+    def clamp_logit_scale_(self) -> None:
+        """Keep a learnable logit scale in [1, ``max_logit_scale``], in place (the trainer calls it after each
+        step); a fixed one is left as built."""
+        if self.log_logit_scale.requires_grad:
+            self.log_logit_scale.clamp_(0.0, math.log(self.max_logit_scale))
 
     def forward_head(self, features: Tensor) -> Tensor:
         """(B, trunk_dim) -> (B, embed_dim), not normalised."""

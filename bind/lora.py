@@ -26,10 +26,10 @@ from typing import Any
 
 from torch import nn
 
-from .config import build
 from .encoder import ModalityEncoder
 from .errors import ConfigError
 from .recipe import RANGES, LoraSpec
+from .typed_yaml import build
 
 ADAPTER_NAME = "default"  # peft's name for a model's only adapter
 ADAPTER_DIR = "adapter"  # under assets/<modality>/ of a saved model

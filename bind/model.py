@@ -72,8 +72,6 @@ class BindModel(nn.Module):
         self.anchor_modality = anchor_modality
         self.embed_dim = next(iter(dims.values()))
         self.shared_trunks: dict[str, str] = {}  # modality -> modality whose trunk it shares
-        # what each encoder freezes as assembled (after any LoRA): where a stage's freeze override returns to
-        self.default_freeze = {m: (e.frozen_part, e.unfreeze_last_blocks) for m, e in encoders.items()}
         self.class_names: list[str] | None = None  # what label i meant in training (saved in config.json)
 
     @property

@@ -23,6 +23,8 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from .errors import ConfigError, DataError
+from .registry import get_encoder_info
+from .safe_io import resolve_inside
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
@@ -98,8 +100,6 @@ def _check_factory_kwargs(name: str, kwargs: Mapping[str, Any], where: str) -> i
     """Each argument of a registered factory: one it takes (one named like a path, or a mapping that may hold
     one, is confined by :func:`paths_inside` first and refused by the registry after), of its parameter's
     annotated type. Returns the ``embed_dim`` the encoder gets, when it can be told."""
-    from .registry import get_encoder_info
-
     try:
         factory = get_encoder_info(name).factory
     except ConfigError:  # an unregistered encoder: from_config names it and the plugin that registers it
@@ -286,22 +286,3 @@ def paths_inside(kwargs: Mapping[str, Any], root: Path, where: str, confine: Pat
             value = str(resolve_inside(root, value, f"{where}.{key}", confine))
         out[key] = value
     return out
-
-
-def resolve_inside(folder: Path, relative: str | os.PathLike[str], where: str, confine: Path | None = None) -> Path:
-    """``folder / relative`` resolved (symlinks followed); :class:`DataError` when that leaves ``folder``.
-
-    ``where`` names the file and key the path came from, e.g. ``"runs/x/config.json: encoders.text.kwargs.path"``.
-    ``confine``: a folder holding ``folder`` that links inside it may lead to (a hub cache repository's);
-    the path as written must still stay in ``folder``.
-    """
-    base = Path(folder).resolve()
-    written = Path(os.path.normpath(base / relative))  # an absolute ``relative`` replaces base, and is refused below
-    target = written.resolve()
-    allowed = Path(confine).resolve() if confine is not None else base
-    if not written.is_relative_to(base) or not target.is_relative_to(allowed):
-        raise DataError(
-            f"{where}: {os.fspath(relative)!r} resolves to {target}, outside {base}; only files inside that folder "
-            "are read (the file was edited, or comes from an untrusted source)"
-        )
-    return target

@@ -37,7 +37,7 @@ from typing import Any, TypeVar
 
 from .encoder import ModalityEncoder
 from .errors import ConfigError, UnknownEncoderError, UntrustedPluginError, did_you_mean
-from .model_files import resolve_inside
+from .safe_io import resolve_inside
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ class EncoderInfo:
     ``augmenter`` builds the encoder's training augmentation from a recipe's ``augment:`` knobs
     (:mod:`bind.data.augment`); ``None``: the encoder offers none.
 
-    What building will need, checked by ``bindkit validate`` without building (:mod:`bind.recipe_checks`):
+    What building will need, checked by ``bindkit validate`` without building (:mod:`bind.recipe.checks`):
     ``files`` maps each argument that names a file (or folder) to read to its :class:`FileArg`: what to do
     when it is missing, and whether it names a folder or may be a name instead; a model folder's config.json
     may name such files only inside that folder (:func:`reading_inside`). ``check_args(args)`` checks the rest

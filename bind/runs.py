@@ -10,13 +10,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .config import build
 from .errors import ConfigError, DataError
 from .hub import resolve_model
 from .model import BindModel
 from .model_files import CONFIG_NAME, WEIGHTS_NAME
 from .recipe import RANGES, Recipe, parse_recipe, read_recipe_file, recipe_to_dict, set_override
 from .registry import load_named_plugins, load_plugins
+from .typed_yaml import build
 
 RECIPE_NAME = "recipe.yaml"
 

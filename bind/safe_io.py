@@ -8,7 +8,7 @@ Reading (every reader of a stranger's file goes through these; each refusal is o
 * :func:`read_member`: a tar member's bytes, refused when sparse or larger than :func:`max_member_bytes`, and
   read as at most that many bytes whatever its header says.
 
-YAML recipes have their own reader with the same rules (:func:`bind.config.read_recipe_file`).
+YAML recipes have their own reader with the same rules (:func:`bind.typed_yaml.read_recipe_file`).
 
 Writing: :func:`atomic_output` (one file) and :func:`atomic_outputs` (files that belong together, such as a
 gallery's ``.npy`` and its names) write into hidden temporary files beside the targets and rename them into
@@ -392,3 +392,22 @@ def _file_in_traceback(err: BaseException) -> str | None:
         found = next((os.fspath(v) for n in _PATH_NAMES if isinstance(v := local.get(n), os.PathLike)), found)
         tb = tb.tb_next
     return found
+
+
+def resolve_inside(folder: Path, relative: str | os.PathLike[str], where: str, confine: Path | None = None) -> Path:
+    """``folder / relative`` resolved (symlinks followed); :class:`DataError` when that leaves ``folder``.
+
+    ``where`` names the file and key the path came from, e.g. ``"runs/x/config.json: encoders.text.kwargs.path"``.
+    ``confine``: a folder holding ``folder`` that links inside it may lead to (a hub cache repository's);
+    the path as written must still stay in ``folder``.
+    """
+    base = Path(folder).resolve()
+    written = Path(os.path.normpath(base / relative))  # an absolute ``relative`` replaces base, and is refused below
+    target = written.resolve()
+    allowed = Path(confine).resolve() if confine is not None else base
+    if not written.is_relative_to(base) or not target.is_relative_to(allowed):
+        raise DataError(
+            f"{where}: {os.fspath(relative)!r} resolves to {target}, outside {base}; only files inside that folder "
+            "are read (the file was edited, or comes from an untrusted source)"
+        )
+    return target

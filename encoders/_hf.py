@@ -2,7 +2,7 @@
 
 A hub id (``"sentence-transformers/all-MiniLM-L6-v2"``) resolves through Hugging Face's standard cache
 (``$HF_HOME``, ``$HF_HUB_CACHE``), downloading what is missing unless ``$HF_HUB_OFFLINE=1``; a model that is
-neither cached nor downloadable is a one-line :class:`~bind.errors.DataError` saying what to download, at once:
+neither cached nor downloadable is a one-line :class:`~bind.DataError` saying what to download, at once:
 :class:`HubFiles` looks in the cache first, and asks the hub once (``$HF_HUB_ETAG_TIMEOUT`` seconds, default 3)
 before huggingface_hub would retry an unreachable hub for half a minute per file. A hub that does not answer
 while the files are cached means loading from the cache, as offline.
@@ -27,9 +27,7 @@ from typing import Any
 
 from torch import nn
 
-from bind import ModalityEncoder, find_blocks
-from bind.encoder import HeadKind
-from bind.errors import DataError
+from bind import DataError, HeadKind, ModalityEncoder, find_blocks
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +162,7 @@ def hub_model(repo: str, what: str, needed: tuple[tuple[str, ...], ...] = CONFIG
 
 def hf_path_check(what: str) -> Callable[[Mapping[str, Any]], None]:
     """``check_args`` of a Hugging Face tower (``what``): ``path`` is a model directory, or a hub id that is
-    cached when offline; a refusal starts with ``args.path:`` (:func:`bind.registry.register_encoder`)."""
+    cached when offline; a refusal starts with ``args.path:`` (:func:`bind.register_encoder`)."""
 
     def check(args: Mapping[str, Any]) -> None:
         path = args.get("path")

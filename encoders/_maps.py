@@ -11,12 +11,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import torchvision.transforms.v2.functional as TF
-from PIL import Image, UnidentifiedImageError
 from torch import Tensor, nn
 
-from bind import ConfigError, InputError, ModalityEncoder
-from bind.encoder import HeadKind
+from bind import ConfigError, HeadKind, InputError, ModalityEncoder
 
 from ._vision import VIT_TINY, Trunk
 from .image_io import IMAGE_SUFFIXES
@@ -41,6 +38,8 @@ def read_map_file(path: Path, what: str, expected: str) -> tuple[np.ndarray, str
             return np.load(path, allow_pickle=False), None
         except (OSError, ValueError, EOFError) as err:
             raise InputError(f"{what} could not be read as a numpy array ({type(err).__name__}: {err})") from err
+    from PIL import Image, UnidentifiedImageError
+
     try:
         with Image.open(path) as img:
             return np.array(img), img.mode
@@ -74,6 +73,8 @@ def resize_map(values: Tensor, size: int) -> Tensor:
     """
     if values.shape == (size, size):
         return values
+    import torchvision.transforms.v2.functional as TF
+
     valid = torch.isfinite(values)
     stack = torch.stack([torch.where(valid, values, 0.0), valid.float()])
     stack = TF.center_crop(TF.resize(stack, size, antialias=True), [size, size])

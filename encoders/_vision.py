@@ -2,7 +2,7 @@
 
 ``digits_cnn`` and ``tv_vit_b_16`` build their trunks here, and so do the depth and thermal CNNs and ViTs:
 a depth or thermal tower has the parameter names of its image counterpart, so
-:func:`bind.init.init_from_encoder` can start it from image weights (a ViT's RGB patch stem summed to one channel).
+:func:`bind.train.warm_start.init_from_encoder` can start it from image weights (a ViT's RGB patch stem summed to one channel).
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torchvision
 from torch import nn
 
 from bind import ConfigError
@@ -75,6 +74,8 @@ def vit_trunk(
     """
     if image_size % patch_size:
         raise ConfigError(f"{name}: image_size={image_size} must be a multiple of patch_size={patch_size}")
+    import torchvision
+
     model = torchvision.models.VisionTransformer(image_size, patch_size, num_layers, num_heads, hidden_dim, mlp_dim)
     model.heads = nn.Identity()
     if channels != 3:

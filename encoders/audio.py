@@ -24,8 +24,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from bind import ConfigError, ModalityEncoder, find_blocks, register_encoder
-from bind.encoder import HeadKind
+from bind import ConfigError, HeadKind, ModalityEncoder, find_blocks, register_encoder
 
 from ._hf import export_hf, hf_path_check, load_hf_model, load_hf_processor
 from ._transformer import pre_norm_blocks

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import soundfile as sf
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -122,6 +121,8 @@ def _mono(item: Any) -> tuple[Tensor, int | None]:
     if isinstance(item, tuple) and len(item) == 2:
         rate = item[1]
     elif isinstance(item, (str, os.PathLike)):
+        import soundfile as sf
+
         try:
             rate = sf.info(os.fspath(item)).samplerate
         except Exception:  # not audio: let load_audio say so, naming the file

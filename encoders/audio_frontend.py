@@ -13,12 +13,12 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-import torchaudio.compliance.kaldi as kaldi
-import torchaudio.functional as AF
 from einops import rearrange
 from torch import Tensor
 
 from bind import ConfigError
+
+from ._optional import optional
 
 FeatureKind = Literal["logmel", "fbank"]
 NormKind = Literal["utterance", "utterance_bins", "fixed", "none"]
@@ -82,9 +82,13 @@ class AudioFrontend:
         # the log-mel spectrum through its first `lifter` DCT coefficients and back: a smooth envelope, same shape
         self.smoother = None
         if self.lifter is not None:
+            AF = optional("torchaudio.functional")
+
             dct = AF.create_dct(self.lifter, self.n_mels, norm="ortho")  # (n_mels, lifter)
             self.smoother = dct @ dct.T
         if self.features == "logmel":  # Kaldi fbank builds its own filters
+            AF = optional("torchaudio.functional")
+
             self.mel_filters = AF.melscale_fbanks(
                 self.n_fft // 2 + 1, self.f_min, self.f_max or nyquist, self.n_mels, self.sample_rate
             )
@@ -121,6 +125,8 @@ class AudioFrontend:
     def _fbank(self, wave: Tensor) -> Tensor:
         if wave.shape[-1] < self.win_length:
             wave = F.pad(wave, (0, self.win_length - wave.shape[-1]))
+        kaldi = optional("torchaudio.compliance.kaldi")
+
         feats = kaldi.fbank(
             (wave - wave.mean())[None],
             htk_compat=True,

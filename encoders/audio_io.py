@@ -23,17 +23,19 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
-import soundfile as sf
 import torch
 import torch.nn.functional as F
-import torchaudio.functional as AF
 from torch import Tensor
 
-from bind import InputError
-from bind.data.decoders import register_decoder
+from bind import InputError, register_decoder
+
+from ._optional import optional
+
+if TYPE_CHECKING:
+    import soundfile as sf
 
 MAX_CHANNELS = 16  # more "channels" than this means a (samples, channels) array was passed
 
@@ -126,6 +128,8 @@ def _open_audio(path: Path, what: str) -> Iterator[sf.SoundFile]:
         raise InputError(f"{what} does not exist; expected a path to a WAV or FLAC file")
     if path.stat().st_size == 0:
         raise InputError(f"{what} is empty (0 bytes); expected a WAV or FLAC file: re-export or re-download it")
+    import soundfile as sf
+
     try:
         file = sf.SoundFile(path)
     except (sf.SoundFileError, RuntimeError, TypeError, ValueError) as err:
@@ -150,6 +154,8 @@ def _undecodable(what: str, err: Exception) -> InputError:
 
 def _read_frames(f: sf.SoundFile, frames: int, what: str) -> np.ndarray:
     """``frames`` frames (-1: to the end) from where ``f`` stands, as float32 ``(frames, channels)``."""
+    import soundfile as sf
+
     try:
         return f.read(frames, dtype="float32", always_2d=True)
     except (sf.SoundFileError, RuntimeError, TypeError, ValueError) as err:
@@ -173,7 +179,11 @@ def _resample_ratio(rate: float, sample_rate: int) -> Fraction:
 
 def _resample(wave: Tensor, rate: float, sample_rate: int) -> Tensor:
     ratio = _resample_ratio(rate, sample_rate)
-    return wave if ratio == 1 else AF.resample(wave, ratio.denominator, ratio.numerator)
+    if ratio == 1:
+        return wave
+    AF = optional("torchaudio.functional")
+
+    return AF.resample(wave, ratio.denominator, ratio.numerator)
 
 
 def _read_clip_windows(
@@ -232,6 +242,8 @@ def wav_bytes_missing(f: BinaryIO) -> int:
 @register_decoder(*(suffix[1:] for suffix in AUDIO_SUFFIXES))
 def decode_audio_bytes(data: bytes, where: str) -> tuple[np.ndarray, int]:
     """A shard member's audio bytes -> ``(waveform, sample_rate)``, the layout :func:`load_audio` takes."""
+    import soundfile as sf
+
     wave, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)  # (samples, channels)
     missing = wav_bytes_missing(io.BytesIO(data))
     if missing:

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from bind.errors import ConfigError
+from bind import ConfigError
 
 VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
 VOCAB_URL = "https://github.com/openai/CLIP/raw/main/clip/bpe_simple_vocab_16e6.txt.gz"

@@ -16,7 +16,7 @@ out of the interpolation), values become [0, 1] by :func:`depth_to_unit`, then `
 pixels are 0 after that normalisation, the middle of the range.
 
 The trunks are the image encoders' (``depth_cnn`` as ``digits_cnn``, ``depth_vit`` as ``tv_vit_b_16`` with a
-1-channel patch stem, from :mod:`encoders._vision`), so :func:`bind.init.init_from_encoder` can start them
+1-channel patch stem, from :mod:`encoders._vision`), so :func:`bind.train.warm_start.init_from_encoder` can start them
 from image weights, as ImageBind starts its depth tower from an image-like patch stem.
 
 Example::
@@ -36,8 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from bind import ConfigError, InputError, register_encoder
-from bind.encoder import HeadKind
+from bind import ConfigError, HeadKind, InputError, register_encoder
 
 from ._maps import TINY_CNN, TINY_VIT, MapEncoder, map_tensor, read_map_file
 from ._vision import Trunk, cnn_trunk, vit_trunk
@@ -202,7 +201,7 @@ def depth_vit(
 
     Defaults are a small ViT-S-like tower on 64-pixel disparity maps. To start from ImageNet weights, match
     the image tower (``image_size=224, patch_size=16, num_layers=12, num_heads=12, hidden_dim=768,
-    mlp_dim=3072``) and call ``bind.init.init_from_encoder(depth, image)``: the RGB stem is summed to one channel.
+    mlp_dim=3072``) and call ``bind.train.warm_start.init_from_encoder(depth, image)``: the RGB stem is summed to one channel.
     """
     scale = DepthScale(mode, max_depth, focal_length, baseline, max_disparity)
     trunk = vit_trunk("depth_vit", image_size, patch_size, num_layers, num_heads, hidden_dim, mlp_dim, channels=1)

@@ -20,17 +20,13 @@ from typing import Any
 
 import numpy as np
 import torch
-import torchvision
-import torchvision.transforms.v2.functional as TF
 from torch import Tensor, nn
 
-from bind import ModalityEncoder, register_encoder
-from bind.encoder import HeadKind
-from bind.errors import ConfigError, DataError
+from bind import ConfigError, DataError, HeadKind, ModalityEncoder, register_encoder
 
 from ._hf import TINY_TRANSFORMER, HFEncoder, hf_path_check, load_hf_model, load_hf_processor, save_tiny_hf
 from ._vision import VIT_TINY, Trunk, cnn_trunk, vit_trunk
-from .image_augment import PLAIN, Draw, ImageAugment, render
+from .image_augment import PLAIN, Draw, ImageAugment, augments_as, render
 from .image_io import IMAGE_SUFFIXES, LUMA, example_images, load_image
 
 log = logging.getLogger(__name__)
@@ -80,6 +76,8 @@ class ImageEncoder(ModalityEncoder):
 
     def preprocess(self, item: Any) -> Tensor:
         """Raw image -> (channels, image_size, image_size), normalised."""
+        import torchvision.transforms.v2.functional as TF
+
         image = load_image(item, self.channels)
         size = self.image_size
         if self.crop_fraction is None:
@@ -94,7 +92,7 @@ class ImageEncoder(ModalityEncoder):
     ) -> list[Any]:
         """A batch of images rendered together (:func:`~encoders.image_augment.render`): the same values as
         preprocessing (and augmenting) them one by one, a fraction of the time in a DataLoader worker."""
-        if not self.renders_batches or (augment is not None and type(augment) is not ImageAugment):
+        if not self.renders_batches or (augment is not None and not augments_as(augment, ImageAugment)):
             return super().preprocess_many(items, augment, generators)
         images = [load_image(item, channels=None) for item in items]
         draws = [augment.draw(g) for g in generators] if augment is not None else [PLAIN] * len(images)
@@ -110,6 +108,8 @@ class ImageEncoder(ModalityEncoder):
     ) -> list[Tensor]:
         """``preprocess(apply_draw(x, draw))`` for float images ``(..., C, H, W)`` in [0, 1], batched (the frames a
         video uses come as one image, with their clip's border colour); only where :attr:`renders_batches`."""
+        import torchvision.transforms.v2.functional as TF
+
         out = []
         for x in render(images, draws, (self.image_size, self.image_size), fills):
             if self.channels == 1 and x.shape[-3] == 3:
@@ -210,6 +210,7 @@ def torchvision_weights(builder: str, name: str) -> Path:
     """
     from urllib.parse import urlparse
 
+    import torchvision
     from huggingface_hub import constants
 
     enum = torchvision.models.get_model_weights(builder)
@@ -258,6 +259,8 @@ _TV_FILES = {"weights_path": "pass a state-dict file of the model, or weights= (
 def tv_resnet(arch: str, trunk_dim: int, weights_path: str | None, **kwargs: Any) -> ImageEncoder:
     """torchvision's ResNet ``arch`` (``resnet18``, ``resnet50``, ...) as an encoder: ``trunk_dim``-d pooled
     features, its four stages as blocks. A new ResNet variant is a factory that calls this."""
+    import torchvision
+
     model = getattr(torchvision.models, arch)(weights=None)
     model.fc = nn.Identity()
     trunk = Trunk(model, trunk_dim, [model.layer1, model.layer2, model.layer3, model.layer4])

@@ -36,7 +36,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torchvision.transforms.v2.functional as TF
 from torch import Tensor
 
 from .audio_augment import _uniform, view_factors
@@ -151,6 +150,8 @@ def apply_draw(x: Tensor, d: Draw) -> Tensor:
     # content scale in output pixels per input pixel, per axis: shrink first with an antialiasing resize
     sx, sy = d.scale * math.sqrt(d.aspect) * out_w / w, d.scale / math.sqrt(d.aspect) * out_h / h
     if min(sx, sy) < 1:
+        import torchvision.transforms.v2.functional as TF
+
         x = TF.resize(x, [max(1, round(h * min(sy, 1))), max(1, round(w * min(sx, 1)))], antialias=True)
     theta = torch.tensor([_theta(d, out_w, out_h)], dtype=torch.float32)
     grid = F.affine_grid(theta.expand(x.shape[0], 2, 3), [x.shape[0], x.shape[1], out_h, out_w], align_corners=False)
@@ -250,6 +251,8 @@ def _render_chunk(
         src_h, src_w = h, w
         if min(sx, sy) < 1:  # shrink first with the antialiasing resize apply_draw uses; the rest stays zero
             src_h, src_w = max(1, round(h * min(sy, 1))), max(1, round(w * min(sx, 1)))
+            import torchvision.transforms.v2.functional as TF
+
             shrunk = TF.resize(x[k].flatten(0, 1), [src_h, src_w], antialias=True)
             z[k].zero_()[:, :src_h, :src_w] = shrunk - fill[k].repeat(x.shape[1])[:, None, None]
         thetas.append(_padded_theta(_theta(d, out_w, out_h), (src_h, src_w), (h, w), (out_h, out_w), (big_h, big_w)))
@@ -277,6 +280,8 @@ def _resize(x: Tensor, sizes: list[tuple[int, int]], size: tuple[int, int]) -> T
     if all(s == size for s in sizes) and x.shape[-2:] == size:
         return x
     if x.shape[-2] * x.shape[-1] > _MATRIX_PIXELS:
+        import torchvision.transforms.v2.functional as TF
+
         return torch.stack(
             [
                 r if s == size else TF.resize(r[:, : s[0], : s[1]], list(size), antialias=True)
@@ -371,6 +376,16 @@ class VideoAugment(ImageAugment):
     def test_views(self, n: int) -> list[FixedView]:
         """Up to ``n`` fixed views: every frame, as it is, then the content centred at zooms spread over ``scale``."""
         return [FixedView(dataclasses.replace(PLAIN, scale=s), video=True) for s in view_factors(self.scale, n)]
+
+
+def augments_as(augment: Any, kind: type[ImageAugment]) -> bool:
+    """Whether ``augment`` makes of an item what ``kind``'s own ``augment_raw`` and ``augment_tensor`` make of it: a
+    ``kind`` (or a subclass with other knobs or draws) that overrides neither. An encoder may then render a batch of
+    such augmentations at once from their draws (``preprocess_many``); any other augmenter (a :class:`FixedView`, a
+    plugin's, a :class:`VideoAugment` given to an image tower) goes item by item through its own two methods."""
+    return isinstance(augment, kind) and all(
+        getattr(type(augment), method) is getattr(kind, method) for method in ("augment_raw", "augment_tensor")
+    )
 
 
 def frames_as_float(frames: np.ndarray) -> Tensor:

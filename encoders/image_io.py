@@ -14,17 +14,18 @@ from __future__ import annotations
 
 import io
 import os
+import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
-from bind.data.decoders import register_decoder
-from bind.errors import ConfigError, InputError
-from bind.safe_io import positive_env
+from bind import ConfigError, InputError, positive_env, register_decoder
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 LUMA = (0.299, 0.587, 0.114)  # ITU-R 601, the weights PIL's convert("L") uses
 
@@ -36,7 +37,8 @@ MAX_IMAGE_PIXELS = 50_000_000
 
 
 def max_image_pixels() -> int:
-    """The pixel budget: ``$BINDKIT_MAX_IMAGE_PIXELS`` when set, else :data:`MAX_IMAGE_PIXELS`."""
+    """The pixel budget: ``$BINDKIT_MAX_IMAGE_PIXELS`` when set (a positive whole number), else
+    :data:`MAX_IMAGE_PIXELS`."""
     return positive_env("BINDKIT_MAX_IMAGE_PIXELS", MAX_IMAGE_PIXELS, "pixels")
 
 
@@ -57,12 +59,20 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".we
 @register_decoder(*(suffix[1:] for suffix in IMAGE_SUFFIXES))
 def decode_image_bytes(data: bytes, where: str) -> Image.Image:
     """A shard member's image bytes -> an upright PIL image, as :func:`load_image` reads a file (same pixel budget)."""
+    from PIL import Image, ImageOps
+
     try:
         with Image.open(io.BytesIO(data)) as image:  # the header only: the size is checked before decoding
             check_image_size(image.size, f"image {where}")
             return ImageOps.exif_transpose(image)  # a loaded copy
     except Image.DecompressionBombError as err:  # PIL's own limit, when the budget is raised past it
         raise ValueError(str(err)) from None
+
+
+def _is_pil_image(item: Any) -> bool:
+    """Whether ``item`` is a PIL image, without importing PIL: a PIL image exists only once PIL.Image is loaded."""
+    pil = sys.modules.get("PIL.Image")
+    return pil is not None and isinstance(item, pil.Image)
 
 
 def example_images(n: int, seed: int = 0) -> list[np.ndarray]:
@@ -88,7 +98,7 @@ def load_image(item: Any, channels: int | None = 3, upright: bool = True) -> Ten
         raise ConfigError(f"load_image: channels must be 1 (grayscale), 3 (RGB) or None (as stored), got {channels}")
     if isinstance(item, (str, os.PathLike)):
         image = _from_array(_read_file(Path(item), upright), f"image file {str(item)!r}")
-    elif isinstance(item, Image.Image):
+    elif _is_pil_image(item):
         where = f"PIL image of mode {item.mode}"
         check_image_size(item.size, where)  # an Image.open()ed image is not decoded yet
         image = _from_array(_pil_to_array(item), where)
@@ -119,8 +129,10 @@ def load_image(item: Any, channels: int | None = 3, upright: bool = True) -> Ten
 def load_rgb_pil(item: Any) -> Image.Image:
     """One raw image as an RGB PIL image of its stored pixels (no EXIF turn), as reference code that opens files
     with PIL and ``convert("RGB")`` sees them (ImageBind's, OpenCLIP's transforms); [0, 1] floats back to 8 bits."""
-    if isinstance(item, Image.Image):
+    if _is_pil_image(item):
         return item.convert("RGB")
+    from PIL import Image
+
     unit = load_image(item, channels=3, upright=False)
     return Image.fromarray(unit.mul(255).round().byte().permute(1, 2, 0).numpy())
 
@@ -129,6 +141,8 @@ def _read_file(path: Path, upright: bool = True) -> np.ndarray:
     where = f"image file {str(path)!r}"
     if not path.is_file():
         raise InputError(f"{where} does not exist; expected a PNG/JPEG (or other PIL-readable) file")
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
     if path.stat().st_size == 0:
         raise InputError(f"{where} is empty (0 bytes); expected a PNG or JPEG file: re-export or re-download it")
     try:

@@ -34,13 +34,12 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torchaudio.functional as AF
 from einops import rearrange
 from torch import Tensor, nn
 
-from bind import ClipBatch, ConfigError, InputError, ModalityEncoder, find_blocks, register_encoder
-from bind.encoder import HeadKind
+from bind import ClipBatch, ConfigError, HeadKind, InputError, ModalityEncoder, find_blocks, register_encoder
 
+from ._optional import optional
 from ._transformer import pre_norm_blocks
 
 IMUNorm = Literal["fixed", "window", "none"]
@@ -85,6 +84,8 @@ def load_imu(item: Any, sample_rate: int) -> Tensor:
         raise InputError(f"{what} holds NaN or inf samples; expected finite values (interpolate sensor dropouts)")
     if round(rate) != sample_rate:
         ratio = Fraction(sample_rate, round(rate)).limit_denominator(1000)
+        AF = optional("torchaudio.functional")
+
         signal = AF.resample(signal, ratio.denominator, ratio.numerator)
     return signal
 

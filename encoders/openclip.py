@@ -25,6 +25,7 @@ Example::
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import os
@@ -37,10 +38,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from bind import ModalityEncoder, find_blocks, register_encoder
-from bind.encoder import HeadKind
-from bind.errors import ConfigError, DataError, InputError, did_you_mean
-from bind.registry import FileArg
+from bind import ConfigError, DataError, FileArg, HeadKind, InputError, ModalityEncoder, find_blocks, register_encoder
 
 from ._hf import HubFiles, hub_offline
 from .image_augment import ImageAugment
@@ -50,7 +48,7 @@ log = logging.getLogger(__name__)
 
 EXTRA = "pip install -c constraints.txt -e '.[openclip]'"
 # the arguments that name files: bindkit validate checks they exist, a saved model's config.json may name them only
-# inside its folder (bind.registry.FileArg); pretrained may also be a weights tag
+# inside its folder (bind.FileArg); pretrained may also be a weights tag
 FILES = {
     "pretrained": FileArg("expected a weights file of the architecture, or one of its tags", or_name=True),
     "path": FileArg("expected an OpenCLIP model folder (open_clip_config.json and weights)", folder=True),
@@ -58,6 +56,12 @@ FILES = {
 PRETRAINED = "OpenCLIP (model= architecture, pretrained= tag or file; hf-hub: ids; path= local folder)"
 DEFAULT_MODEL = "ViT-B-32"
 WEIGHTS_SUFFIXES = (".bin", ".pt", ".pth", ".safetensors")
+
+
+def _did_you_mean(word: str, choices: list[str]) -> str:
+    """``"did you mean 'ViT-B-32'? "`` for the choices closest to a mistyped ``word``, else ``""``."""
+    close = difflib.get_close_matches(word, choices, n=3, cutoff=0.5)
+    return f"did you mean {', '.join(repr(c) for c in close)}? " if close else ""
 
 
 def import_open_clip() -> Any:
@@ -130,7 +134,7 @@ def check_names(
         return model, pretrained, hub
     if model not in open_clip.list_models():
         raise ConfigError(
-            f"model: {model!r} is not an OpenCLIP architecture; {did_you_mean(model, open_clip.list_models())}"
+            f"model: {model!r} is not an OpenCLIP architecture; {_did_you_mean(model, open_clip.list_models())}"
             "open_clip.list_models() lists them"
         )
     tags = open_clip.list_pretrained_tags_by_model(model)

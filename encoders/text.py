@@ -21,9 +21,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from bind import register_encoder
-from bind.encoder import HeadKind
-from bind.errors import ConfigError, InputError
+from bind import ConfigError, HeadKind, InputError, register_encoder
 
 from ._hf import (
     TINY_TRANSFORMER,

@@ -32,8 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from bind import ConfigError, InputError, register_encoder
-from bind.encoder import HeadKind
+from bind import ConfigError, HeadKind, InputError, register_encoder
 
 from ._maps import TINY_CNN, TINY_VIT, MapEncoder, map_tensor, read_map_file
 from ._vision import Trunk, cnn_trunk, vit_trunk
@@ -173,7 +172,7 @@ def thermal_vit(
     """ViT for thermal images (1-channel patch stem, torchvision layout), from scratch or from ``tv_vit_b_16``.
 
     To start from ImageNet weights, match the image tower's architecture arguments and call
-    ``bind.init.init_from_encoder(thermal, image)``.
+    ``bind.train.warm_start.init_from_encoder(thermal, image)``.
     """
     trunk = vit_trunk("thermal_vit", image_size, patch_size, num_layers, num_heads, hidden_dim, mlp_dim, channels=1)
     head_args = {"head": head, "logit_scale": logit_scale, "learnable_logit_scale": learnable_logit_scale}

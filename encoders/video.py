@@ -23,12 +23,11 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from bind import ClipBatch, ConfigError, InputError, ModalityEncoder, create_encoder, register_encoder
-from bind.encoder import HeadKind
+from bind import ClipBatch, ConfigError, HeadKind, InputError, ModalityEncoder, create_encoder, register_encoder
 
 from ._hf import TINY_TRANSFORMER, HFEncoder, hf_path_check, load_hf_model, load_hf_processor, save_tiny_hf
 from ._transformer import pre_norm_layer
-from .image_augment import PLAIN, VideoAugment, border_colour, frames_as_float
+from .image_augment import PLAIN, VideoAugment, augments_as, border_colour, frames_as_float
 from .image_io import scale_to_unit
 from .video_io import VIDEO_SUFFIXES, clip_indices, example_videos, frames_to_unit_float, load_frames
 
@@ -117,12 +116,21 @@ class VideoFramesEncoder(ModalityEncoder):
         super().__init__("video", trunk, dim, embed_dim, head, logit_scale, learnable_logit_scale)
         self.num_frames, self.max_clips, self.frame_stride = num_frames, max_clips, frame_stride
         self.temporal = temporal
-        self._set_frame_encoder(frame_encoder)
+        self._hold_frame_encoder(frame_encoder)
 
-    def _set_frame_encoder(self, encoder: ModalityEncoder) -> None:
-        # Not a submodule: only its trunk (registered as trunk.frames) belongs to the video tower; its head and
-        # logit scale would be parameters that never get a gradient.
-        object.__setattr__(self, "frame_encoder", encoder)
+    # The frame encoder is held as a plain reference, not a submodule: of it, only its trunk belongs to the video
+    # tower, registered as trunk.frames (the state_dict keys trunk.frames.*). Registered whole, its head and logit
+    # scale would be parameters that never get a gradient, under new state_dict keys; and after
+    # share_trunk_with(image_tower) it is the image tower itself, whose weights the model stores once, under that
+    # tower. nn.Module.__setattr__ registers every module assigned to an attribute, so the reference goes into the
+    # instance's __dict__ (where bind.model finds it, to record which module registers the frame encoder).
+    @property
+    def frame_encoder(self) -> ModalityEncoder:
+        """The image encoder run on each frame (its preprocess and forward_features); its trunk is ``trunk.frames``."""
+        return self.__dict__["_frame_encoder"]
+
+    def _hold_frame_encoder(self, encoder: ModalityEncoder) -> None:
+        self.__dict__["_frame_encoder"] = encoder
 
     def share_trunk_with(
         self, image_encoder: ModalityEncoder, mode: Literal["share", "copy"] = "share"
@@ -140,7 +148,7 @@ class VideoFramesEncoder(ModalityEncoder):
                     f"layer and head take {self.trunk_dim}; build it with the same frame_encoder as the image tower"
                 )
             self.trunk.frames = image_encoder.trunk
-            self._set_frame_encoder(image_encoder)
+            self._hold_frame_encoder(image_encoder)
         elif mode == "copy":
             try:
                 self.trunk.frames.load_state_dict(image_encoder.trunk.state_dict())
@@ -171,7 +179,7 @@ class VideoFramesEncoder(ModalityEncoder):
         """Every frame the clips of a batch use, rendered together by the frame encoder
         (``ImageEncoder.preprocess_drawn``): the values of :meth:`preprocess` item by item, a fraction of the time."""
         if not getattr(self.frame_encoder, "renders_batches", False) or (
-            augment is not None and type(augment) is not VideoAugment
+            augment is not None and not augments_as(augment, VideoAugment)
         ):
             return super().preprocess_many(items, augment, generators)
         rows, draws, fills, layout = [], [], [], []

@@ -19,7 +19,6 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-import av
 import numpy as np
 import torch
 from einops import rearrange
@@ -63,6 +62,8 @@ def read_video_with_rate(path: str | os.PathLike[str]) -> tuple[np.ndarray, floa
         raise InputError(f"{what} does not exist; expected a video file (mp4, webm, avi, ...)")
     if Path(path).stat().st_size == 0:
         raise InputError(f"{what} is empty (0 bytes); expected a video file (mp4, webm, avi, ...): re-export it")
+    import av
+
     try:
         with av.open(os.fspath(path)) as container:
             streams = container.streams.video
@@ -107,6 +108,8 @@ def write_video(
     height, width = array.shape[1:3]
     if pix_fmt == "yuv420p" and (height % 2 or width % 2):
         raise ConfigError(f"write_video({str(path)!r}): {pix_fmt} needs even frame sizes, got {height}x{width}")
+    import av
+
     with av.open(os.fspath(path), mode="w") as container:
         stream = container.add_stream(codec or default_codec, rate=Fraction(fps).limit_denominator(1000))
         stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt

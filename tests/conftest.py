@@ -53,6 +53,13 @@ def pytest_configure(config) -> None:
         raise pytest.UsageError(str(err)) from None
 
 
+@pytest.fixture(autouse=True)
+def _own_cache_folder(tmp_path_factory, monkeypatch):
+    """Each test its own bindkit cache folder (bind.budget's tower sizes): none reads what another wrote, and the
+    user's ~/.cache is left alone."""
+    monkeypatch.setenv("BINDKIT_CACHE", str(tmp_path_factory.mktemp("bindkit-cache")))
+
+
 def raw_examples(modality: str, n: int = 3, seed: int = 0) -> list:
     """``n`` raw items of ``modality``, as a user would pass them to ``embed``: the ``example_inputs`` of the
     tiny variant of an encoder registered for it (plugins' modalities included)."""
@@ -99,7 +106,7 @@ def data_root() -> Path:
 def tiny_run(tmp_path_factory) -> Path:
     """A smoke-size run of the digits recipe (seconds), trained once per test session."""
     from bind.recipe import load_recipe
-    from bind.trainer import run_recipe
+    from bind.train.trainer import run_recipe
 
     if not (DATA_ROOT / "mnist").is_dir():
         pytest.skip(f"real data not found at {DATA_ROOT}")

@@ -15,8 +15,8 @@ import torchvision.transforms.v2.functional as TF
 
 from bind.data import Items
 from bind.data.pairs import AnchorPairs, Preprocessed, item_generator
-from bind.memory import tune_malloc
 from bind.registry import create_encoder
+from bind.train.malloc import tune_malloc
 from encoders.audio_augment import AudioAugment
 from encoders.image_augment import PLAIN, ImageAugment, VideoAugment, apply_draw, render, resize_matrix
 

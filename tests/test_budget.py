@@ -19,7 +19,7 @@ from bind.budget import ENV_VAR, MemoryBudgetError, format_size, measure_tower, 
 from bind.model import BindModel
 from bind.recipe import load_recipe, parse_recipe
 from bind.registry import get_encoder_info
-from bind.trainer import build_model
+from bind.train.trainer import build_model
 
 REPO = Path(__file__).resolve().parents[1]
 WIDTH, DEPTH = 16384, 256  # the issue's ImageBind-format file: 3.0 TiB of weights declared in a few hundred KB
@@ -133,6 +133,22 @@ def test_counting_a_tower_leaves_the_random_state_as_it_was(scratch_registry):
     assert torch.equal(torch.rand(3), expected)  # the run's weights do not depend on whether it was counted
 
 
+def test_a_module_first_imported_while_counting_keeps_real_tensors(scratch_registry, tmp_path, monkeypatch):
+    # encoders import torchvision, torchaudio, ... on first use; torchaudio's Kaldi EPSILON was made on meta once
+    (tmp_path / "lazy_constants.py").write_text("import torch\nEPSILON = torch.tensor(1e-7)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "lazy_constants", raising=False)
+
+    @register_encoder("smell")
+    def lazy_probe(embed_dim: int = 8) -> ModalityEncoder:
+        import lazy_constants  # noqa: F401  (first imported here, inside the meta build)
+
+        return ModalityEncoder("smell", torch.nn.Linear(4, 4), 4, embed_dim)
+
+    assert measure_tower("lazy_probe", {}).total > 0
+    assert sys.modules["lazy_constants"].EPSILON.device.type == "cpu"
+
+
 # ---- the ImageBind-format file that declares terabytes ---------------------------------------------------------------
 def test_validate_refuses_a_checkpoint_declaring_terabytes_naming_the_key(tmp_path):
     recipe = imagebind_recipe(tmp_path, huge_imagebind_checkpoint(tmp_path / "huge.pth"))
@@ -154,14 +170,14 @@ def test_run_refuses_it_before_building_and_nothing_is_allocated(tmp_path):
     recipe = imagebind_recipe(tmp_path, huge_imagebind_checkpoint(tmp_path / "huge.pth"))
     script = f"""
 import json, re, resource
-import bind.trainer, encoders.imagebind, yaml
+import bind.train.trainer, encoders.imagebind, yaml
 from bind.recipe import parse_recipe
 mapped = int(re.search(r"VmSize:\\s+(\\d+) kB", open("/proc/self/status").read())[1]) << 10
 resource.setrlimit(resource.RLIMIT_AS, (mapped + (2 << 30), mapped + (2 << 30)))
 recipe = parse_recipe(yaml.safe_load(open({str(recipe)!r})), {str(recipe)!r}, check_data=False)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 try:
-    bind.trainer.build_model(recipe)
+    bind.train.trainer.build_model(recipe)
     error = None
 except Exception as err:
     error = f"{{type(err).__name__}}: {{err}}"
@@ -229,3 +245,56 @@ def test_a_recipe_over_the_budget_names_embed_dim_in_validate_and_run(tmp_path, 
     for refusal in (lambda: parse_recipe(data, "r.yaml"), lambda: build_model(parse_recipe(data, "r.yaml", False))):
         with pytest.raises(MemoryBudgetError, match=r"^r\.yaml: embed_dim: digits_cnn with width 16, 3 blocks and "):
             refusal()
+
+
+def test_validate_takes_a_size_measured_before_and_the_run_measures_again(tmp_path, monkeypatch):
+    from bind import budget
+
+    measured = []
+    real = budget.measure_tower
+    monkeypatch.setattr(budget, "measure_tower", lambda name, kwargs: measured.append(name) or real(name, kwargs))
+    kwargs = {"embed_dim": 8, "width": 4}
+    check = lambda remembered: budget.MemoryCheck(budget.Budget(None, "test")).admit(  # noqa: E731
+        "digits_cnn", kwargs, "r.yaml", "modalities.image", str, remembered=remembered
+    )
+    first = check(remembered=True)
+    assert measured == ["digits_cnn"] and budget.size_cache_path().is_file()
+    assert check(remembered=True) == first and measured == ["digits_cnn"], "validate read the size measured before"
+    assert check(remembered=False) == first and measured == ["digits_cnn"] * 2, "the run measures for real"
+    other = budget.MemoryCheck(budget.Budget(None, "test")).admit(
+        "digits_cnn", {**kwargs, "width": 8}, "r.yaml", "modalities.image", str, remembered=True
+    )
+    assert other.total > first.total and len(measured) == 3, "other arguments are another key"
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"{not json", b"[]", b'{"x": 1}', None],
+    ids=["broken", "a list", "a stranger's entry", "a lying entry"],
+)
+def test_a_bad_size_cache_is_measured_past_and_rewritten(tmp_path, content):
+    from bind import budget
+
+    kwargs = {"embed_dim": 8, "width": 4}
+    path = budget.size_cache_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = budget.size_key("digits_cnn", kwargs)
+    lie = {key: {"name": "digits_cnn", "total": -5, "head": 0, "width": 4, "blocks": 3, "embed_dim": 8}}
+    path.write_bytes(content if content is not None else json.dumps(lie).encode())
+    size = budget.MemoryCheck(budget.Budget(None, "test")).admit(
+        "digits_cnn", kwargs, "r.yaml", "modalities.image", str, remembered=True
+    )
+    assert size == budget.measure_tower("digits_cnn", kwargs)
+    assert json.loads(path.read_text())[key]["total"] == size.total
+
+
+def test_a_tower_that_cannot_be_counted_is_tried_once_by_validate(monkeypatch):
+    from bind import budget
+
+    tried = []
+    monkeypatch.setattr(budget, "measure_tower", lambda name, kwargs: tried.append(name))  # None: not countable
+    check = lambda: budget.MemoryCheck(budget.Budget(None, "test")).admit(  # noqa: E731
+        "digits_cnn", {"embed_dim": 8}, "r.yaml", "modalities.image", str, remembered=True
+    )
+    assert check() is None and check() is None
+    assert tried == ["digits_cnn"], "the second validate remembered that the tower cannot be counted"

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from bind import create_encoder
-from bind.cache import FeatureCache, cache_key
 from bind.data import Items
 from bind.errors import DataError
+from bind.train.feature_cache import FeatureCache, cache_key
 
 
 def test_cached_features_match_forward_for_multi_clip_items():

@@ -10,7 +10,7 @@ from conftest import DIGITS, SMOKE
 
 from bind.losses import info_nce
 from bind.recipe import load_recipe
-from bind.trainer import run_recipe
+from bind.train.trainer import run_recipe
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -39,7 +39,7 @@ def test_smoke_run_with_channels_last_compile_and_gradcache_on_cuda(tmp_path, da
 
 
 def test_gradcache_under_bf16_autocast_matches_the_whole_batch_on_cuda():
-    from bind.gradcache import ChunkedEmbedding
+    from bind.train.gradcache import ChunkedEmbedding
 
     torch.manual_seed(0)
     tower = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 16)).cuda()

@@ -155,7 +155,7 @@ def test_a_killed_worker_restarts_the_job_from_the_newest_checkpoint(tmp_path, d
     """torchrun --max-restarts 1: rank 1 is killed mid-run; the restarted workers resume by themselves
     (no --resume) and end with the weights of an uninterrupted run. (Before bind.distributed prefixed the store's
     keys with the attempt, a restarted worker could read the dead one's address and hang in gloo's connect.)"""
-    from bind.checkpoint import list_checkpoints
+    from bind.train.checkpoint import list_checkpoints
 
     path = tiny_recipe_file(tmp_path, data_root, steps=12)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]

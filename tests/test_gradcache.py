@@ -10,8 +10,8 @@ from torch import nn
 
 from bind import create_encoder
 from bind.encoder import ClipBatch
-from bind.gradcache import ChunkedEmbedding, batch_size_of, split_batch
 from bind.losses import info_nce, label_aware_info_nce
+from bind.train.gradcache import ChunkedEmbedding, batch_size_of, split_batch
 
 
 class Tower(nn.Module):
@@ -119,7 +119,7 @@ def test_replay_before_the_loss_backward_is_an_error():
 
 def test_the_replay_device_comes_from_the_batch_by_default():
     from bind.encoder import ClipBatch
-    from bind.gradcache import ChunkedEmbedding, batch_device
+    from bind.train.gradcache import ChunkedEmbedding, batch_device
 
     assert batch_device(torch.zeros(2, 3)) == torch.device("cpu")
     assert batch_device({"input_ids": torch.zeros(2, 3, dtype=torch.long)}) == torch.device("cpu")

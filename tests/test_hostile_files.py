@@ -413,7 +413,7 @@ def test_a_truncated_shard_in_a_streamed_run_is_skipped_and_counted(tmp_path, ca
     from test_shards import make_manifest, streamed_recipe
 
     from bind.recipe import parse_recipe
-    from bind.trainer import run_recipe
+    from bind.train.trainer import run_recipe
 
     paths = write_shards(make_manifest(tmp_path / "data"), tmp_path / "shards", samples_per_shard=3)
     with tarfile.open(paths[0]) as tar:

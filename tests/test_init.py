@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from bind import ConfigError, ModalityEncoder, create_encoder, get_encoder_info
-from bind.init import init_from_encoder
+from bind.train.warm_start import init_from_encoder
 
 
 def tiny(name: str, tmp_path, **overrides) -> ModalityEncoder:
@@ -32,7 +32,7 @@ def test_digits_cnn_weights_give_depth_cnn_the_same_features(tmp_path, caplog):
     depth = tiny("depth_cnn", tmp_path, image_size=28)
     head_before = {k: v.clone() for k, v in depth.head.state_dict().items()}
     scale_before = depth.logit_scale.clone()
-    with caplog.at_level(logging.INFO, logger="bind.init"):
+    with caplog.at_level(logging.INFO, logger="bind.train.warm_start"):
         report = init_from_encoder(depth, image)
     trunk_names = [f"trunk.{n}" for n in depth.trunk.state_dict()]
     assert sorted(report["copied"]) == sorted(trunk_names)  # BatchNorm running statistics included
@@ -106,7 +106,7 @@ def test_recipe_init_from_starts_the_trunk_from_the_trained_image_trunk(tmp_path
     from safetensors.torch import load_file
 
     from bind.recipe import parse_recipe
-    from bind.trainer import run_recipe
+    from bind.train.trainer import run_recipe
 
     rng = np.random.default_rng(0)
     rows = ["image,thermal,label"]

@@ -17,8 +17,8 @@ from bind.data import build_dataset
 from bind.evaluate import class_match_retrieval, class_prototypes, zero_shot_accuracy
 from bind.losses import get_loss, list_losses, register_loss
 from bind.recipe import parse_recipe
-from bind.stage import StageRunner
-from bind.trainer import build_model, seed_everything
+from bind.train.stage import StageRunner
+from bind.train.trainer import build_model, seed_everything
 
 STEPS = 100
 ANCHOR_PRETRAIN = {"name": "anchor", "kind": "pretrain", "modality": "toy_a", "loss": "supcon", "batch_size": 64}

@@ -14,7 +14,7 @@ from bind.lora import apply_lora, lora_config
 from bind.model import BindModel
 from bind.recipe import parse_recipe
 from bind.registry import get_encoder_info
-from bind.trainer import build_model
+from bind.train.trainer import build_model
 
 RANK = 4
 
@@ -227,7 +227,7 @@ def test_adapter_folder_loads_with_peft_onto_the_untouched_tower(tmp_path):
 
 
 def test_a_lora_run_trains_the_adapters_and_its_run_directory_reloads(tmp_path, data_root):
-    from bind.trainer import run_recipe
+    from bind.train.trainer import run_recipe
 
     data = recipe_data(tmp_path, {"rank": 2, "alpha": 4, "dropout": 0.1})
     data.update(data_root=str(data_root), num_workers=0, eval={"max_items": 20}, checkpoint_every=None)

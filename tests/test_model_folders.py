@@ -388,7 +388,7 @@ def test_a_recipe_without_stages_assembles_imagebinds_space_into_a_model_folder(
     """recipes/imagebind.yaml with the tiny stand-in in the checkpoint's place: nothing trains, the folder holds
     the seven towers (video on the image tower's trunk, stored once) with the checkpoint's weights."""
     from bind.recipe import load_recipe
-    from bind.trainer import run_recipe
+    from bind.train.trainer import run_recipe
 
     checkpoint = imagebind_folder.parent / "imagebind_tiny.pth"
     recipe = Path(__file__).parents[1] / "recipes" / "imagebind.yaml"

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 from bind.errors import BindError, ConfigError
 from bind.recipe import RANGES, Recipe, load_recipe, parse_recipe
-from bind.reference import nested_dataclasses
+from bind.recipe.keys import nested_dataclasses
 
 TESTS = Path(__file__).parent
 DIGITS = TESTS.parent / "recipes" / "digits.yaml"
@@ -52,7 +52,7 @@ def test_every_number_key_has_a_range_and_its_default_lies_in_it():
             if f.name == "source" or not is_number_type(hints[f.name]):
                 continue
             limit = RANGES.get(cls, {}).get(f.name)
-            assert limit is not None, f"{cls.__name__}.{f.name}: declare its range in RANGES (bind/recipe.py)"
+            assert limit is not None, f"{cls.__name__}.{f.name}: declare its range in RANGES (bind/recipe/schema.py)"
             default = f.default if f.default is not dataclasses.MISSING else None
             for value in default if isinstance(default, tuple) else [default]:
                 assert value is None or limit.accepts(value), f"{cls.__name__}.{f.name}: default {value} out of range"

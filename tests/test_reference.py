@@ -1,4 +1,4 @@
-"""The recipe key reference (docs/recipe-keys.md) is generated from bind/recipe.py and cannot go stale."""
+"""The recipe key reference (docs/recipe-keys.md) is generated from bind/recipe/schema.py and cannot go stale."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 import yaml
 
-from bind import recipe as recipe_module
-from bind import reference
 from bind.recipe import Recipe
-from bind.reference import documented_fields, field_docs, recipe_reference
+from bind.recipe import keys as reference
+from bind.recipe import schema as recipe_module
+from bind.recipe.keys import documented_fields, field_docs, recipe_reference
 
 ROOT = Path(__file__).parents[1]
 DOC = ROOT / "docs" / "recipe-keys.md"
@@ -63,7 +63,7 @@ def test_every_field_of_every_recipe_dataclass_has_a_row_with_a_meaning(sections
     assert {c.__name__ for c in classes} >= {"Recipe", "ModalitySpec", "DataSpec", "StageSpec", "PairSpec"}
     by_class = dict(reference.SECTIONS)
     for cls in classes:
-        assert cls in by_class, f"{cls.__name__} has no section in bind/reference.py SECTIONS"
+        assert cls in by_class, f"{cls.__name__} has no section in bind/recipe/keys.py SECTIONS"
         paths = by_class[cls] or ("",)
         for path in paths:
             rows = section_for(sections, path)

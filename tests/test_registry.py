@@ -213,9 +213,11 @@ def test_check_encoder_refuses_unknown_encoders_and_checks(tmp_path):
 
 
 def test_check_encoder_description_is_plain_text():
-    import bind.cli.check
+    import bind.cli.check_encoder
 
-    assert "``" not in bind.cli.check.__doc__ and ":func:" not in bind.cli.check.__doc__  # help covered by test_cli
+    assert (
+        "``" not in bind.cli.check_encoder.__doc__ and ":func:" not in bind.cli.check_encoder.__doc__
+    )  # help covered by test_cli
 
 
 def test_check_encoder_command_on_a_plugin_encoder():

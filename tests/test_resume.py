@@ -20,12 +20,12 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from bind.bench.ddp import check_recipe
-from bind.checkpoint import list_checkpoints
 from bind.data import build_dataset
 from bind.errors import ConfigError, DataError, TrainingError
 from bind.recipe import parse_recipe
-from bind.stage import StageRunner
-from bind.trainer import build_model, run_recipe, seed_everything
+from bind.train.checkpoint import list_checkpoints
+from bind.train.stage import StageRunner
+from bind.train.trainer import build_model, run_recipe, seed_everything
 
 STEPS = (5, 6)  # pretrain, bind
 
@@ -181,8 +181,8 @@ def test_a_nonfinite_gradient_with_a_finite_loss_skips_the_step_leaving_weights_
     what the last good step left, and the bad gradient is cleared."""
     from bind import create_encoder
     from bind.model import BindModel
-    from bind.optim import apply_update, build_optimizer
     from bind.recipe import OptimSpec
+    from bind.train.optim import apply_update, build_optimizer
 
     torch.manual_seed(0)
     encoder = create_encoder("digits_cnn", width=4, embed_dim=8)
@@ -270,7 +270,7 @@ def test_on_bad_item_fail_and_too_many_bad_items_stop_with_the_files(tmp_path):
 
 # ---- where each second goes ------------------------------------------------------------------------------
 def test_a_slow_loader_shows_as_data_wait_not_compute(data_root, tmp_path):
-    from bind.monitor import MetricsLog
+    from bind.train.monitor import MetricsLog
 
     runner = runner_for(data_root)
     real_iterators = runner.data.iterators

@@ -20,17 +20,17 @@ import pytest
 import yaml
 from test_resume import assert_same_weights, bindkit, finish, tiny_recipe
 
-from bind.checkpoint import MANIFEST, NO_MANIFEST, list_checkpoints, remove_checkpoint, verify_checkpoint
 from bind.errors import ConfigError, DataError
 from bind.recipe import parse_recipe
-from bind.runlock import LOCK_NAME, RunDirectoryBusy, run_lock
 from bind.runs import load_run
-from bind.trainer import _clear_finished_checkpoints, run_recipe
+from bind.train.checkpoint import MANIFEST, NO_MANIFEST, list_checkpoints, remove_checkpoint, verify_checkpoint
+from bind.train.runlock import LOCK_NAME, RunDirectoryBusy, run_lock
+from bind.train.trainer import _clear_finished_checkpoints, run_recipe
 
 STEPS = (2, 2)  # pretrain, bind: four checkpoints, all kept
 KILLED_HOLDER = (
     "import os, signal, sys\n"
-    "from bind.runlock import run_lock\n"
+    "from bind.train.runlock import run_lock\n"
     "with run_lock(__import__('pathlib').Path(sys.argv[1])):\n"
     "    os.kill(os.getpid(), signal.SIGKILL)\n"
 )
@@ -203,10 +203,10 @@ def test_every_file_the_manifest_lists_is_checked_by_its_sha256(tmp_path):
     import torch
 
     from bind import create_encoder
-    from bind.checkpoint import save_checkpoint
     from bind.model import BindModel
-    from bind.optim import build_optimizer
     from bind.recipe import OptimSpec
+    from bind.train.checkpoint import save_checkpoint
+    from bind.train.optim import build_optimizer
 
     torch.manual_seed(0)
     model = BindModel({"image": create_encoder("digits_cnn", width=4, embed_dim=8)}, "image")
@@ -283,7 +283,7 @@ def test_resume_with_no_intact_checkpoint_is_one_line(recipe_file, whole, tmp_pa
 
 
 def test_nproc_beside_a_live_run_is_refused_in_one_line_before_torchrun_starts(recipe_file, tmp_path):
-    from bind.runlock import run_lock
+    from bind.train.runlock import run_lock
 
     out = tmp_path / "busy"
     with run_lock(out):  # this test process is the live writer

@@ -25,11 +25,11 @@ from PIL import Image
 
 from bind import create_encoder
 from bind.cli import main
-from bind.config import read_recipe_file
 from bind.errors import ConfigError, DataError
 from bind.model import BindModel
 from bind.safe_io import atomic_output, atomic_outputs, parse_json, write_atomic
-from bind.seeds import write_summary
+from bind.train.multiseed import write_summary
+from bind.typed_yaml import read_recipe_file
 
 TESTS = Path(__file__).parent
 

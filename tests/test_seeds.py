@@ -1,4 +1,4 @@
-"""Figures over seeds (bind/seeds.py, ``bindkit run --seeds``): one run per seed, each figure's mean and spread."""
+"""Figures over seeds (bind/train/multiseed.py, ``bindkit run --seeds``): one run per seed, each figure's mean and spread."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import toy_plugin  # noqa: F401  (registers the toy encoders and the toy_cluster
 import yaml
 
 from bind.cli import main
-from bind.seeds import flatten_figures, summarize_seeds
+from bind.train.multiseed import flatten_figures, summarize_seeds
 
 
 def test_the_summary_is_the_mean_and_sample_spread_of_each_figure():

@@ -263,7 +263,7 @@ def streamed_recipe(shard_dir, length: dict) -> dict:
 
 def test_a_bind_stage_streams_row_pairs_from_shards(manifest, tmp_path):
     from bind.recipe import parse_recipe
-    from bind.trainer import run_recipe
+    from bind.train.trainer import run_recipe
 
     out = tmp_path / "shards"
     write_shards(manifest, out, samples_per_shard=3)

@@ -10,9 +10,9 @@ import torch
 from conftest import DIGITS, SMOKE
 
 from bind.model import BindModel
-from bind.optim import param_groups, warmup_cosine
 from bind.recipe import OptimSpec, load_recipe
-from bind.trainer import run_recipe
+from bind.train.optim import param_groups, warmup_cosine
+from bind.train.trainer import run_recipe
 
 
 def test_warmup_then_cosine():
@@ -75,8 +75,8 @@ def test_same_seed_same_weights_on_cpu(tmp_path, data_root):
 def test_a_loader_that_gives_no_full_batch_is_an_error_not_an_endless_loop():
     from torch.utils.data import DataLoader
 
-    from bind.data.loaders import endless
     from bind.errors import DataError
+    from bind.train.loaders import endless
 
     with pytest.raises(DataError, match="gave no full batch of 4"):
         next(endless(DataLoader(list(range(3)), batch_size=4, drop_last=True)))
@@ -110,8 +110,8 @@ def test_a_pairs_weight_scales_its_share_of_the_loss_and_of_the_gradient(data_ro
     from bind.bench.ddp import check_recipe
     from bind.data import build_dataset
     from bind.recipe import parse_recipe
-    from bind.stage import StageRunner
-    from bind.trainer import build_model, seed_everything
+    from bind.train.stage import StageRunner
+    from bind.train.trainer import build_model, seed_everything
 
     weight = 0.25
     data = check_recipe(str(data_root), 16, local_loss=False, chunk_size=None)
@@ -146,7 +146,7 @@ def test_num_workers_0_and_2_train_the_same_weights_with_augmentation(tmp_path, 
     from test_resume import tiny_recipe
 
     from bind.recipe import parse_recipe
-    from bind.trainer import build_model, seed_everything
+    from bind.train.trainer import build_model, seed_everything
 
     weights = []
     for workers in (0, 2):
@@ -171,7 +171,7 @@ def test_learnable_logit_scales_are_clamped_to_1_and_the_maximum_and_fixed_ones_
     """After a step a learnable scale stays in [1, max_logit_scale] (CLIP clamps its at 100); a fixed one is not
     touched, whatever its value."""
     from bind import create_encoder
-    from bind.optim import clamp_logit_scales
+    from bind.train.optim import clamp_logit_scales
 
     learnable = create_encoder("audio_cnn", width=4, embed_dim=8)
     learnable.log_logit_scale.requires_grad_(True)  # what learnable_logit_scale=True gives

@@ -11,8 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from bind import ModalityEncoder, register_encoder
-from bind.data import Items, register_dataset
+from bind import Items, ModalityEncoder, register_dataset, register_encoder
 
 CLASSES, LATENT, SIGNAL, NUISANCE = 4, 4, 8, 24
 NUISANCE_STD, LATENT_NOISE = 2.0, 0.3

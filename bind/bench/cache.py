@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from ..data import build_dataset
+from ..distributed import resolve_device
 from ..recipe import Recipe, StageSpec, load_recipe
-from ..stage import StageRunner
-from ..trainer import build_model, resolve_device, seed_everything
+from ..train.stage import StageRunner
+from ..train.trainer import build_model, seed_everything
 
 DIGITS = Path(__file__).parents[2] / "recipes" / "digits.yaml"
 

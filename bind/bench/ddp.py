@@ -1,6 +1,6 @@
 """``bindkit bench ddp``: one training step on N gloo processes against one process on the same global batch.
 
-Both sides run the trainer's own step (:meth:`bind.stage.StageRunner.backward`): the ranks draw
+Both sides run the trainer's own step (:meth:`bind.train.stage.StageRunner.backward`): the ranks draw
 their slices of the global batch, gather embeddings with gradient, compute the loss (optionally
 local rows against global columns, optionally GradCache-chunked) and average gradients. The
 figures are the largest differences in loss and in any parameter's gradient: 0 up to float
@@ -67,8 +67,8 @@ def step_gradients(recipe_data: dict[str, Any], dist: Dist = SINGLE_PROCESS) -> 
     """The loss and the (rank-averaged) gradient of every trained parameter after one step's backward."""
     from ..data import build_dataset
     from ..recipe import parse_recipe
-    from ..stage import StageRunner
-    from ..trainer import build_model, seed_everything
+    from ..train.stage import StageRunner
+    from ..train.trainer import build_model, seed_everything
 
     recipe = parse_recipe(recipe_data, "<ddp check>")
     seed_everything(recipe.seed)

@@ -20,9 +20,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..gradcache import ChunkedEmbedding
 from ..losses import info_nce
 from ..registry import create_encoder
+from ..train.gradcache import ChunkedEmbedding
 from . import PeakMemory
 
 

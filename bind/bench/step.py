@@ -1,9 +1,9 @@
 """``bindkit bench step``: the trainer's real step against a bare loop over the same model, loss and optimizer.
 
-For each stage of a recipe (default: the digits recipe), the trainer's :meth:`~bind.stage.StageRunner.train_step`
+For each stage of a recipe (default: the digits recipe), the trainer's :meth:`~bind.train.stage.StageRunner.train_step`
 runs ``steps`` steps with its real loaders (workers, augmentation, feature caches), after ``warmup`` steps. Then
 ``steps`` batches are drawn from the same loaders into memory and a bare loop trains on them: the stage's towers
-and loss (:meth:`~bind.stage.StageRunner.micro_batch_loss`), ``backward``, ``optimizer.step``. Per stage:
+and loss (:meth:`~bind.train.stage.StageRunner.micro_batch_loss`), ``backward``, ``optimizer.step``. Per stage:
 
 - ``overhead`` = 1 - trainer throughput / bare throughput: what the trainer costs beyond the arithmetic;
 - ``data_wait_fraction``: the share of the trainer's time blocked on its loaders (the input pipeline's limit);
@@ -31,11 +31,11 @@ def bench_step(
     """Trainer against bare loop, per stage of ``recipe`` (``stages``: only those names; ``overrides``: recipe
     ``key=value`` overrides, e.g. ``["num_workers=2"]``)."""
     from ..data import build_dataset
-    from ..distributed import SINGLE_PROCESS
-    from ..memory import tune_malloc
+    from ..distributed import SINGLE_PROCESS, resolve_device
     from ..recipe import load_recipe
-    from ..stage import StageRunner
-    from ..trainer import build_model, resolve_device, seed_everything
+    from ..train.malloc import tune_malloc
+    from ..train.stage import StageRunner
+    from ..train.trainer import build_model, seed_everything
 
     spec = load_recipe(recipe, [*(overrides or []), *([f"data_root={data_root}"] if data_root else [])])
     device = resolve_device(spec.device)
@@ -43,7 +43,7 @@ def bench_step(
     model = build_model(spec)
     train_sets = {m: build_dataset(s.train_data, spec.data_root) for m, s in spec.modalities.items() if s.train_data}
     result: dict[str, Any] = {"recipe": recipe, "overrides": overrides or [], "steps": steps, "device": str(device)}
-    result["malloc_tuned"] = tune_malloc()  # what the bindkit command sets (bind/memory.py)
+    result["malloc_tuned"] = tune_malloc()  # what the bindkit command sets (bind/train/malloc.py)
     result["stages"] = {}
     for stage in spec.stages:
         if stages and stage.name not in stages:

@@ -6,6 +6,11 @@ The CLI owns the terminal, and :func:`main` is its one error boundary: errors bi
 UnpicklingError, SafetensorError, ...) print as one line on stderr, naming the file, and exit with status 2;
 ``--debug`` (or ``BINDKIT_DEBUG=1``) shows the traceback instead. Any other exception is a bug and keeps its
 traceback.
+
+Starting is cheap: this package and every verb module import no torch, numpy or transformers at module level
+(each verb imports what it needs inside its ``run``, after checking its arguments and input files), so
+``bindkit --help``, ``--version`` and a bad argument answer in a fraction of a second
+(``bindkit bench startup`` times them; tests/test_startup.py keeps the heavy modules out).
 """
 
 from __future__ import annotations
@@ -19,18 +24,18 @@ from collections.abc import Sequence
 
 from .. import __version__
 from ..errors import BindError
-from ..memory import tune_malloc
 from ..safe_io import BOUNDARY_ERRORS, error_line
+from ..train.malloc import tune_malloc
 from . import bench as bench_verb
-from . import check as check_verb
+from . import check_encoder as check_verb
 from . import data as data_verb
 from . import doctor as doctor_verb
 from . import embed as embed_verb
 from . import encoders as encoders_verb
-from . import evaluation as eval_verb
-from . import keys as keys_verb
+from . import eval as eval_verb
 from . import losses as losses_verb
 from . import plot as plot_verb
+from . import recipe_keys as keys_verb
 from . import retrieve as retrieve_verb
 from . import run as run_verb
 from . import shard as shard_verb
@@ -111,11 +116,21 @@ def _one_line(message: str) -> str:
 
 
 def _quiet_transformers(verbose: bool) -> None:
-    """Hugging Face prints a progress bar per local weight load; the CLI owns the terminal."""
-    try:
-        from transformers.utils import logging as hf_logging
-    except ImportError:
-        return
-    hf_logging.disable_progress_bar()
+    """Hugging Face prints a progress bar per local weight load; the CLI owns the terminal.
+
+    Without importing transformers (half a second; most verbs never need it): through the environment variables
+    transformers and huggingface_hub read when they are imported, and directly where they already are. A user's
+    own ``HF_HUB_DISABLE_PROGRESS_BARS`` is left as set (huggingface_hub gives it priority anyway)."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     if not verbose:
-        hf_logging.set_verbosity_error()
+        os.environ["TRANSFORMERS_VERBOSITY"] = "error"
+    if "huggingface_hub" in sys.modules:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        if not verbose:
+            hf_logging.set_verbosity_error()

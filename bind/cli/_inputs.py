@@ -1,17 +1,26 @@
-"""Turning command-line INPUT arguments into raw items, shared by ``embed``, ``retrieve`` and ``eval``."""
+"""Turning command-line INPUT arguments into raw items, shared by ``embed``, ``retrieve`` and ``eval``.
+
+Imports no torch or numpy: the checks that need no model (:func:`check_input_files`, :func:`check_device_name`,
+:func:`check_file`) run before a verb loads anything heavy.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
+import re
 from pathlib import Path
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import ConfigError, DataError, InputError
 from ..inputs import glob_files, is_glob, walk_files
-from ..model import BindModel
 from ..safe_io import text_lines
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+    from ..model import BindModel
 
 INPUTS_HELP = (
     "text: the strings themselves; other modalities: files, folders (the files of that modality in them and "
@@ -19,6 +28,8 @@ INPUTS_HELP = (
     "globs ('wavs/*.wav'); "
     "any modality: @LIST.txt, one item per line (file paths relative to the list's folder)"
 )
+
+MANIFEST = "a CSV or JSONL manifest of your files (one column per modality and a label column)"
 
 
 def add_plugin_args(p: argparse.ArgumentParser) -> None:
@@ -91,10 +102,36 @@ def _existing_file(arg: str, modality: str, where: str) -> str:
     return arg
 
 
+def check_input_files(inputs: list[str]) -> None:
+    """What INPUT arguments name for certain, checked before a model loads: each ``@LIST`` file exists, is a file
+    and can be opened. (Whether a plain argument is a text or a file's path depends on the model's encoder for the
+    modality: :func:`read_inputs` checks those once the model is known.)"""
+    for arg in inputs:
+        if arg.startswith("@"):
+            _check_list_file(Path(arg[1:]), arg)
+
+
+def _check_list_file(path: Path, arg: str) -> None:
+    if not path.is_file():
+        state = "a folder, not a file" if path.is_dir() else "list file not found"
+        raise DataError(f"{path}: {state} (from {arg!r}; @FILE reads one item per line)")
+    with open(path, "rb"):  # unreadable (permissions): an OSError naming the file, from the CLI's boundary
+        pass
+
+
+def check_file(path: str | os.PathLike[str], what: str) -> None:
+    """``path`` is an existing file that can be opened; else one line naming it and ``what`` it should be."""
+    path = Path(path)
+    if not path.is_file():
+        state = "a folder, not a file" if path.is_dir() else "not found"
+        raise DataError(f"{path}: {state}; expected {what}")
+    with open(path, "rb"):
+        pass
+
+
 def _read_lines(path: Path, arg: str) -> list[str]:
     """The non-blank lines of an ``@FILE`` argument."""
-    if not path.is_file():
-        raise DataError(f"{path}: list file not found (from {arg!r}; @FILE reads one item per line)")
+    _check_list_file(path, arg)
     with open(path, "rb") as f:  # line by line, each bounded: a file without line breaks is refused, not loaded
         lines = [line.strip() for line in text_lines(f, path) if line.strip()]
     if not lines:
@@ -108,19 +145,21 @@ def check_batch_size(batch_size: int) -> int:
     return batch_size
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` (CUDA when there is one), ``cpu``, ``cuda`` or ``cuda:N``, checked."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"--device: expected auto, cpu, cuda or cuda:N, got {name!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name}: no CUDA device is available here; use --device cpu")
-    if device.type not in ("cpu", "cuda"):
+_DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
+
+
+def check_device_name(name: str) -> None:
+    """``--device`` is spelled as :func:`resolve_device` takes it (checked without torch)."""
+    if not _DEVICE.fullmatch(name):
         raise ConfigError(f"--device: expected auto, cpu, cuda or cuda:N, got {name!r}")
-    return device
+
+
+def resolve_device(name: str) -> torch.device:
+    """``--device``: :func:`bind.distributed.resolve_device`, after the spelling is checked without torch."""
+    check_device_name(name)
+    from ..distributed import resolve_device
+
+    return resolve_device(name, "--device")
 
 
 def embed_inputs(

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
-
-import yaml
+import sys
 
 from ..errors import ConfigError
 
@@ -26,6 +25,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def parse_options(options: list[str]) -> dict[str, object]:
+    import yaml
+
     kwargs = {}
     for option in options:
         key, sep, value = option.partition("=")
@@ -36,15 +37,14 @@ def parse_options(options: list[str]) -> dict[str, object]:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from ..bench import run_benchmark
 
     kwargs = parse_options(args.options)
     if args.gallery_size:
         kwargs["gallery_size"] = args.gallery_size
     result = run_benchmark(args.name, **kwargs)
-    result["torch_threads"] = torch.get_num_threads()
+    if "torch" in sys.modules:  # the benchmarks that compute in this process (startup times other processes)
+        result["torch_threads"] = sys.modules["torch"].get_num_threads()
     if args.json:
         print(json.dumps(result))
     else:

@@ -11,6 +11,7 @@ and whether each is in the data root; ``bindkit data path`` prints the root. ``b
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 
@@ -48,6 +49,23 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def read_recipe_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The mapping of the recipe file ``args.recipe`` with the command line's ``args.overrides`` applied, unchecked.
+
+    It needs no torch nor any encoder: ``bindkit validate`` and ``bindkit run`` read it first, so a missing file,
+    bad YAML or a bad override is one line before anything heavy is imported."""
+    from ..errors import ConfigError
+    from ..typed_yaml import read_recipe_file, set_override
+
+    path = Path(args.recipe)
+    if not path.is_file():  # as bind.recipe.load_recipe says it
+        raise ConfigError(f"recipe {str(path)!r} not found")
+    data = read_recipe_file(path)
+    for item in args.overrides:
+        set_override(data, item, f"{path}: command line")
+    return data
+
+
 def load_recipe_fetching_data(args: argparse.Namespace) -> Any:
     """``bindkit run``'s recipe, checked; on a first run, the data its builders can download (``builder.fetch``)
     is fetched first, since the check would refuse the recipe for the very data it is about to get.
@@ -66,13 +84,10 @@ def load_recipe_fetching_data(args: argparse.Namespace) -> Any:
 
 def _fetch_for_recipe(args: argparse.Namespace) -> list[Any]:
     """Fetch the missing sets the recipe's data specs read; [] when none of them can be downloaded."""
-    from ..config import read_recipe_file, set_override
     from ..data.fetch import fetch_missing
     from ..recipe import parse_recipe
 
-    data = read_recipe_file(args.recipe)
-    for item in args.overrides:
-        set_override(data, item, f"{args.recipe}: command line")
+    data = read_recipe_args(args)
     recipe = parse_recipe(data, str(args.recipe), check_data=False, trust_plugins=args.trust_plugins)
     specs = [s for m in recipe.modalities.values() for s in (m.train_data, m.eval_data) if s is not None]
     specs += [s for data_set in recipe.eval.sets.values() for s in data_set.values()]

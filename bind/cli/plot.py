@@ -10,8 +10,7 @@ import dataclasses
 from pathlib import Path
 
 from ..errors import ConfigError
-from ..registry import load_plugins
-from ._inputs import add_plugin_args
+from ._inputs import MANIFEST, add_plugin_args, check_file
 
 # plain text, no reStructuredText markup: argparse prints it as it is
 DESCRIPTION = """\
@@ -54,14 +53,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..evaluate import embed_eval_splits
-    from ..plot import output_dim, project, require_method, require_plot_library, save_figure, stack_splits
-    from ..runs import eval_recipe, load_run, read_manifest_columns
-    from ..trainer import resolve_device
-
-    # everything a user can get wrong is checked before the (slow) embedding pass
+    # everything a user can get wrong is checked before the (slow) embedding pass, what needs no import first
     if args.max_per_modality < 1:
         raise ConfigError(f"--max-per-modality must be a positive number of items, got {args.max_per_modality}")
+    if args.data:
+        check_file(args.data, MANIFEST)
+
+    from ..distributed import resolve_device
+    from ..evaluate import embed_eval_splits
+    from ..plot import output_dim, project, require_method, require_plot_library, save_figure, stack_splits
+    from ..registry import load_plugins
+    from ..runs import eval_recipe, load_run, read_manifest_columns
+
     dim = output_dim(args.out)
     require_plot_library(args.out)
     require_method(args.method)

@@ -11,22 +11,26 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-
-from ..errors import ConfigError, DataError
-from ..registry import load_plugins
+from ..errors import ConfigError
 from ..safe_io import text_lines
 from ._inputs import (
     INPUTS_HELP,
     add_plugin_args,
     check_batch_size,
+    check_device_name,
+    check_file,
+    check_input_files,
     check_modality,
     embed_inputs,
     names_path,
     read_inputs,
     resolve_device,
 )
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -53,12 +57,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..retrieval import SearchIndex
-    from ..runs import load_run
-
+    # what needs no model first, in a fraction of a second: options, @LIST files, a gallery embedded before
     check_batch_size(args.batch_size)
     if args.top_k < 1:
         raise ConfigError(f"--top-k: expected a positive number of results, got {args.top_k}")
+    check_device_name(args.device)
+    check_input_files([*args.query, *(args.gallery or [])])
+    if args.gallery_embeddings:
+        check_file(args.gallery_embeddings, GALLERY)
+    if args.gallery_names:
+        check_file(args.gallery_names, GALLERY_NAMES)
+
+    from ..registry import load_plugins
+    from ..retrieval import SearchIndex
+    from ..runs import load_run
+
     device = resolve_device(args.device)
     load_plugins(args.plugin)
     model, _ = load_run(args.run_dir, args.plugin, trust_plugins=args.trust_plugins)
@@ -90,17 +103,19 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+GALLERY = "gallery embeddings, a .npy file (made by `bindkit embed`)"
+GALLERY_NAMES = "gallery names, one per line"
+
+
 def _load_gallery(path: str, names_file: str | None, embed_dim: int) -> tuple[np.ndarray, list[str]]:
     from ..retrieval import load_embeddings
 
-    if not Path(path).is_file():
-        raise DataError(f"{path}: gallery embeddings not found (make them with `bindkit embed`)")
+    check_file(path, GALLERY)
     # memory-mapped, no pickle; dtype, shape and NaN/inf are checked block by block, each a one-line error
     gallery = load_embeddings(path, width=embed_dim)
     if names_file is None:
         return gallery, [str(i) for i in range(len(gallery))]
-    if not Path(names_file).is_file():
-        raise DataError(f"{names_file}: gallery names file not found")
+    check_file(names_file, GALLERY_NAMES)
     with open(names_file, "rb") as f:  # one name per line, each bounded (bind.safe_io)
         names = [line.rstrip("\r\n") for line in text_lines(f, Path(names_file))]
     if len(names) != len(gallery):

@@ -1,7 +1,7 @@
 """``bindkit run RECIPE [key.sub=value ...]``: train a recipe's stages, save the model, evaluate it.
 
 ``--seeds 0 1 2`` trains once per seed into ``OUT/seed-N`` and writes ``OUT/seeds.json``, the mean and spread of
-every figure (:mod:`bind.seeds`); with ``--resume`` the seeds already evaluated are kept as they are.
+every figure (:mod:`bind.train.multiseed`); with ``--resume`` the seeds already evaluated are kept as they are.
 
 ``--nproc N`` trains data-parallel on N processes of this machine (``torchrun --standalone``; one
 GPU each on CUDA, gloo on CPU); ``torchrun --nproc_per_node N -m bind run RECIPE`` does the same.
@@ -14,9 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from ..registry import load_plugins
 from ._inputs import add_plugin_args
-from .data import load_recipe_fetching_data
+from .data import load_recipe_fetching_data, read_recipe_args
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -46,7 +45,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    read_recipe_args(args)  # a missing file, bad YAML or a bad override: one line before torch loads
+    if args.seeds is not None and len(set(args.seeds)) != len(args.seeds):
+        raise ConfigError(f"--seeds: each seed once, got {' '.join(map(str, args.seeds))}")
+
     from ..distributed import check_nproc
+    from ..registry import load_plugins
 
     check_nproc(args.nproc)
     load_plugins(args.plugin)
@@ -62,7 +66,7 @@ def resume_wanted(mode: str | None, out: Path) -> bool:
     ``TORCHELASTIC_RESTART_COUNT`` > 0): when the run directory holds a checkpoint."""
     import os
 
-    from ..checkpoint import list_checkpoints
+    from ..train.checkpoint import list_checkpoints
 
     if mode == "yes":
         return True
@@ -72,12 +76,10 @@ def resume_wanted(mode: str | None, out: Path) -> bool:
 
 
 def _run_seeds(args: argparse.Namespace, out: Path) -> int:
-    from ..checkpoint import list_checkpoints
     from ..recipe import load_recipe
-    from ..seeds import format_summary, read_eval, same_recipe, summarize_seeds, write_summary
+    from ..train.checkpoint import list_checkpoints
+    from ..train.multiseed import format_summary, read_eval, same_recipe, summarize_seeds, write_summary
 
-    if len(set(args.seeds)) != len(args.seeds):
-        raise ConfigError(f"--seeds: each seed once, got {' '.join(map(str, args.seeds))}")
     per_seed = {}
     for seed in args.seeds:
         seed_out = out / f"seed-{seed}"
@@ -108,11 +110,11 @@ def _run_one(args: argparse.Namespace, recipe: Any, overrides: list[str], out: P
 
     from ..distributed import launch
     from ..evaluate import format_results
-    from ..monitor import format_stage_summaries, stage_summaries
-    from ..trainer import run_recipe
+    from ..train.monitor import format_stage_summaries, stage_summaries
+    from ..train.trainer import run_recipe
 
     if args.nproc > 1:
-        from ..runlock import run_lock
+        from ..train.runlock import run_lock
 
         with run_lock(out):  # a live run there is refused here, in one line, before torchrun starts workers
             pass

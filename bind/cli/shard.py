@@ -31,12 +31,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..data.shard_writer import write_shards
-    from ..data.shards import ShardIndex
     from ..errors import ConfigError
+    from ._inputs import check_file
 
     if args.samples_per_shard < 1:
         raise ConfigError(f"--samples-per-shard must be at least 1, got {args.samples_per_shard}")
+    check_file(args.manifest, "a .csv or .jsonl manifest")  # before the data package (and torch) loads
+
+    from ..data.shard_writer import write_shards
+    from ..data.shards import ShardIndex
+
     write_shards(
         args.manifest,
         args.out,

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from ..registry import load_plugins
 from ._inputs import add_plugin_args
+from .data import read_recipe_args
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -17,10 +18,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..recipe import load_recipe
+    data = read_recipe_args(args)  # the file, its YAML and the overrides: before torch and the encoders load
+
+    from ..recipe import parse_recipe
+    from ..registry import load_plugins
 
     load_plugins(args.plugin)
-    recipe = load_recipe(args.recipe, args.overrides, trust_plugins=args.trust_plugins)
+    recipe = parse_recipe(data, str(Path(args.recipe)), trust_plugins=args.trust_plugins)  # as load_recipe names it
     stages = ", ".join(f"{s.name} ({s.kind})" for s in recipe.stages)
     print(
         f"{args.recipe}: ok; anchor {recipe.anchor_modality!r}, modalities {', '.join(recipe.modalities)}; stages {stages}"

@@ -19,9 +19,9 @@ from typing import Any, Protocol
 
 import torch
 
-from ..config import build
 from ..errors import ConfigError
 from ..registry import EncoderInfo
+from ..typed_yaml import build
 
 
 class Augmenter(Protocol):

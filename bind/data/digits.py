@@ -19,11 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import soundfile
-from PIL import Image
 
 from ..errors import DataError
-from . import Items, register_dataset
+from .datasets import Items, register_dataset
 
 DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 FSDD_SPEAKERS = ["george", "jackson", "lucas", "nicolas"]
@@ -107,6 +105,8 @@ def fsdd(
     if unknown:
         raise DataError(f"fsdd eval_speakers {sorted(unknown)} not found in {folder}")
     chosen = [f for f in files if (parse_fsdd_name(f)[1] in eval_speakers) == (split == "eval")][:limit]
+    import soundfile  # the recordings' reader, only when they are read
+
     items = []
     for f in chosen:
         try:
@@ -225,6 +225,8 @@ def _check_image_set(name: str, canvas: Any, height: Any, image_format: Any) -> 
 
 def fit_digit(image: np.ndarray, canvas: int, height: float) -> np.ndarray:
     """The digit cropped to its ink and resized (bicubic, by PIL) to ``height`` x ``canvas`` pixels tall."""
+    from PIL import Image
+
     rows, cols = np.nonzero(image > 0)
     glyph = image[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1] if len(rows) else image
     target_h = max(2, round(height * canvas))
@@ -245,6 +247,8 @@ def mnist_rescaled(
     """MNIST digits drawn again at other sizes, as other programs' files are: each on a black square canvas of a
     random side in ``canvas`` pixels, its ink ``height`` of the frame tall at a random place, saved as a PNG (or
     JPEG) and read back. Tests whether the image tower learned the digit or MNIST's framing."""
+    from PIL import Image  # only the rescaled sets draw and save with it (here and in fit_digit)
+
     _check_image_set("mnist_rescaled", canvas, height, image_format)
     images, labels = _mnist(root)
     idx = list(_split_range(split, MNIST_SPLITS))[:limit]

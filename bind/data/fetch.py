@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, DataError, did_you_mean
-from . import DATASETS, locate_data_root, resolve_data_root
+from .datasets import DATASETS, locate_data_root, resolve_data_root
 
 logger = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from typing import IO, Any
 
 from ..errors import DataError
 from ..safe_io import MAX_FIELD_BYTES, parse_json, text_lines
-from . import Items, register_dataset
+from .datasets import Items, register_dataset
 
 RESERVED_COLUMNS = ("id", "label", "split")  # manifest columns that are not modalities
 

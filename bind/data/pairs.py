@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from ..errors import BindError, DataError
-from . import Items
+from .datasets import Items
 
 
 def item_generator(seed: int, epoch: int, index: int) -> torch.Generator:

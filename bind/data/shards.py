@@ -55,9 +55,8 @@ from typing import Any
 import torch
 
 from ..errors import DataError
-from ..model_files import resolve_inside
-from ..safe_io import max_member_bytes, member_problem, read_json, read_member
-from . import Items, register_dataset
+from ..safe_io import max_member_bytes, member_problem, read_json, read_member, resolve_inside
+from .datasets import Items, register_dataset
 from .decoders import decode
 from .pairs import BadItem
 

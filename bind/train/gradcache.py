@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .encoder import ClipBatch
+from ..encoder import ClipBatch
 
 
 def batch_size_of(batch: Any) -> int:

@@ -15,8 +15,7 @@ import json
 from pathlib import Path
 
 from ..errors import ConfigError
-from ..registry import load_plugins
-from ._inputs import add_plugin_args
+from ._inputs import MANIFEST, add_plugin_args, check_device_name, check_file, resolve_device
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -43,14 +42,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..evaluate import evaluate_all, format_results
-    from ..runs import eval_recipe, load_run, read_manifest_columns
-    from ._inputs import resolve_device
-
     if args.data_only and not args.data:
         raise ConfigError("--data-only goes with --data MANIFEST (the files to score)")
     if args.max_items is not None and args.max_items < 1:
         raise ConfigError(f"--max-items: expected a positive number, got {args.max_items}")
+    check_device_name(args.device)
+    if args.data:  # before anything heavy is imported; its rows are read and checked below, before the model
+        check_file(args.data, MANIFEST)
+
+    from ..evaluate import evaluate_all, format_results
+    from ..registry import load_plugins
+    from ..runs import eval_recipe, load_run, read_manifest_columns
+
     manifest = Path(args.data).resolve() if args.data else None
     columns = read_manifest_columns(manifest) if manifest else None  # the user's file is checked before the model
     load_plugins(args.plugin)

@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from .model import BindModel
-from .recipe import OptimSpec
+from ..model import BindModel
+from ..recipe import OptimSpec
 
 
 def param_groups(params: list[torch.nn.Parameter], weight_decay: float) -> list[dict[str, Any]]:
@@ -46,11 +46,9 @@ def build_optimizer(
 
 
 def clamp_logit_scales(model: BindModel) -> None:
-    """Keep learnable logit scales in [1, max] after each step, as CLIP clamps at 100."""
-    with torch.no_grad():
-        for encoder in model.encoders.values():
-            if encoder.log_logit_scale.requires_grad:
-                encoder.log_logit_scale.clamp_(0.0, math.log(encoder.max_logit_scale))
+    """Each encoder's :meth:`~bind.ModalityEncoder.clamp_logit_scale_`, after an optimizer step."""
+    for encoder in model.encoders.values():
+        encoder.clamp_logit_scale_()
 
 
 def apply_update(

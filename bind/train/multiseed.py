@@ -15,10 +15,10 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from .config import read_recipe_file
-from .errors import ConfigError, DataError
-from .recipe import Recipe, changed_keys
-from .safe_io import read_json, write_atomic
+from ..errors import ConfigError, DataError
+from ..recipe import Recipe, changed_keys
+from ..safe_io import read_json, write_atomic
+from ..typed_yaml import read_recipe_file
 
 SUMMARY_NAME = "seeds.json"
 

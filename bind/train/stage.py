@@ -1,17 +1,17 @@
 """One training stage: what it freezes, its loaders and optimizer, and the training step.
 
-:class:`StageRunner` is what ``run_recipe`` (bind/trainer.py) runs for each stage of a recipe. Its
+:class:`StageRunner` is what ``run_recipe`` (bind/train/trainer.py) runs for each stage of a recipe. Its
 :meth:`~StageRunner.train_step` reads top to bottom as one optimizer step:
 
 1. :meth:`~StageRunner.backward`: for each of ``grad_accum_steps`` micro-batches, take the next batch
    of each loader and (:meth:`~StageRunner.micro_batch_loss`) embed each side (cached features,
    GradCache chunks, or a plain forward), gather the embeddings over ranks, score them with the
    stage's registered loss (:mod:`bind.losses`); backpropagate; then average the gradients over ranks;
-2. update (:func:`bind.optim.apply_update`: clip, skip a NaN/inf step, AdamW, schedule).
+2. update (:func:`bind.train.optim.apply_update`: clip, skip a NaN/inf step, AdamW, schedule).
 
 :meth:`~StageRunner.run` repeats it, and logs, checkpoints and stops on a signal. The pieces live in
-their own modules: loaders in :mod:`bind.data.loaders`, the optimizer in :mod:`bind.optim`,
-metrics and signals in :mod:`bind.monitor`, checkpoints in :mod:`bind.checkpoint`.
+their own modules: loaders in :mod:`bind.train.loaders`, the optimizer in :mod:`bind.train.optim`,
+metrics and signals in :mod:`bind.train.monitor`, checkpoints in :mod:`bind.train.checkpoint`.
 """
 
 from __future__ import annotations
@@ -27,19 +27,20 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .cache import FeatureCache
+from ..data import Items
+from ..distributed import SINGLE_PROCESS, Dist, all_reduce_gradients, barrier, gather_with_grad, mean_over_ranks
+from ..encoder import move_to
+from ..errors import ConfigError, DataError, Interrupted, TrainingError
+from ..losses import get_loss
+from ..model import BindModel
+from ..recipe import Recipe, StageSpec, stage_modalities, tower_freeze
+from .batch import BindBatch
 from .checkpoint import CheckpointWriter
-from .data import Items
-from .data.loaders import build_stage_loaders, stage_augmenter
-from .distributed import SINGLE_PROCESS, Dist, all_reduce_gradients, barrier, gather_with_grad, mean_over_ranks
-from .encoder import move_to
-from .errors import ConfigError, DataError, Interrupted, TrainingError
+from .feature_cache import FeatureCache
 from .gradcache import ChunkedEmbedding, batch_size_of
-from .losses import get_loss
-from .model import BindModel
+from .loaders import build_stage_loaders, stage_augmenter
 from .monitor import MetricsLog, StopFlag
 from .optim import apply_update, build_optimizer
-from .recipe import Recipe, StageSpec
 
 log = logging.getLogger(__name__)
 
@@ -57,19 +58,10 @@ class StepResult:
     data_s: float = 0.0  # seconds blocked on the loaders (open_clip's data_time); the rest of the step is compute
 
 
-def stage_modalities(recipe: Recipe, stage: StageSpec) -> list[str]:
-    """The modalities a stage embeds: the specialist of a pretrain stage; the anchor and its pairs in a bind stage."""
-    return [stage.modality] if stage.kind == "pretrain" else [recipe.anchor_modality, *stage.pairs]
-
-
 def apply_stage_freeze(model: BindModel, recipe: Recipe, stage: StageSpec) -> None:
-    """Freeze as the stage says: its ``freeze`` overrides, else each encoder's own setting from
-    :func:`bind.trainer.build_model` (``model.default_freeze``); the anchor of a bind stage is frozen."""
+    """Freeze each tower of ``stage`` as :func:`bind.recipe.tower_freeze` decides."""
     for modality in stage_modalities(recipe, stage):
-        encoder = model[modality]
-        default = "all" if stage.kind == "bind" and modality == recipe.anchor_modality else None
-        part = stage.freeze.get(modality, default)
-        wanted = (part, 0) if part is not None else model.default_freeze[modality]
+        encoder, wanted = model[modality], tower_freeze(recipe, modality, stage)
         if (encoder.frozen_part, encoder.unfreeze_last_blocks) != wanted:
             encoder.freeze(*wanted)
 
@@ -116,7 +108,7 @@ class StageRunner:
         self.towers = {m: self._tower(m) for m in self.modalities}
 
     def _feature_caches(self, train_sets: dict[str, Items], show_progress: bool) -> dict[str, FeatureCache]:
-        """Frozen trunks whose inputs are not augmented: their features, computed once (bind/cache.py)."""
+        """Frozen trunks whose inputs are not augmented: their features, computed once (bind/train/feature_cache.py)."""
         recipe, stage = self.recipe, self.stage
         if not recipe.feature_cache or any(recipe.modalities[m].train_data.stream for m in self.modalities):
             return {}  # a stream has no item indices to cache by
@@ -173,7 +165,7 @@ class StageRunner:
         all_reduce_gradients(self.params)
         return total, parts, samples
 
-    def micro_batch_loss(self, batches: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float], int, list]:
+    def micro_batch_loss(self, batches: dict[str, BindBatch]) -> tuple[torch.Tensor, dict[str, float], int, list]:
         """One micro-batch: the stage's loss, its parts for logging, the number of samples, and the
         GradCache replays to backpropagate after the loss (empty without ``chunk_size``).
 
@@ -182,17 +174,17 @@ class StageRunner:
         stage, replays = self.stage, []
         if stage.kind == "pretrain":
             m = stage.modality
-            x, labels, bad = batches[m]
-            self.note_bad_items(m, bad)
-            z, labels = self._embed(m, x, replays), gather_with_grad(labels.to(self.device))
+            batch = batches[m]
+            self.note_bad_items(m, batch.bad)
+            z, labels = self._embed(m, batch.inputs, replays), gather_with_grad(batch.labels.to(self.device))
             loss = self.losses[m](z, labels, temperature=stage.temperature)
             return loss, {m: loss.item()}, len(labels), replays
         total, parts, samples, anchor = 0.0, {}, 0, self.recipe.anchor_modality
         for m, pair in stage.pairs.items():
-            anchor_x, x, labels, bad = batches[m]
-            self.note_bad_items(m, bad)
-            za, zm = self._embed(anchor, anchor_x, replays), self._embed(m, x, replays)
-            labels = gather_with_grad(labels.to(self.device))
+            batch = batches[m]
+            self.note_bad_items(m, batch.bad)
+            za, zm = self._embed(anchor, batch.anchor, replays), self._embed(m, batch.inputs, replays)
+            labels = gather_with_grad(batch.labels.to(self.device))
             rows = None
             if stage.local_loss and self.dist.enabled:
                 n = len(labels) // self.dist.world_size
@@ -214,7 +206,7 @@ class StageRunner:
         if encoder.frozen:  # a frozen tower needs no graph
             with torch.no_grad():
                 z = tower(batch)
-        elif chunk and batch_size_of(batch) > chunk:  # GradCache (bind/gradcache.py)
+        elif chunk and batch_size_of(batch) > chunk:  # GradCache (bind/train/gradcache.py)
             replay = ChunkedEmbedding(tower, batch, chunk, self.device, self.autocast)
             replays.append(replay)
             z = replay.embeddings

@@ -1,10 +1,9 @@
 """A training stage's data loaders: one per modality of the stage, each this rank's slice of the global batch.
 
-A pretrain stage has one loader of ``(x, labels, bad)``; a bind stage one loader per paired modality of
-``(anchor_x, x, labels, bad)`` (``bad``: the items that could not be read in that batch, as
-``(name, message)``). Items come from indexed datasets (:class:`~bind.data.pairs.Preprocessed`, paired
+Each loader yields :class:`~bind.train.batch.BindBatch`: a pretrain stage has one loader (its ``anchor`` is None),
+a bind stage one per paired modality, its ``anchor`` the anchor's items paired row by row with ``inputs``. Items come from indexed datasets (:class:`~bind.data.pairs.Preprocessed`, paired
 with the anchor by :class:`~bind.data.pairs.AnchorPairs`), from a frozen trunk's cached features (item
-indices, :class:`~bind.cache.Indexed`), or from streamed shards (:mod:`bind.data.shard_stream`).
+indices, :class:`~bind.train.feature_cache.Indexed`), or from streamed shards (:mod:`bind.data.shard_stream`).
 Indexed loaders are a pure function of ``(seed, epoch, batch)`` (:class:`~bind.data.pairs.EpochSampler`),
 so :meth:`StageLoaders.seek` puts them exactly where a resumed run left off.
 """
@@ -20,16 +19,17 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from ..cache import Indexed
+from ..data import Items, resolve_data_root
+from ..data.augment import Augmenter, build_augment
+from ..data.pairs import AnchorPairs, EpochSampler, Preprocessed
+from ..data.shard_stream import ShardPairs, ShardPreprocessed, ShardStream, collate_with_bad
 from ..distributed import Dist
 from ..errors import ConfigError, DataError
 from ..model import BindModel
 from ..recipe import Recipe, StageSpec
 from ..registry import get_encoder_info
-from . import Items, resolve_data_root
-from .augment import Augmenter, build_augment
-from .pairs import AnchorPairs, EpochSampler, Preprocessed
-from .shard_stream import ShardPairs, ShardPreprocessed, ShardStream, collate_with_bad
+from .batch import BindBatch
+from .feature_cache import Indexed
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ class _Builder:
             m, collate = stage.modality, self.collate(stage.modality)
 
             def single(batch: list) -> tuple:
-                return collate([b[0] for b in batch]), torch.tensor([b[1] for b in batch])
+                return None, collate([b[0] for b in batch]), torch.tensor([b[1] for b in batch])
 
             if recipe.modalities[m].train_data.stream:
                 loaders.add(m, *self.stream_loader(self.stream(m), stage.batch_size, single))
@@ -201,7 +201,7 @@ class _Builder:
             stream,
             batch_size=local_batch,
             drop_last=True,
-            collate_fn=collate_with_bad(collate),
+            collate_fn=lambda batch: BindBatch(*collate_with_bad(collate)(batch)),
             generator=torch.Generator().manual_seed(self.recipe.seed),  # not the global RNG
             num_workers=workers,
             persistent_workers=workers > 0,  # each pass of a persistent worker is the stream's next epoch
@@ -218,7 +218,7 @@ class _Builder:
             batch_size=local_batch,
             sampler=EpochSampler(len(dataset), self.recipe.seed, local_batch, self.dist.rank, world),
             drop_last=True,
-            collate_fn=lambda batch: (*collate(batch), dataset.drain_bad()),
+            collate_fn=lambda batch: BindBatch(*collate(batch), dataset.drain_bad()),
             # its own generator: a new pass must not draw from the global RNG, or a resumed run would differ
             generator=torch.Generator().manual_seed(self.recipe.seed),
             num_workers=workers,

@@ -1,9 +1,9 @@
-"""Recipes: YAML files validated into typed dataclasses before anything trains.
+"""A recipe's keys as typed dataclasses, with every number key's range: what a recipe may say.
 
 A recipe names the modalities (encoder + arguments + what is frozen), the data, and the stages.
-``load_recipe`` checks every key against the dataclasses below (:mod:`bind.config` reads the YAML
+``load_recipe`` checks every key against the dataclasses below (:mod:`bind.typed_yaml` reads the YAML
 and converts it), then the rules across keys: encoder names and arguments, losses and augmenters
-against their registries, data paths (:mod:`bind.recipe_checks`). Each error names the file, the
+against their registries, data paths (:mod:`bind.recipe.checks`). Each error names the file, the
 key, what was expected and what was found. The classes below never see the YAML: the trainer turns
 them into plain arguments.
 """
@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
-from .config import (
+from ..typed_yaml import (
     BELOW_ONE,
     COUNT,
     NON_NEGATIVE,
@@ -26,29 +24,7 @@ from .config import (
     SHARE,
     Range,
     Ranges,
-    build,
-    read_recipe_file,
-    require_mapping,
-    set_override,
 )
-from .errors import ConfigError
-
-__all__ = [
-    "RANGES",
-    "DataSpec",
-    "EvalSpec",
-    "LoraSpec",
-    "ModalitySpec",
-    "OptimSpec",
-    "PairSpec",
-    "Recipe",
-    "StageSpec",
-    "load_recipe",
-    "parse_recipe",
-    "read_recipe_file",
-    "recipe_to_dict",
-    "set_override",
-]
 
 
 @dataclass
@@ -176,7 +152,7 @@ class Recipe:
 # ---- value ranges --------------------------------------------------------------------------------
 # Every number key and the values it takes, in one place: `build` checks each as it reads it (floats are
 # already finite then: NaN and inf are refused everywhere). tests/test_recipe_values.py fails on a number key
-# missing here. Rules across keys (epochs or steps, a positive pair weight) are bind.recipe_checks'.
+# missing here. Rules across keys (epochs or steps, a positive pair weight) are bind.recipe.checks'.
 RANGES: Ranges = {
     Recipe: {
         "embed_dim": POSITIVE_INT,
@@ -210,31 +186,6 @@ RANGES: Ranges = {
     },
     EvalSpec: {"max_items": POSITIVE_INT, "tta": Range("an integer in 1..16", lambda v: 1 <= v <= 16)},
 }
-
-
-# ---- reading -----------------------------------------------------------------------------------------
-def parse_recipe(data: Any, source: str = "<recipe>", check_data: bool = True, trust_plugins: bool = False) -> Recipe:
-    """Validate a recipe mapping; ``check_data=False`` skips the data paths (a run used on another machine).
-
-    The recipe's ``plugins`` are imported only with ``trust_plugins`` or when already loaded
-    (:func:`bind.registry.load_named_plugins`): a recipe may come from anyone."""
-    recipe = build(Recipe, require_mapping(data, source), f"{source}: ", RANGES, hidden=frozenset({"source"}))
-    recipe.source = source
-    from .recipe_checks import check_recipe  # it reads the registries, which import the encoders
-
-    check_recipe(recipe, check_data, trust_plugins)
-    return recipe
-
-
-def load_recipe(path: str | os.PathLike[str], overrides: list[str] = (), trust_plugins: bool = False) -> Recipe:
-    """Read, override and validate a recipe file (``trust_plugins``: import the modules its ``plugins`` name)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"recipe {str(path)!r} not found")
-    data = read_recipe_file(path)
-    for item in overrides:
-        set_override(data, item, f"{path}: command line")
-    return parse_recipe(data, str(path), trust_plugins=trust_plugins)
 
 
 def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:

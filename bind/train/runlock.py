@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import DataError
+from ..errors import DataError
 
 LOCK_NAME = ".bindkit.lock"
 

@@ -1,4 +1,4 @@
-"""The recipe key reference: every key with its type, default and meaning, read from bind/recipe.py.
+"""The recipe key reference: every key with its type, default and meaning, read from bind/recipe/schema.py.
 
 The meaning of a field is the trailing ``# comment`` on its line in the recipe dataclasses, so the
 dataclasses stay the one source of truth; :func:`recipe_reference` renders them as Markdown (what
@@ -19,7 +19,7 @@ import types
 import typing
 from typing import Any, Literal, Union
 
-from .recipe import DataSpec, EvalSpec, LoraSpec, ModalitySpec, OptimSpec, PairSpec, Recipe, StageSpec
+from . import DataSpec, EvalSpec, LoraSpec, ModalitySpec, OptimSpec, PairSpec, Recipe, StageSpec
 
 REFRESH_COMMAND = "bindkit recipe-keys --out docs/recipe-keys.md"
 
@@ -73,12 +73,12 @@ def recipe_reference() -> str:
     """The Markdown reference of every recipe key (docs/recipe-keys.md)."""
     _check_sections()
     lines = [
-        f"<!-- Generated from bind/recipe.py by `{REFRESH_COMMAND}`; do not edit by hand. -->",
+        f"<!-- Generated from bind/recipe/schema.py by `{REFRESH_COMMAND}`; do not edit by hand. -->",
         "",
         "# Recipe keys",
         "",
         "Every key a recipe may set, with its type, default and meaning, generated from the dataclasses in "
-        "bind/recipe.py (`bindkit validate RECIPE` checks a file against them). `null` is YAML's null; "
+        "bind/recipe/schema.py (`bindkit validate RECIPE` checks a file against them). `null` is YAML's null; "
         "a float key also takes an integer; `<name>` stands for a modality name.",
     ]
     for cls, paths in SECTIONS:
@@ -173,7 +173,7 @@ def _check_sections() -> None:
         missing = ", ".join(sorted(c.__name__ for c in reachable - listed))
         extra = ", ".join(sorted(c.__name__ for c in listed - reachable))
         raise ValueError(
-            f"bind/reference.py SECTIONS is stale: missing {missing or '-'}; not in a recipe {extra or '-'}"
+            f"bind/recipe/keys.py SECTIONS is stale: missing {missing or '-'}; not in a recipe {extra or '-'}"
         )
 
 

@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
-from .distributed import Dist, mean_over_ranks
-from .errors import ConfigError
+from ..distributed import Dist, mean_over_ranks
+from ..errors import ConfigError
 
 
 class MetricsLog:

@@ -8,22 +8,23 @@ evaluates it. A stage is either
 * ``bind``: the anchor is frozen and each paired modality is pulled onto it with InfoNCE; every
   step takes one batch per paired modality and sums their losses with the recipe's weights.
 
-A stage's step and loop are :class:`bind.stage.StageRunner`'s; this module builds the model, resumes
+A stage's step and loop are :class:`bind.train.stage.StageRunner`'s; this module builds the model, resumes
 from a checkpoint, starts trunks from another modality's (``init_from``) and evaluates at the end.
 
-The run directory has one writer: ``run_recipe`` holds its lock (:mod:`bind.runlock`) for the whole
+The run directory has one writer: ``run_recipe`` holds its lock (:mod:`bind.train.runlock`) for the whole
 run, taken before anything there is read or changed, so a second run or ``--resume`` on the same
 ``--out`` is refused instead of overwriting checkpoints. A fresh run replaces a finished run's
 checkpoints, but refuses when they may hold unfinished work: no ``model.safetensors``, or a
 checkpoint newer than it, or a newest checkpoint that is not the last step of its recipe.
 ``--resume`` continues from the newest checkpoint that verifies against its manifest
-(:func:`bind.checkpoint.newest_good_checkpoint`), warning about each newer one it skips.
+(:func:`bind.train.checkpoint.newest_good_checkpoint`), warning about each newer one it skips.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import shutil
 from contextlib import ExitStack
@@ -34,7 +35,24 @@ import numpy as np
 import torch
 import yaml
 
-from .budget import MemoryCheck, memory_budget
+from ..budget import MemoryCheck, memory_budget
+from ..data import build_dataset
+from ..distributed import (
+    Dist,
+    barrier,
+    broadcast_parameters,
+    init_distributed,
+    resolve_device,
+    shutdown_distributed,
+)
+from ..errors import ConfigError, DataError, InputError
+from ..evaluate import evaluate_all
+from ..hub import write_model_card
+from ..lora import apply_lora
+from ..model import BindModel
+from ..recipe import Recipe, StageSpec, changed_keys, load_recipe, recipe_to_dict, tower_freeze
+from ..registry import create_encoder
+from ..safe_io import write_atomic
 from .checkpoint import (
     Checkpoint,
     CheckpointWriter,
@@ -45,39 +63,15 @@ from .checkpoint import (
     load_weights,
     newest_good_checkpoint,
 )
-from .data import build_dataset
-from .distributed import (
-    Dist,
-    barrier,
-    broadcast_parameters,
-    init_distributed,
-    shutdown_distributed,
-)
-from .errors import ConfigError, DataError, InputError
-from .evaluate import evaluate_all
-from .hub import write_model_card
-from .init import init_from_encoder
-from .lora import apply_lora
-from .model import BindModel
 from .monitor import MetricsLog, StopFlag
-from .recipe import Recipe, StageSpec, changed_keys, recipe_to_dict
-from .registry import create_encoder
 from .runlock import run_lock
-from .safe_io import write_atomic
 from .stage import StageRunner
+from .warm_start import init_from_encoder
 
 log = logging.getLogger(__name__)
 
 
 # ---- building blocks -------------------------------------------------------------------------------
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device: 'cuda' was asked for but no CUDA device is available; use device=auto or cpu")
-    return torch.device(name)
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -101,7 +95,7 @@ def build_model(recipe: Recipe) -> BindModel:
             key, _, rest = str(err).partition(": ")  # "pretrained: ..." names the argument it is about
             where = f"modalities.{modality}.args.{key}: {rest}" if key in spec.args else f"modalities.{modality}: {err}"
             raise type(err)(f"{recipe.source}: {where}") from None
-        encoder.freeze(spec.freeze, spec.unfreeze_last_blocks)
+        encoder.freeze(*tower_freeze(recipe, modality))
         if spec.lora is not None:  # after freeze: the adapters, the head and any unfrozen blocks train
             lora = spec.lora
             try:
@@ -109,7 +103,7 @@ def build_model(recipe: Recipe) -> BindModel:
             except ConfigError as err:
                 raise ConfigError(f"{recipe.source}: modalities.{modality}.{err}") from None
         encoders[modality] = encoder
-    model = BindModel(encoders, recipe.anchor_modality)  # remembers each encoder's freezing as its default
+    model = BindModel(encoders, recipe.anchor_modality)
     for modality, spec in recipe.modalities.items():
         if spec.share_trunk_with:
             model.share_trunk(modality, spec.share_trunk_with, "share")
@@ -117,14 +111,19 @@ def build_model(recipe: Recipe) -> BindModel:
 
 
 # ---- the whole recipe -------------------------------------------------------------------------------
-def run_recipe(recipe: Recipe, out_dir: str | Path, show_progress: bool = True, resume: bool = False) -> dict[str, Any]:
-    """Train every stage of ``recipe``, save the model into ``out_dir`` and evaluate it.
+def run_recipe(
+    recipe: Recipe | str | os.PathLike[str], out_dir: str | Path, show_progress: bool = True, resume: bool = False
+) -> dict[str, Any]:
+    """Train every stage of ``recipe`` (a :class:`~bind.recipe.Recipe` or a recipe file), save the model into
+    ``out_dir`` and evaluate it; returns what ``out_dir/eval.json`` holds.
 
     ``resume`` continues from the newest checkpoint in ``out_dir/checkpoints`` with the same weights,
     optimizer, scheduler, random states and data position, so the run ends as if never stopped.
     Under torchrun (``WORLD_SIZE`` > 1) every process runs this; rank 0 writes the run directory and
-    holds its lock. Raises :class:`bind.runlock.RunDirectoryBusy` while another run writes there.
+    holds its lock. Raises :class:`bind.train.runlock.RunDirectoryBusy` while another run writes there.
     """
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe)
     out_dir = Path(out_dir)
     checkpoint_dir = out_dir / "checkpoints"
     device = resolve_device(recipe.device)

@@ -15,13 +15,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .budget import MemoryCheck, hub_offline, memory_budget
-from .data import check_data_spec
-from .data.augment import check_augment
-from .errors import ConfigError, DataError, UnknownEncoderError
-from .losses import LossKind, get_loss
-from .recipe import ModalitySpec, Recipe, StageSpec
-from .registry import EncoderInfo, check_encoder_kwargs, get_encoder_info, load_named_plugins
+from ..budget import MemoryCheck, hub_offline, memory_budget
+from ..data import check_data_spec
+from ..data.augment import check_augment
+from ..errors import ConfigError, DataError, UnknownEncoderError
+from ..losses import LossKind, get_loss
+from ..registry import EncoderInfo, check_encoder_kwargs, get_encoder_info, load_named_plugins
+from .freeze import stage_modalities, tower_freeze
+from .schema import ModalitySpec, Recipe, StageSpec
 
 # recipe keys that need an optional package: key -> (importable module, the extra that installs it)
 KEY_PACKAGES = {"tensorboard": ("tensorboard", "tensorboard")}
@@ -126,15 +127,15 @@ def _check_encoder_needs(info: EncoderInfo, args: Mapping[str, Any], where: str)
 
 def _check_memory(r: Recipe) -> None:
     """The towers fit the memory budget (:mod:`bind.budget`), counted on the meta device as ``bindkit run`` counts
-    them before building. Offline, so nothing is downloaded; a tower that fails to build there is left to the run,
-    which raises its error with the key."""
+    them before building (or as a count of the same tower found them before). Offline, so nothing is downloaded; a
+    tower that fails to build there is left to the run, which raises its error with the key."""
     memory = MemoryCheck(memory_budget(r.device))
     with hub_offline():
         for m, spec in r.modalities.items():
             tower = f"modalities.{m}"
             argument_key = lambda arg, tower=tower: "embed_dim" if arg == "embed_dim" else f"{tower}.args.{arg}"  # noqa: E731
             args = {"embed_dim": r.embed_dim, **spec.args}
-            memory.admit(spec.encoder, args, r.source, tower, argument_key, strict=False)
+            memory.admit(spec.encoder, args, r.source, tower, argument_key, strict=False, remembered=True)
 
 
 def _check_stage(r: Recipe, where: str, stage: StageSpec) -> None:
@@ -175,10 +176,8 @@ def _check_stage(r: Recipe, where: str, stage: StageSpec) -> None:
     for m in stage.freeze:
         if m not in r.modalities:
             raise ConfigError(f"{where}.freeze.{m}: no such modality")
-    # as bind.stage.apply_stage_freeze decides: the stage's freeze, else the modality's; a bind stage's anchor is frozen
-    anchor = r.anchor_modality if stage.kind == "bind" else None
-    in_stage = [stage.modality] if stage.kind == "pretrain" else [anchor, *stage.pairs]
-    if all(stage.freeze.get(m, "all" if m == anchor else r.modalities[m].freeze) == "all" for m in in_stage):
+    in_stage = stage_modalities(r, stage)
+    if all(tower_freeze(r, m, stage).part == "all" for m in in_stage):
         raise ConfigError(
             f"{where}: nothing would train: {', '.join(in_stage)} frozen 'all'; set freeze to 'trunk' or 'none' "
             "(under modalities, or this stage's freeze)"

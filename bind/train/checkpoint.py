@@ -28,7 +28,7 @@ A checkpoint without a manifest is never resumed from, even if its files might l
 written by a bindkit older than the manifest or cut short while being pruned, and telling these
 apart would mean trusting files nothing vouches for (continue an older run with the bindkit that
 started it, or start it over). Such folders still count for the "unfinished run" checks of
-:mod:`bind.trainer`, and are pruned once older than the kept checkpoints.
+:mod:`bind.train.trainer`, and are pruned once older than the kept checkpoints.
 """
 
 from __future__ import annotations
@@ -49,9 +49,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .errors import DataError
-from .model import BindModel
-from .model_files import load_weights as load_model_weights
+from ..errors import DataError
+from ..model import BindModel
+from ..model_files import load_weights as load_model_weights
 
 FORMAT_VERSION = 1
 NAME = re.compile(r"^stage(\d+)-step(\d+)$")

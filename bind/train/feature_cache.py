@@ -27,11 +27,11 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .data import Items
-from .data.pairs import Key, Preprocessed, split_key
-from .distributed import SINGLE_PROCESS, Dist, barrier
-from .encoder import ClipBatch, ModalityEncoder, move_to
-from .errors import DataError
+from ..data import Items
+from ..data.pairs import Key, Preprocessed, split_key
+from ..distributed import SINGLE_PROCESS, Dist, barrier
+from ..encoder import ClipBatch, ModalityEncoder, move_to
+from ..errors import DataError
 
 log = logging.getLogger(__name__)
 

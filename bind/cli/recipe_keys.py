@@ -1,6 +1,6 @@
 """bindkit recipe-keys: every recipe key with its type, default and meaning, as Markdown.
 
-The table is generated from the recipe dataclasses in bind/recipe.py (the meaning is the comment on
+The table is generated from the recipe dataclasses in bind/recipe/schema.py (the meaning is the comment on
 each field's line), so it always matches what bindkit validate accepts. docs/recipe-keys.md is this
 output; refresh it with: bindkit recipe-keys --out docs/recipe-keys.md
 """
@@ -21,7 +21,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..reference import recipe_reference
+    from ..recipe.keys import recipe_reference
     from ..safe_io import write_atomic
 
     text = recipe_reference()

@@ -31,8 +31,8 @@ from itertools import chain
 import torch
 from torch import Tensor, nn
 
-from .encoder import ModalityEncoder
-from .errors import ConfigError
+from ..encoder import ModalityEncoder
+from ..errors import ConfigError
 
 log = logging.getLogger(__name__)
 
