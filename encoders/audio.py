@@ -31,6 +31,7 @@ from ._transformer import pre_norm_blocks
 from .audio_augment import AudioAugment
 from .audio_frontend import AudioFrontend, FeatureKind, NormKind
 from .audio_io import AUDIO_SUFFIXES, example_waveforms, load_audio_clips
+from .image_augment import augments_as
 
 
 class SpectrogramEncoder(ModalityEncoder):
@@ -67,7 +68,7 @@ class SpectrogramEncoder(ModalityEncoder):
     ) -> list[Any]:
         """The clips of a batch through the frontend together (one STFT, one mel product): the values of
         :meth:`preprocess` item by item, with :class:`AudioAugment`'s waveform and feature steps around it."""
-        if augment is not None and type(augment) is not AudioAugment:
+        if augment is not None and not augments_as(augment, AudioAugment):
             return super().preprocess_many(items, augment, generators)
         gens = generators if augment is not None else [None] * len(items)
         raws = items if augment is None else [augment.augment_raw(item, g) for item, g in zip(items, gens, strict=True)]

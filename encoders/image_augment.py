@@ -378,7 +378,7 @@ class VideoAugment(ImageAugment):
         return [FixedView(dataclasses.replace(PLAIN, scale=s), video=True) for s in view_factors(self.scale, n)]
 
 
-def augments_as(augment: Any, kind: type[ImageAugment]) -> bool:
+def augments_as(augment: Any, kind: type) -> bool:
     """Whether ``augment`` makes of an item what ``kind``'s own ``augment_raw`` and ``augment_tensor`` make of it: a
     ``kind`` (or a subclass with other knobs or draws) that overrides neither. An encoder may then render a batch of
     such augmentations at once from their draws (``preprocess_many``); any other augmenter (a :class:`FixedView`, a
