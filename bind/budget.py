@@ -172,11 +172,15 @@ SIZE_CACHE_ENTRIES = 256  # the newest kept: the file stays small
 SIZE_CACHE_BYTES = 1 << 20
 
 
-def size_cache_path() -> Path:
-    folder = os.environ.get(SIZE_CACHE_ENV)
+def size_cache_path() -> Path | None:
+    """Where validate's tower sizes are kept; None when there is no home folder to keep them in."""
+    folder = os.environ.get(SIZE_CACHE_ENV) or os.environ.get("XDG_CACHE_HOME")
     if not folder:
-        folder = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "bindkit"
-    return Path(folder) / SIZE_CACHE_NAME
+        home = os.path.expanduser("~")
+        if home == "~":  # no $HOME and no password entry
+            return None
+        folder = os.path.join(home, ".cache")
+    return Path(folder) / ("" if os.environ.get(SIZE_CACHE_ENV) else "bindkit") / SIZE_CACHE_NAME
 
 
 def _stat(path: Any) -> list[int] | None:
@@ -237,7 +241,8 @@ def _entry_size(entry: Any, name: str) -> TowerSize | None | bool:
 def remembered_size(name: str, kwargs: Mapping[str, Any]) -> TowerSize | None | bool:
     """The size measured before for this tower (``False``: it could not be counted), None if the cache has nothing."""
     key = size_key(name, kwargs)
-    return None if key is None else _entry_size(_read_sizes(size_cache_path()).get(key), name)
+    path = size_cache_path()
+    return None if key is None or path is None else _entry_size(_read_sizes(path).get(key), name)
 
 
 def remember_size(name: str, kwargs: Mapping[str, Any], size: TowerSize | None) -> None:
@@ -248,10 +253,9 @@ def remember_size(name: str, kwargs: Mapping[str, Any], size: TowerSize | None) 
 
     from .safe_io import BOUNDARY_ERRORS, write_atomic
 
-    key = size_key(name, kwargs)
-    if key is None:
+    key, path = size_key(name, kwargs), size_cache_path()
+    if key is None or path is None:
         return
-    path = size_cache_path()
     sizes = _read_sizes(path)
     sizes.pop(key, None)
     sizes[key] = dataclasses.asdict(size) if size is not None else {"name": name, "counted": False}  # newest last
