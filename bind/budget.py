@@ -26,6 +26,7 @@ import inspect
 import logging
 import os
 import re
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -191,6 +192,36 @@ def _stat(path: Any) -> list[int] | None:
     return [st.st_size, st.st_mtime_ns]
 
 
+def _canonical(value: Any) -> Any:
+    """``value`` as JSON that tells a tuple from a list and ``1`` from ``"1"`` as a key; TypeError for anything else."""
+    if isinstance(value, Mapping):
+        return ["map", sorted([repr(k), _canonical(v)] for k, v in value.items())]
+    if isinstance(value, (list, tuple)):
+        return [type(value).__name__, [_canonical(v) for v in value]]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return [type(value).__name__, value]
+    raise TypeError(f"{type(value).__name__} is not kept in the size cache")
+
+
+def _code_stamps(factory: Any) -> list[Any]:
+    """The source files of the factory's top-level package (each file's size and time) and the versions of the
+    libraries towers are built from: what a change of the tower's code would change."""
+    import sys
+    from importlib.metadata import PackageNotFoundError, version
+
+    top = sys.modules.get(factory.__module__.split(".")[0])
+    source = inspect.getsourcefile(factory)
+    folder = Path(top.__file__).parent if top is not None and getattr(top, "__path__", None) else None
+    files = sorted(folder.rglob("*.py")) if folder is not None else [source]
+    stamps: list[Any] = [[str(f), _stat(f)] for f in files]
+    for package in ("torch", "torchvision", "torchaudio", "transformers", "open_clip_torch", "peft"):
+        try:
+            stamps.append([package, version(package)])
+        except PackageNotFoundError:
+            stamps.append([package, None])
+    return stamps
+
+
 def size_key(name: str, kwargs: Mapping[str, Any]) -> str | None:
     """What a tower's size depends on, as one string; None when it cannot be told (arguments JSON cannot hold)."""
     import hashlib
@@ -200,16 +231,15 @@ def size_key(name: str, kwargs: Mapping[str, Any]) -> str | None:
 
     info = get_encoder_info(name)
     try:
-        source = inspect.getsourcefile(info.factory)
         files = {arg: _stat(kwargs[arg]) for arg in info.files if kwargs.get(arg) is not None}
         if any(stamp is None for stamp in files.values()):
             return None  # a file that is not there: the run says so
         text = json.dumps(
-            [name, dict(kwargs), files, source, _stat(source), __version__, torch.__version__],
+            [name, _canonical(kwargs), files, _code_stamps(info.factory), __version__],
             sort_keys=True,
             allow_nan=False,
         )
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OSError):
         return None
     return hashlib.sha256(text.encode()).hexdigest()
 
@@ -233,7 +263,7 @@ def _entry_size(entry: Any, name: str) -> TowerSize | None | bool:
     if entry == {"name": name, "counted": False}:
         return False
     values = [entry.get(f) for f in fields]
-    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+    if not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**62 for v in values):
         return None
     return TowerSize(name, *values)
 
@@ -267,24 +297,43 @@ def remember_size(name: str, kwargs: Mapping[str, Any], size: TowerSize | None) 
         log.debug("tower size cache %s not written: %s", path, err)
 
 
+_IMPORT_GUARD = threading.Lock()
+_import_guard_depth = 0
+_real_imports: tuple[Any, Any] = (None, None)  # builtins.__import__, importlib.import_module
+
+
+def _import_off_meta(*args: Any, **kwargs: Any) -> Any:
+    with torch._C.DisableTorchFunction():  # the device mode is a torch-function mode
+        return _real_imports[0](*args, **kwargs)
+
+
+def _import_module_off_meta(*args: Any, **kwargs: Any) -> Any:
+    with torch._C.DisableTorchFunction():
+        return _real_imports[1](*args, **kwargs)
+
+
 @contextmanager
 def _imports_off_meta() -> Iterator[None]:
     """Run the imports of the block outside ``torch.device("meta")``: a module first imported while a tower is built
-    there (encoders import torchvision, torchaudio, ... on first use) keeps its module-level tensors real
-    (torchaudio's Kaldi ``EPSILON`` on meta broke every later fbank)."""
+    there (encoders import torchvision, torchaudio, ... on first use; transformers loads its submodules through
+    ``importlib.import_module``) keeps its module-level tensors real (torchaudio's Kaldi ``EPSILON`` on meta broke
+    every later fbank). Nested and concurrent blocks share one wrapper, put back when the last one ends."""
     import builtins
+    import importlib
 
-    real = builtins.__import__
-
-    def import_off_meta(*args: Any, **kwargs: Any) -> Any:
-        with torch._C.DisableTorchFunction():  # the device mode is a torch-function mode
-            return real(*args, **kwargs)
-
-    builtins.__import__ = import_off_meta
+    global _import_guard_depth, _real_imports
+    with _IMPORT_GUARD:
+        if _import_guard_depth == 0:
+            _real_imports = (builtins.__import__, importlib.import_module)
+            builtins.__import__, importlib.import_module = _import_off_meta, _import_module_off_meta
+        _import_guard_depth += 1
     try:
         yield
     finally:
-        builtins.__import__ = real
+        with _IMPORT_GUARD:
+            _import_guard_depth -= 1
+            if _import_guard_depth == 0:
+                builtins.__import__, importlib.import_module = _real_imports
 
 
 class MemoryCheck:
@@ -318,7 +367,8 @@ class MemoryCheck:
                 if strict:
                     raise
                 return None  # not remembered: the run raises the error
-            remember_size(name, kwargs, size)
+            if remembered:  # validate's loop; a run (every rank of it) measures and leaves the cache alone
+                remember_size(name, kwargs, size)
         if not size:  # a factory that cannot build on the meta device: not counted
             return None
         self.used += size.total

@@ -28,6 +28,7 @@ import json
 import os
 import pickle
 import secrets
+import stat
 import tarfile
 import zipfile
 from collections.abc import Iterator, Sequence
@@ -48,7 +49,11 @@ MAX_MEMBER_BYTES = 512 << 20  # one tar member: a long video clip fits; $BINDKIT
 def read_limited(path: Path, limit: int, what: str, error: type[Exception] = DataError) -> bytes:
     """The bytes of ``path``, or ``error`` naming it when it holds more than ``limit`` (``what``: what it should be)."""
     try:
-        with open(path, "rb") as f:
+        # non-blocking open: a FIFO put where a file should be would otherwise wait for a writer forever
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise error(f"{path}: not a regular file (a FIFO, device or folder); expected {what}")
             raw = read_at_most(f, limit + 1)
     except OSError as err:
         raise error(f"{path}: cannot read it ({err.strerror or err}); expected {what}") from None
@@ -84,6 +89,8 @@ def parse_json(
         raise error(f"{where}: {err}; expected {what}") from None
     except RecursionError:
         raise error(f"{where}: nested more than {MAX_JSON_DEPTH} levels deep; expected {what}") from None
+    except ValueError as err:  # an integer of more digits than Python converts (4300)
+        raise error(f"{where}: {err}; expected {what}") from None
     if nesting_depth(data) > MAX_JSON_DEPTH:
         raise error(f"{where}: nested more than {MAX_JSON_DEPTH} levels deep; expected {what}")
     return data

@@ -135,18 +135,23 @@ def test_counting_a_tower_leaves_the_random_state_as_it_was(scratch_registry):
 
 def test_a_module_first_imported_while_counting_keeps_real_tensors(scratch_registry, tmp_path, monkeypatch):
     # encoders import torchvision, torchaudio, ... on first use; torchaudio's Kaldi EPSILON was made on meta once
-    (tmp_path / "lazy_constants.py").write_text("import torch\nEPSILON = torch.tensor(1e-7)\n")
+    for module in ("lazy_constants", "lazy_by_name"):  # an import statement; importlib (transformers' lazy modules)
+        (tmp_path / f"{module}.py").write_text("import torch\nEPSILON = torch.tensor(1e-7)\n")
+        monkeypatch.delitem(sys.modules, module, raising=False)
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delitem(sys.modules, "lazy_constants", raising=False)
 
     @register_encoder("smell")
     def lazy_probe(embed_dim: int = 8) -> ModalityEncoder:
+        import importlib
+
         import lazy_constants  # noqa: F401  (first imported here, inside the meta build)
 
+        importlib.import_module("lazy_by_name")
         return ModalityEncoder("smell", torch.nn.Linear(4, 4), 4, embed_dim)
 
     assert measure_tower("lazy_probe", {}).total > 0
     assert sys.modules["lazy_constants"].EPSILON.device.type == "cpu"
+    assert sys.modules["lazy_by_name"].EPSILON.device.type == "cpu"
 
 
 # ---- the ImageBind-format file that declares terabytes ---------------------------------------------------------------
@@ -298,3 +303,34 @@ def test_a_tower_that_cannot_be_counted_is_tried_once_by_validate(monkeypatch):
     )
     assert check() is None and check() is None
     assert tried == ["digits_cnn"], "the second validate remembered that the tower cannot be counted"
+
+
+def test_nested_and_overlapping_meta_builds_put_the_import_function_back():
+    import builtins
+    import importlib
+
+    from bind import budget
+
+    real, real_import_module = builtins.__import__, importlib.import_module
+    first, second = budget._imports_off_meta(), budget._imports_off_meta()
+    first.__enter__()
+    second.__enter__()
+    first.__exit__(None, None, None)  # the first to start ends first (two threads)
+    assert builtins.__import__ is not real, "the other build still runs"
+    second.__exit__(None, None, None)
+    assert builtins.__import__ is real and importlib.import_module is real_import_module
+
+
+def test_a_size_cache_entry_too_large_to_be_a_size_is_measured_past():
+    from bind import budget
+
+    kwargs = {"embed_dim": 8, "width": 4}
+    path = budget.size_cache_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = budget.size_key("digits_cnn", kwargs)
+    entry = {"name": "digits_cnn", "total": 10**400, "head": 0, "width": 4, "blocks": 3, "embed_dim": 8}
+    path.write_text(json.dumps({key: entry}))
+    size = budget.MemoryCheck(budget.Budget(2**40, "test")).admit(
+        "digits_cnn", kwargs, "r.yaml", "modalities.image", str, remembered=True
+    )
+    assert size == budget.measure_tower("digits_cnn", kwargs)

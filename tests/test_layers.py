@@ -47,14 +47,17 @@ def module_name(path: Path, root: Path) -> tuple[str, bool]:
     return ".".join(parts[:-1] if is_package else parts), is_package
 
 
-def _type_checking_only(node: ast.AST) -> bool:
-    return isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+def _type_checking_only(node: ast.AST) -> list[ast.stmt]:
+    """The statements of an ``if TYPE_CHECKING:`` body (never run); its ``else`` runs and is read."""
+    if isinstance(node, ast.If) and ast.unparse(node.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING"):
+        return node.body
+    return []
 
 
 def imports_of(source: str, module: str, is_package: bool, known: set[str]) -> set[str]:
     """The modules of ``known`` that ``source`` imports, anywhere in the file but under ``if TYPE_CHECKING``."""
     tree = ast.parse(source)
-    skipped = {id(n) for block in ast.walk(tree) if _type_checking_only(block) for n in ast.walk(block)}
+    skipped = {id(n) for block in ast.walk(tree) for stmt in _type_checking_only(block) for n in ast.walk(stmt)}
     package = module.split(".") if is_package else module.split(".")[:-1]
     found: set[str] = set()
     for node in ast.walk(tree):
@@ -72,10 +75,22 @@ def imports_of(source: str, module: str, is_package: bool, known: set[str]) -> s
                     targets.append(f"{base}.{alias.name}")  # `from pkg import submodule`
                 elif base == "bind" and alias.name in bind._EXPORTS:
                     targets.append(bind._EXPORTS[alias.name])  # a lazy export: its defining module
+        elif isinstance(node, ast.Call) and _imported_by_name(node):
+            targets = [node.args[0].value]  # importlib.import_module("bind.x") / __import__("bind.x")
         else:
             continue
         found.update(t for t in targets if t in known and t not in ("bind", module))
     return found
+
+
+def _imported_by_name(call: ast.Call) -> bool:
+    name = ast.unparse(call.func)
+    return (
+        name in ("importlib.import_module", "import_module", "__import__")
+        and bool(call.args)
+        and isinstance(call.args[0], ast.Constant)
+        and isinstance(call.args[0].value, str)
+    )
 
 
 def import_graph(root: Path = ROOT) -> dict[str, set[str]]:
@@ -157,6 +172,10 @@ def test_the_checks_catch_an_upward_import_and_a_hidden_cycle():
     ]
     typing_only = "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from ..train.trainer import run_recipe\n"
     assert not imports_of(typing_only, "bind.recipe.checks", False, known)
+    by_name = "def h():\n    import importlib\n    return importlib.import_module('bind.train.trainer')\n"
+    assert imports_of(by_name, "bind.recipe.checks", False, known) == {"bind.train.trainer"}
+    runs_anyway = "if not TYPE_CHECKING:\n    from ..train import trainer\n"
+    assert imports_of(runs_anyway, "bind.recipe.checks", False, known) == {"bind.train.trainer"}
     lazy_export = "from bind import run_recipe\n"
     assert imports_of(lazy_export, "bind.recipe.checks", False, known) == {"bind.train.trainer"}
 

@@ -329,3 +329,23 @@ def test_a_recipe_with_a_duplicate_key_is_refused_naming_the_line_and_key(tmp_pa
     with pytest.raises(ConfigError) as err:
         read_recipe_file(path)
     assert str(err.value).startswith(f"{path}: {message}"), str(err.value)
+
+
+def test_a_fifo_where_a_file_should_be_is_refused_at_once(tmp_path):
+    import os
+
+    from bind.safe_io import read_json
+
+    fifo = tmp_path / "config.json"
+    os.mkfifo(fifo)  # opened for reading, it would wait for a writer forever
+    with pytest.raises(DataError, match=r"config.json: not a regular file \(a FIFO, device or folder\)"):
+        read_json(fifo, "a model config")
+
+
+def test_an_integer_too_long_to_convert_is_one_line(tmp_path):
+    from bind.safe_io import read_json
+
+    path = tmp_path / "sizes.json"
+    path.write_text('{"total": ' + "9" * 5000 + "}")
+    with pytest.raises(DataError, match=r"sizes.json: .*4300 digits.*; expected sizes"):
+        read_json(path, "sizes")

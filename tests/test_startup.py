@@ -103,3 +103,10 @@ def test_transformers_is_quieted_when_it_loads_after_the_cli_started():
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_DISABLE_PROGRESS_BARS", "TRANSFORMERS_VERBOSITY")}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
     assert done.stdout.split() == ["False", "True"], done.stderr
+
+
+@pytest.mark.parametrize("name", ["auto", "cpu", "cpu:0", "cuda", "cuda:1"])
+def test_every_device_torch_takes_here_passes_the_early_check(name):
+    from bind.cli._inputs import check_device_name
+
+    check_device_name(name)  # cpu:0 was refused by the early check while the recipe's device: took it

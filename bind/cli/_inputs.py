@@ -145,7 +145,7 @@ def check_batch_size(batch_size: int) -> int:
     return batch_size
 
 
-_DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
+_DEVICE = re.compile(r"auto|cpu(:0)?|cuda(:[0-9]+)?")
 
 
 def check_device_name(name: str) -> None:
