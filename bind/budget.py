@@ -22,6 +22,7 @@ without the count.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import os
@@ -207,13 +208,20 @@ def _code_stamps(factory: Any) -> list[Any]:
     """The source files of the factory's top-level package (each file's size and time) and the versions of the
     libraries towers are built from: what a change of the tower's code would change."""
     import sys
-    from importlib.metadata import PackageNotFoundError, version
 
     top = sys.modules.get(factory.__module__.split(".")[0])
     source = inspect.getsourcefile(factory)
     folder = Path(top.__file__).parent if top is not None and getattr(top, "__path__", None) else None
     files = sorted(folder.rglob("*.py")) if folder is not None else [source]
-    stamps: list[Any] = [[str(f), _stat(f)] for f in files]
+    return [[str(f), _stat(f)] for f in files] + _library_versions()
+
+
+@functools.cache
+def _library_versions() -> list[Any]:
+    """The versions of the libraries towers are built from (one lookup per process)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    stamps: list[Any] = []
     for package in ("torch", "torchvision", "torchaudio", "transformers", "open_clip_torch", "peft"):
         try:
             stamps.append([package, version(package)])
@@ -268,33 +276,41 @@ def _entry_size(entry: Any, name: str) -> TowerSize | None | bool:
     return TowerSize(name, *values)
 
 
-def remembered_size(name: str, kwargs: Mapping[str, Any]) -> TowerSize | None | bool:
-    """The size measured before for this tower (``False``: it could not be counted), None if the cache has nothing."""
-    key = size_key(name, kwargs)
-    path = size_cache_path()
-    return None if key is None or path is None else _entry_size(_read_sizes(path).get(key), name)
+class SizeCache:
+    """``validate``'s remembered tower sizes: the file is read once, and each new count is written at once (a
+    cache that cannot be written is left as it is: it only saves time)."""
 
+    def __init__(self) -> None:
+        self.path = size_cache_path()
+        self._sizes: dict[str, Any] | None = None
 
-def remember_size(name: str, kwargs: Mapping[str, Any], size: TowerSize | None) -> None:
-    """Add ``size`` to the cache (None: the tower cannot be counted on the meta device); a cache that cannot be
-    written is left as it is (it only saves time)."""
-    import dataclasses
-    import json
+    def _entries(self) -> dict[str, Any]:
+        if self._sizes is None:
+            self._sizes = _read_sizes(self.path) if self.path is not None else {}
+        return self._sizes
 
-    from .safe_io import BOUNDARY_ERRORS, write_atomic
+    def get(self, key: str, name: str) -> TowerSize | None | bool:
+        """The size counted before (``False``: the tower could not be counted), None if there is none."""
+        return _entry_size(self._entries().get(key), name)
 
-    key, path = size_key(name, kwargs), size_cache_path()
-    if key is None or path is None:
-        return
-    sizes = _read_sizes(path)
-    sizes.pop(key, None)
-    sizes[key] = dataclasses.asdict(size) if size is not None else {"name": name, "counted": False}  # newest last
-    kept = dict(list(sizes.items())[-SIZE_CACHE_ENTRIES:])
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, json.dumps(kept).encode())
-    except (BindError, *BOUNDARY_ERRORS) as err:
-        log.debug("tower size cache %s not written: %s", path, err)
+    def put(self, key: str, name: str, size: TowerSize | None) -> None:
+        """Remember ``size`` (None: the tower cannot be counted on the meta device)."""
+        import dataclasses
+        import json
+
+        from .safe_io import BOUNDARY_ERRORS, write_atomic
+
+        sizes = self._entries()
+        sizes.pop(key, None)
+        sizes[key] = dataclasses.asdict(size) if size is not None else {"name": name, "counted": False}  # newest last
+        self._sizes = dict(list(sizes.items())[-SIZE_CACHE_ENTRIES:])
+        if self.path is None:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(self.path, json.dumps(self._sizes).encode())
+        except (BindError, *BOUNDARY_ERRORS) as err:
+            log.debug("tower size cache %s not written: %s", self.path, err)
 
 
 _IMPORT_GUARD = threading.Lock()
@@ -302,14 +318,12 @@ _import_guard_depth = 0
 _real_imports: tuple[Any, Any] = (None, None)  # builtins.__import__, importlib.import_module
 
 
-def _import_off_meta(*args: Any, **kwargs: Any) -> Any:
-    with torch._C.DisableTorchFunction():  # the device mode is a torch-function mode
-        return _real_imports[0](*args, **kwargs)
+def _off_meta(real_import: Callable[..., Any]) -> Callable[..., Any]:
+    def import_off_meta(*args: Any, **kwargs: Any) -> Any:
+        with torch._C.DisableTorchFunction():  # the device mode is a torch-function mode
+            return real_import(*args, **kwargs)
 
-
-def _import_module_off_meta(*args: Any, **kwargs: Any) -> Any:
-    with torch._C.DisableTorchFunction():
-        return _real_imports[1](*args, **kwargs)
+    return import_off_meta
 
 
 @contextmanager
@@ -325,7 +339,7 @@ def _imports_off_meta() -> Iterator[None]:
     with _IMPORT_GUARD:
         if _import_guard_depth == 0:
             _real_imports = (builtins.__import__, importlib.import_module)
-            builtins.__import__, importlib.import_module = _import_off_meta, _import_module_off_meta
+            builtins.__import__, importlib.import_module = map(_off_meta, _real_imports)
         _import_guard_depth += 1
     try:
         yield
@@ -343,6 +357,7 @@ class MemoryCheck:
         self.budget = budget
         self.used = 0
         self.towers: list[str] = []  # the keys admitted so far
+        self.sizes = SizeCache()
 
     def admit(
         self,
@@ -358,8 +373,10 @@ class MemoryCheck:
         exceed the budget. ``source``: the file; ``tower``: the tower's key in it (``modalities.image``);
         ``argument_key(arg)``: the key of one of its arguments. ``strict=False``: a tower whose meta build fails
         is not counted (``bindkit validate``: the run raises the error, with its key). ``remembered``: take a size
-        measured before (:func:`remembered_size`) instead of building the tower again (``bindkit validate``)."""
-        size = remembered_size(name, kwargs) if remembered else None
+        measured before (:class:`SizeCache`) instead of building the tower again (``bindkit validate``)."""
+        # validate's loop remembers; a run (every rank of it) measures and leaves the cache alone
+        key = size_key(name, kwargs) if remembered else None
+        size = self.sizes.get(key, name) if key is not None else None
         if size is None:
             try:
                 size = measure_tower(name, kwargs)
@@ -367,8 +384,8 @@ class MemoryCheck:
                 if strict:
                     raise
                 return None  # not remembered: the run raises the error
-            if remembered:  # validate's loop; a run (every rank of it) measures and leaves the cache alone
-                remember_size(name, kwargs, size)
+            if key is not None:
+                self.sizes.put(key, name, size)
         if not size:  # a factory that cannot build on the meta device: not counted
             return None
         self.used += size.total

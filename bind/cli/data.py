@@ -50,45 +50,41 @@ def run(args: argparse.Namespace) -> int:
 
 
 def read_recipe_args(args: argparse.Namespace) -> dict[str, Any]:
-    """The mapping of the recipe file ``args.recipe`` with the command line's ``args.overrides`` applied, unchecked.
+    """:func:`bind.recipe.read_recipe` of ``args.recipe`` with ``args.overrides``: before anything heavy loads."""
+    from ..recipe import read_recipe
 
-    It needs no torch nor any encoder: ``bindkit validate`` and ``bindkit run`` read it first, so a missing file,
-    bad YAML or a bad override is one line before anything heavy is imported."""
-    from ..errors import ConfigError
-    from ..typed_yaml import read_recipe_file, set_override
-
-    path = Path(args.recipe)
-    if not path.is_file():  # as bind.recipe.load_recipe says it
-        raise ConfigError(f"recipe {str(path)!r} not found")
-    data = read_recipe_file(path)
-    for item in args.overrides:
-        set_override(data, item, f"{path}: command line")
-    return data
+    return read_recipe(args.recipe, args.overrides)
 
 
-def load_recipe_fetching_data(args: argparse.Namespace) -> Any:
-    """``bindkit run``'s recipe, checked; on a first run, the data its builders can download (``builder.fetch``)
-    is fetched first, since the check would refuse the recipe for the very data it is about to get.
+def load_recipe_fetching_data(args: argparse.Namespace, data: dict[str, Any] | None = None) -> Any:
+    """``bindkit run``'s recipe (``data``: the mapping :func:`read_recipe_args` read, else read now), checked; on a
+    first run, the data its builders can download (``builder.fetch``) is fetched first, since the check would refuse
+    the recipe for the very data it is about to get.
 
     ``bindkit validate`` loads without this: it never downloads, its error names the command that does."""
+    import copy
+
     from ..errors import DataError
-    from ..recipe import load_recipe
+    from ..recipe import parse_recipe
 
+    data = read_recipe_args(args) if data is None else data
+    source = str(Path(args.recipe))
     try:
-        return load_recipe(args.recipe, args.overrides, trust_plugins=args.trust_plugins)
+        return parse_recipe(copy.deepcopy(data), source, trust_plugins=args.trust_plugins)
     except DataError:
-        if not _fetch_for_recipe(args):
+        if not _fetch_for_recipe(args, data):
             raise  # data bindkit cannot download: the check's own message says what to put where
-    return load_recipe(args.recipe, args.overrides, trust_plugins=args.trust_plugins)
+    return parse_recipe(copy.deepcopy(data), source, trust_plugins=args.trust_plugins)
 
 
-def _fetch_for_recipe(args: argparse.Namespace) -> list[Any]:
+def _fetch_for_recipe(args: argparse.Namespace, data: dict[str, Any]) -> list[Any]:
     """Fetch the missing sets the recipe's data specs read; [] when none of them can be downloaded."""
+    import copy
+
     from ..data.fetch import fetch_missing
     from ..recipe import parse_recipe
 
-    data = read_recipe_args(args)
-    recipe = parse_recipe(data, str(args.recipe), check_data=False, trust_plugins=args.trust_plugins)
+    recipe = parse_recipe(copy.deepcopy(data), str(args.recipe), check_data=False, trust_plugins=args.trust_plugins)
     specs = [s for m in recipe.modalities.values() for s in (m.train_data, m.eval_data) if s is not None]
     specs += [s for data_set in recipe.eval.sets.values() for s in data_set.values()]
     return fetch_missing(specs, recipe.data_root, progress=not getattr(args, "no_progress", False), say=print)

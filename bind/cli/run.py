@@ -45,7 +45,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    read_recipe_args(args)  # a missing file, bad YAML or a bad override: one line before torch loads
+    data = read_recipe_args(args)  # a missing file, bad YAML or a bad override: one line before torch loads
     if args.seeds is not None and len(set(args.seeds)) != len(args.seeds):
         raise ConfigError(f"--seeds: each seed once, got {' '.join(map(str, args.seeds))}")
 
@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
 
     check_nproc(args.nproc)
     load_plugins(args.plugin)
-    recipe = load_recipe_fetching_data(args)  # fail here, before any process starts; fetch data on a first run
+    recipe = load_recipe_fetching_data(args, data)  # fail here, before any process starts; fetch data on a first run
     out = Path(args.out or Path("runs") / Path(args.recipe).stem)
     if args.seeds is None:
         return _run_one(args, recipe, args.overrides, out, resume_wanted(args.resume, out))

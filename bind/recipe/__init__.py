@@ -48,6 +48,7 @@ __all__ = [
     "changed_keys",
     "load_recipe",
     "parse_recipe",
+    "read_recipe",
     "read_recipe_file",
     "recipe_to_dict",
     "set_override",
@@ -69,12 +70,18 @@ def parse_recipe(data: Any, source: str = "<recipe>", check_data: bool = True, t
     return recipe
 
 
-def load_recipe(path: str | os.PathLike[str], overrides: list[str] = (), trust_plugins: bool = False) -> Recipe:
-    """Read, override and validate a recipe file (``trust_plugins``: import the modules its ``plugins`` name)."""
+def read_recipe(path: str | os.PathLike[str], overrides: list[str] = ()) -> dict[str, Any]:
+    """A recipe file's mapping with ``key.sub=value`` overrides applied, not yet checked: no torch, no encoder
+    (the command line reads it first, so a missing file, bad YAML or a bad override is one line at once)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"recipe {str(path)!r} not found")
     data = read_recipe_file(path)
     for item in overrides:
         set_override(data, item, f"{path}: command line")
-    return parse_recipe(data, str(path), trust_plugins=trust_plugins)
+    return data
+
+
+def load_recipe(path: str | os.PathLike[str], overrides: list[str] = (), trust_plugins: bool = False) -> Recipe:
+    """Read, override and validate a recipe file (``trust_plugins``: import the modules its ``plugins`` name)."""
+    return parse_recipe(read_recipe(path, overrides), str(Path(path)), trust_plugins=trust_plugins)
