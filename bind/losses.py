@@ -55,11 +55,13 @@ def info_nce(a: Tensor, b: Tensor, logit_scale: Tensor | float, rows: slice | No
     """
     if a.shape != b.shape:
         raise ValueError(f"info_nce needs paired embeddings of equal shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    everything = rows is None
     rows = _rows(a.shape[0], rows)
     targets = torch.arange(rows.start, rows.stop, device=a.device)
-    a_to_b = F.cross_entropy(_logits(a[rows], b, logit_scale), targets)
-    b_to_a = F.cross_entropy(_logits(b[rows], a, logit_scale), targets)
-    return (a_to_b + b_to_a) / 2
+    logits_ab = _logits(a[rows], b, logit_scale)
+    # the whole batch: b's logits are the transpose of a's (one N x N product, as open_clip); a slice needs its own
+    logits_ba = logits_ab.T if everything else _logits(b[rows], a, logit_scale)
+    return (F.cross_entropy(logits_ab, targets) + F.cross_entropy(logits_ba, targets)) / 2
 
 
 def _mean_log_prob_of_positives(logits: Tensor, positives: Tensor) -> Tensor:
@@ -88,11 +90,14 @@ def label_aware_info_nce(
     full loss only when every slice holds the same number of matched rows (each slice averages over
     its own matched rows).
     """
+    everything = rows is None
     a_rows, b_rows = _rows(a.shape[0], rows), _rows(b.shape[0], rows)  # a and b may differ in size
     a_positives = labels_a[a_rows, None] == labels_b[None, :]
     b_positives = labels_b[b_rows, None] == labels_a[None, :]
-    a_to_b = _mean_log_prob_of_positives(_logits(a[a_rows], b, logit_scale), a_positives)
-    b_to_a = _mean_log_prob_of_positives(_logits(b[b_rows], a, logit_scale), b_positives)
+    logits_ab = _logits(a[a_rows], b, logit_scale)
+    logits_ba = logits_ab.T if everything else _logits(b[b_rows], a, logit_scale)  # as in info_nce
+    a_to_b = _mean_log_prob_of_positives(logits_ab, a_positives)
+    b_to_a = _mean_log_prob_of_positives(logits_ba, b_positives)
     return -(_mean_over(a_to_b, a_positives.any(1)) + _mean_over(b_to_a, b_positives.any(1))) / 2
 
 

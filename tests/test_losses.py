@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bind.losses import info_nce, label_aware_info_nce, pairwise_cosine_loss, supcon_loss
+from bind.losses import get_loss, info_nce, label_aware_info_nce, pairwise_cosine_loss, supcon_loss
 
 
 def unit(n: int, d: int, seed: int, dtype=torch.float32) -> torch.Tensor:
@@ -168,3 +168,21 @@ def test_losses_without_any_positive_pair_are_zero_not_nan():
     # one matched row still counts alone, as before
     some = label_aware_info_nce(a, b, torch.tensor([0, 1, 2, 3]), torch.tensor([3, 7, 8]), 10.0)
     assert torch.isfinite(some) and some.item() > 0
+
+
+@pytest.mark.parametrize("loss_name", ["info_nce", "label_aware_info_nce"])
+def test_the_whole_batch_takes_one_similarity_product_and_a_slice_takes_two(loss_name):
+    """open_clip computes logits_per_text as logits_per_image.T: an N x N x D product once, not twice.
+    FlopCounterMode counts what matmuls ran: 2 N^2 D for the one product (a slice of r rows: 2 x 2 r N D)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    n, d = 32, 16
+    a, b = F.normalize(torch.randn(n, d), dim=-1), F.normalize(torch.randn(n, d), dim=-1)
+    labels = torch.arange(n) % 5
+    fn = get_loss(loss_name, "bind").fn
+    counted = []
+    for rows in (None, slice(0, 8)):
+        with FlopCounterMode(display=False) as counter:
+            fn(a, b, labels, logit_scale=torch.tensor(10.0), rows=rows)
+        counted.append(counter.get_total_flops())
+    assert counted == [2 * n * n * d, 2 * (2 * 8 * n * d)]
