@@ -41,15 +41,26 @@ class ClipBatch:
     """Clips of several items batched together.
 
     ``clips`` holds every clip of every item along dim 0; ``item_index[k]`` is the item clip ``k``
-    belongs to. Clip embeddings are averaged per item.
+    belongs to. Clip embeddings are averaged per item. ``counts``, when known (:meth:`ModalityEncoder.collate_clips`
+    sets it), is how many clips each item has, the clips grouped by item in item order: a batch can then be split by
+    item (GradCache's chunks) with plain slices, without reading ``item_index`` back from the GPU.
     """
 
     clips: Tensor | dict[str, Tensor]  # (total_clips, ...)
     item_index: Tensor  # (total_clips,) long
     num_items: int
+    counts: tuple[int, ...] | None = None  # clips per item, in order (None: item_index says, in any order)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> ClipBatch:
-        return ClipBatch(move_to(self.clips, device, non_blocking), self.item_index.to(device), self.num_items)
+        index = self.item_index.to(device, non_blocking=non_blocking)
+        return ClipBatch(move_to(self.clips, device, non_blocking), index, self.num_items, self.counts)
+
+    def pin_memory(self) -> ClipBatch:
+        """Page-locked copies (what a DataLoader with ``pin_memory=True`` calls): copies to CUDA from pinned
+        memory run asynchronously; from pageable memory they wait for the host."""
+        clips = {k: v.pin_memory() for k, v in self.clips.items()} if isinstance(self.clips, dict) else None
+        pinned = self.clips.pin_memory() if clips is None else clips
+        return ClipBatch(pinned, self.item_index.pin_memory(), self.num_items, self.counts)
 
 
 Batch = Union[Tensor, dict[str, Tensor], ClipBatch]  # noqa: UP007  (a runtime alias: `|` fails on 3.10 here)
@@ -205,10 +216,9 @@ class ModalityEncoder(nn.Module):
     @staticmethod
     def collate_clips(samples: Sequence[Tensor]) -> ClipBatch:
         """Batch items of shape (num_clips, ...) into a :class:`ClipBatch`."""
-        counts = torch.tensor([s.shape[0] for s in samples])
-        return ClipBatch(
-            torch.cat(list(samples)), torch.repeat_interleave(torch.arange(len(samples)), counts), len(samples)
-        )
+        counts = tuple(s.shape[0] for s in samples)
+        index = torch.repeat_interleave(torch.arange(len(samples)), torch.tensor(counts))
+        return ClipBatch(torch.cat(list(samples)), index, len(samples), counts)
 
     # The logit scale's bounds live here, in these two methods: the scale used is capped at ``max_logit_scale``
     # (ImageBind's LearnableLogitScaling clips the same way), and after each optimizer step a learnable scale is

@@ -213,9 +213,8 @@ class VideoFramesEncoder(ModalityEncoder):
         if isinstance(samples[0], Tensor):
             return self.collate_clips(samples)
         batch = self.collate_clips([next(iter(s.values())) for s in samples])
-        return ClipBatch(
-            {key: torch.cat([s[key] for s in samples]) for key in samples[0]}, batch.item_index, len(samples)
-        )
+        clips = {key: torch.cat([s[key] for s in samples]) for key in samples[0]}
+        return ClipBatch(clips, batch.item_index, len(samples), batch.counts)
 
     def forward_features(self, batch: Tensor | dict[str, Tensor]) -> Tensor:
         first = next(iter(batch.values())) if isinstance(batch, dict) else batch

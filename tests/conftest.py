@@ -6,6 +6,7 @@ import atexit
 import functools
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 
@@ -51,6 +52,50 @@ def pytest_configure(config) -> None:
         load_builtin_encoders()
     except ConfigError as err:
         raise pytest.UsageError(str(err)) from None
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    """A skipped CUDA test must not read as a pass: say, last and in red, that the GPU code did not run."""
+    skipped = [r for r in terminalreporter.stats.get("skipped", []) if "cuda" in getattr(r, "keywords", {})]
+    if skipped:
+        terminalreporter.write_sep(
+            "!", f"{len(skipped)} CUDA tests SKIPPED: no CUDA device here, the GPU code paths were NOT tested", red=True
+        )
+        terminalreporter.write_line("run them on a GPU machine: bindkit bench gpu (or pytest -m cuda)", red=True)
+
+
+def spawn_gloo(worker, *args, nprocs: int = 2) -> None:
+    """``worker(rank, dist, *args)`` in ``nprocs`` processes joined in one gloo group on 127.0.0.1 (one thread each).
+    A worker's failed assert comes back as the spawn's error, with its traceback; a port another process took
+    between picking and binding it is picked again."""
+    for attempt in range(3):
+        try:
+            torch.multiprocessing.spawn(_gloo_worker, args=(nprocs, _free_port(), worker, args), nprocs=nprocs)
+            return
+        except torch.multiprocessing.ProcessRaisedException as err:
+            if "address already in use" not in str(err).lower() or attempt == 2:
+                raise
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _gloo_worker(rank: int, world_size: int, port: int, worker, args: tuple) -> None:
+    from bind.distributed import barrier, init_distributed, shutdown_distributed
+
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    torch.set_num_threads(1)
+    dist = init_distributed("cpu", timeout_s=120)
+    try:
+        worker(rank, dist, *args)
+        barrier()  # rank 0 hosts the store: nobody leaves while another still talks to it
+    finally:
+        shutdown_distributed()
 
 
 @pytest.fixture(autouse=True)

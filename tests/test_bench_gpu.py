@@ -39,3 +39,31 @@ def test_cpu_run_reports_smoke_figures_and_pending_gpu_figures():
         )
     assert result["cpu_smoke_flops_per_step"] > 0
     assert not torch.backends.cuda.matmul.allow_tf32  # restored
+
+
+def test_a_vit_b16_and_bert_base_step_counts_about_139_gflops_per_sample(tmp_path):
+    """The figure MFU divides by: ViT-B/16 at 224 px (17.6 GMACs forward) and BERT-base over 64 tokens, forward
+    and backward (3x forward), is about 139 GFLOPs per sample (the issue's reference). The image tower is
+    counted on the meta device (shapes only); BERT runs for real, one sample."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from bind.bench.gpu import FULL, VOCAB, _towers
+
+    image, text = _towers(str(tmp_path), FULL, 64)
+    image = image.to("meta")
+    pixels = torch.randn(1, 3, 224, 224, device="meta")
+    tokens = {"input_ids": torch.randint(0, VOCAB, (1, 64)), "attention_mask": torch.ones(1, 64, dtype=torch.long)}
+    with sdpa_kernel(SDPBackend.MATH):  # plain matmuls, which the counter has formulas for
+        flops = step_flops(lambda: image(pixels).sum().backward()) + step_flops(lambda: text(tokens).sum().backward())
+    assert flops / 1e9 == pytest.approx(139, rel=0.02)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA path")
+def test_skipped_gpu_checks_are_reported_as_not_run_not_as_passed():
+    from bind.bench.gpu import run_cuda_tests
+
+    result = run_cuda_tests()
+    assert result["verdict"].startswith("NOT RUN:") and "needs a CUDA device" in result["verdict"]
+    assert result["passed"] == 0 and result["skipped"] == len(result["checks"]) >= 8
+    assert set(result["checks"].values()) == {"SKIPPED"}
+    assert "test_an_nccl_group_of_one_gives_the_steps_gradients_of_no_group" in result["checks"]

@@ -34,7 +34,9 @@ def test_two_gloo_processes_give_the_single_process_loss_and_gradients(data_root
     figures = compare_with_single_process(check_recipe(str(data_root), 16, local_loss, chunk_size), nproc=2)
     assert figures["parameters_compared"] > 10  # the audio transformer, its head and logit scale
     assert figures["loss_diff"] < 1e-5
-    assert figures["max_grad_diff"] < 1e-5
+    # float32 rounding, relative to the largest gradient (~8): one process computes b->a logits as the transpose of
+    # a->b, each rank of a local loss multiplies its own rows (as open_clip does), in another order
+    assert figures["max_grad_diff"] < 2e-6 * figures["max_grad"]
     assert figures["max_grad"] > 1e-3  # gradients that are not all zero
 
 

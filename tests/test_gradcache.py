@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bind import create_encoder
-from bind.encoder import ClipBatch
+from bind.encoder import ClipBatch, ModalityEncoder
 from bind.losses import info_nce, label_aware_info_nce
 from bind.train.gradcache import ChunkedEmbedding, batch_size_of, split_batch
 
@@ -126,3 +126,17 @@ def test_the_replay_device_comes_from_the_batch_by_default():
     assert batch_device(ClipBatch(torch.zeros(3, 2), torch.tensor([0, 0, 1]), 2)) == torch.device("cpu")
     chunked = ChunkedEmbedding(lambda x: x * 2, torch.zeros(4, 2, device="meta"), chunk_size=2)
     assert chunked.device == torch.device("meta")  # a CUDA batch would restore the CUDA RNG the same way
+
+
+def test_split_batch_by_counts_slices_what_item_index_selects():
+    """collate_clips records clips per item, so chunks are slices (no nonzero, which waits for the GPU); they
+    hold exactly the clips the item_index path selects, and carry their own counts on."""
+    samples = [torch.full((n, 2), float(i)) for i, n in enumerate([2, 1, 3, 1, 2])]
+    batch = ModalityEncoder.collate_clips(samples)
+    assert batch.counts == (2, 1, 3, 1, 2)
+    by_index = split_batch(ClipBatch(batch.clips, batch.item_index, batch.num_items), 2)
+    by_counts = split_batch(batch, 2)
+    assert [c.counts for c in by_counts] == [(2, 1), (3, 1), (2,)]
+    for a, b in zip(by_counts, by_index, strict=True):
+        assert torch.equal(a.clips, b.clips) and torch.equal(a.item_index, b.item_index)
+        assert a.num_items == b.num_items and a.clips._base is batch.clips  # a view: nothing copied

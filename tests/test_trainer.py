@@ -82,12 +82,33 @@ def test_a_loader_that_gives_no_full_batch_is_an_error_not_an_endless_loop():
         next(endless(DataLoader(list(range(3)), batch_size=4, drop_last=True)))
 
 
-def test_bench_step_compares_every_stage_with_a_bare_loop(tmp_path, data_root):
+def test_prepare_model_puts_the_model_on_the_device_with_convolutions_channels_last(data_root):
+    """What the trainer and `bindkit bench step` train: on the device (the meta device here: shapes only), and
+    with ``channels_last`` each Conv2d weight NHWC."""
+    from bind.bench.ddp import check_recipe
+    from bind.recipe import parse_recipe
+    from bind.train.trainer import prepare_model
+
+    data = check_recipe(str(data_root), 16, local_loss=False, chunk_size=None) | {"channels_last": True}
+    data["modalities"]["image"]["args"]["width"] = 8
+    model = prepare_model(parse_recipe(data), torch.device("meta"))
+    assert {p.device.type for p in model.parameters()} == {"meta"}
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1]
+    assert convs and all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
+    assert not any(c.weight.is_contiguous() for c in convs)
+
+
+def test_bench_step_compares_every_stage_with_a_bare_loop(tmp_path, data_root, monkeypatch):
     """The plumbing of `bindkit bench step` (its figures are measured by the benchmark, not here)."""
     import yaml
 
+    import bind.train.trainer as trainer
     from bind.bench import run_benchmark
     from bind.bench.ddp import check_recipe
+
+    prepared = []  # the model bench step trains is the trainer's: prepared on the recipe's device
+    real = trainer.prepare_model
+    monkeypatch.setattr(trainer, "prepare_model", lambda spec, device: prepared.append(device) or real(spec, device))
 
     recipe = check_recipe(str(data_root), 16, local_loss=False, chunk_size=None)
     recipe["stages"].insert(
@@ -97,6 +118,7 @@ def test_bench_step_compares_every_stage_with_a_bare_loop(tmp_path, data_root):
     path.write_text(yaml.safe_dump(json.loads(json.dumps(recipe))))
     result = run_benchmark("step", recipe=str(path), steps=2, warmup=1, overrides=["stages.1.steps=9"])
     assert list(result["stages"]) == ["audio_alone", "bind"] and result["overrides"] == ["stages.1.steps=9"]
+    assert prepared == [torch.device("cpu")]
     for stage in result["stages"].values():
         assert stage["trainer_samples_per_s"] > 0 and stage["bare_samples_per_s"] > 0
         assert 0 <= stage["data_wait_fraction"] <= 1 and stage["overhead"] < 1
@@ -186,3 +208,23 @@ def test_learnable_logit_scales_are_clamped_to_1_and_the_maximum_and_fixed_ones_
         learnable.log_logit_scale.fill_(-3.0)
     clamp_logit_scales(model)
     assert float(learnable.log_logit_scale) == -3.0
+
+
+@pytest.mark.parametrize(("precision", "tf32"), [("fp32", False), ("tf32", True), ("bf16", True), ("auto", True)])
+def test_precision_decides_tf32_on_cuda_and_cudnn_benchmarks_convolutions(precision, tf32):
+    """fp32 means float32 (TF32 off: torch's cuDNN default would be on); the flags are process-wide settings,
+    so they can be read without a GPU. On the CPU nothing changes."""
+    from bind.train.trainer import configure_backends
+
+    flags = (torch.backends.cuda.matmul, "allow_tf32"), (torch.backends.cudnn, "allow_tf32")
+    saved = [(o, n, getattr(o, n)) for o, n in [*flags, (torch.backends.cudnn, "benchmark")]]
+    try:
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = not tf32
+        torch.backends.cudnn.benchmark = False
+        configure_backends(precision, torch.device("cpu"))
+        assert [getattr(o, n) for o, n in flags] == [not tf32] * 2 and not torch.backends.cudnn.benchmark
+        configure_backends(precision, torch.device("cuda"))
+        assert [getattr(o, n) for o, n in flags] == [tf32] * 2 and torch.backends.cudnn.benchmark
+    finally:
+        for owner, name, value in saved:
+            setattr(owner, name, value)

@@ -18,7 +18,7 @@ from ..data import build_dataset
 from ..distributed import resolve_device
 from ..recipe import Recipe, StageSpec, load_recipe
 from ..train.stage import StageRunner
-from ..train.trainer import build_model, seed_everything
+from ..train.trainer import configure_backends, prepare_model, seed_everything
 
 DIGITS = Path(__file__).parents[2] / "recipes" / "digits.yaml"
 
@@ -63,7 +63,8 @@ def bench_cache(
             spec.feature_cache = arm != "recompute"
             spec.cache_dir = cache_dir if arm.startswith("disk") else None
             seed_everything(spec.seed)
-            model = build_model(spec).to(device)
+            configure_backends(spec.precision, device)
+            model = prepare_model(spec, device)
             start = time.perf_counter()
             runner = StageRunner(model, spec, stage, device, train_sets)
             build = time.perf_counter() - start

@@ -78,7 +78,7 @@ def step_gradients(recipe_data: dict[str, Any], dist: Dist = SINGLE_PROCESS) -> 
     runner = StageRunner(model, recipe, recipe.stages[0], torch.device("cpu"), train_sets, dist)
     model.train()
     loss, _, _ = runner.backward(runner.data.iterators())
-    return loss, {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    return float(loss), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
 def _worker(rank: int, world_size: int, port: int, recipe_data: dict[str, Any], out: str) -> None:
@@ -90,7 +90,7 @@ def _worker(rank: int, world_size: int, port: int, recipe_data: dict[str, Any], 
     try:
         loss, grads = step_gradients(recipe_data, dist)
         if dist.is_main:
-            save_file(grads, str(Path(out) / "grads.safetensors"), metadata={"loss": repr(loss)})
+            save_file(grads, str(Path(out) / "grads.safetensors"), metadata={"loss": repr(float(loss))})
         barrier()  # rank 0 hosts the store: nobody leaves while another still talks to it
     finally:
         shutdown_distributed()

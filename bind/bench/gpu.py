@@ -76,24 +76,36 @@ def step_flops(fn: Callable[[], Any]) -> int:
     return counter.get_total_flops()
 
 
-def run_cuda_tests(timeout_s: float = 300) -> dict[str, Any]:
-    """Run the ``cuda``-marked tests in a child process and return pytest's counts."""
+OUTCOME = re.compile(r"^(\S+::\S+) (PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)\b")
+
+
+def run_cuda_tests(timeout_s: float = 420) -> dict[str, Any]:
+    """Run the ``cuda``-marked tests in a child process: each check's outcome, pytest's counts, and a ``verdict``
+    that says loudly when they did not all run (a skipped GPU check is not a pass)."""
     import bind
 
     tests_dir = Path(bind.__file__).resolve().parents[1] / "tests"
     if not tests_dir.is_dir():
-        return {"summary": "tests/ not found"}
-    command = [sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-p", "no:cacheprovider", str(tests_dir)]
+        return {"verdict": "NOT RUN: tests/ not found beside the bind package (run from a clone)"}
+    command = [sys.executable, "-m", "pytest", "-m", "cuda", "-v", "-rs", "-p", "no:cacheprovider", str(tests_dir)]
     try:
         proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        return {"summary": f"timed out after {timeout_s:.0f} s"}
+        return {"verdict": f"NOT FINISHED: timed out after {timeout_s:.0f} s"}
     lines = proc.stdout.strip().splitlines()
+    checks = {m[1].split("::", 1)[1]: m[2] for m in map(OUTCOME.match, lines) if m}
     summary = lines[-1].strip("= ") if lines else proc.stderr.strip()[-200:]
     result: dict[str, Any] = {"returncode": proc.returncode, "passed": 0, "failed": 0, "skipped": 0, "error": 0}
     for n, kind in re.findall(r"(\d+) (passed|failed|skipped|error)", summary):  # "error" also matches "errors"
         result[kind] += int(n)
-    return {**result, "summary": summary}
+    if result["failed"] or result["error"] or proc.returncode not in (0, 5):
+        verdict = f"FAILED: {result['failed']} failed, {result['error']} errors (see checks)"
+    elif result["skipped"] or not result["passed"]:
+        reasons = sorted({line.split(": ", 2)[-1] for line in lines if line.startswith("SKIPPED")})
+        verdict = f"NOT RUN: {result['skipped']} of {len(checks)} GPU checks skipped ({'; '.join(reasons)})"
+    else:
+        verdict = f"PASSED: all {result['passed']} GPU checks"
+    return {**result, "checks": checks, "verdict": verdict, "summary": summary}
 
 
 def _towers(tmp: str, sizes: dict[str, dict[str, int]], text_tokens: int) -> tuple[Any, Any]:
@@ -155,6 +167,7 @@ def _measure(image_enc: Any, text_enc: Any, batch: int, tokens: int, steps: int,
 
     with sdpa_kernel(SDPBackend.MATH) if not cuda else nullcontext():
         out["flops_per_step"] = step_flops(lambda: step(None))
+    out["gflops_per_sample"] = out["flops_per_step"] / batch / 1e9  # ViT-B/16 + BERT-base, 64 tokens: ~139
     return out
 
 
@@ -169,7 +182,9 @@ def bench_gpu(
     result: dict[str, Any] = {"device": device.type, "gpu": gpu, "torch": torch.__version__}
     if run_tests:
         log.info("running the cuda-marked tests")
-        result["cuda_tests"] = run_cuda_tests()
+        result["cuda_tests"] = tests = run_cuda_tests()
+        if not tests["verdict"].startswith("PASSED"):  # loudly, on stderr too: not a pass
+            print(f"bindkit bench gpu: GPU checks {tests['verdict']}", file=sys.stderr)
     towers = "tiny ViT + tiny BERT" if tiny else "ViT-B/16 (224 px) + BERT-base"
     result.update({"towers": towers, "text_tokens": text_tokens, "steps": steps})
     modes = list(MODES) if cuda else ["fp32", "bf16"]  # TF32 is a CUDA setting; bf16 autocast still runs on CPU

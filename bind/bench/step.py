@@ -35,12 +35,13 @@ def bench_step(
     from ..recipe import load_recipe
     from ..train.malloc import tune_malloc
     from ..train.stage import StageRunner
-    from ..train.trainer import build_model, seed_everything
+    from ..train.trainer import configure_backends, prepare_model, seed_everything
 
     spec = load_recipe(recipe, [*(overrides or []), *([f"data_root={data_root}"] if data_root else [])])
     device = resolve_device(spec.device)
     seed_everything(spec.seed)
-    model = build_model(spec)
+    configure_backends(spec.precision, device)
+    model = prepare_model(spec, device)  # on the device, as the trainer has it
     train_sets = {m: build_dataset(s.train_data, spec.data_root) for m, s in spec.modalities.items() if s.train_data}
     result: dict[str, Any] = {"recipe": recipe, "overrides": overrides or [], "steps": steps, "device": str(device)}
     result["malloc_tuned"] = tune_malloc()  # what the bindkit command sets (bind/train/malloc.py)

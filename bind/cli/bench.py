@@ -48,6 +48,15 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result))
     else:
-        for key, value in result.items():
-            print(f"{key:>32}: {value:.4g}" if isinstance(value, float) else f"{key:>32}: {value}")
+        _print_figures(result)
     return 0
+
+
+def _print_figures(figures: dict, indent: int = 32) -> None:
+    """One ``key: value`` line per figure; a nested mapping (a benchmark's checks) one line per entry, indented."""
+    for key, value in figures.items():
+        if isinstance(value, dict) and value:
+            print(f"{key:>{indent}}:")
+            _print_figures(value, indent + 4)
+        else:
+            print(f"{key:>{indent}}: {value:.4g}" if isinstance(value, float) else f"{key:>{indent}}: {value}")

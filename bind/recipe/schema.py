@@ -137,9 +137,12 @@ class Recipe:
     tensorboard: bool = False  # also log scalars to RUN_DIR/tensorboard (needs the tensorboard package)
     feature_cache: bool = True  # compute frozen, unaugmented trunks' features once per stage (false: every step)
     cache_dir: str | None = None  # keep those features on disk here (memory-mapped, reused across runs); null: RAM
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
-    channels_last: bool = False  # CUDA conv towers: NHWC memory format (faster convolutions with bf16)
-    compile: bool = False  # torch.compile each trainable tower (slower start, faster steps on GPU)
+    # tf32: float32 matmuls and convolutions on CUDA's TF32 tensor cores (~1e-3 relative error, several times faster)
+    precision: Literal["auto", "fp32", "tf32", "bf16"] = "auto"  # auto: bf16 on CUDA; fp32: TF32 off; tf32: TF32 on
+    channels_last: bool = False  # Conv2d towers: NHWC memory format (faster convolutions with bf16 on CUDA)
+    # eager and aot_eager trace without generating code: a quick check that the towers compile without graph breaks
+    compile: bool | Literal["inductor", "eager", "aot_eager"] = False  # torch.compile trained trunks (true: inductor)
+    distributed_timeout_s: float | None = None  # torchrun: seconds a collective may wait (null: torch's, 10 min NCCL)
     checkpoint_every: int | None = 200  # optimizer steps between checkpoints (also at epoch ends); null: epochs only
     keep_checkpoints: int = 2  # newest checkpoints kept in RUN_DIR/checkpoints
     on_bad_item: Literal["skip", "fail"] = "skip"  # skip: a corrupt item is replaced by the next one and counted
@@ -159,6 +162,7 @@ RANGES: Ranges = {
         "seed": Range("an integer in [0, 2**32) (NumPy's seed range)", lambda v: 0 <= v < 2**32),
         "num_workers": COUNT,
         "checkpoint_every": POSITIVE_INT,
+        "distributed_timeout_s": POSITIVE,
         "keep_checkpoints": POSITIVE_INT,
         "max_bad_fraction": SHARE,
         "max_nonfinite_steps": POSITIVE_INT,
@@ -197,7 +201,16 @@ def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
 
 # keys that change where and how a run reads and writes, not what it computes
 RUN_ONLY_KEYS = frozenset(
-    {"source", "data_root", "num_workers", "cache_dir", "tensorboard", "checkpoint_every", "keep_checkpoints"}
+    {
+        "source",
+        "data_root",
+        "num_workers",
+        "cache_dir",
+        "tensorboard",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "distributed_timeout_s",
+    }
 )
 
 

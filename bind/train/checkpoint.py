@@ -4,7 +4,8 @@ A checkpoint is a folder ``RUN/checkpoints/stage{i}-step{n}/`` holding
 
 * ``model.safetensors`` + ``config.json`` (:meth:`BindModel.save_pretrained`: loadable as a model);
 * ``optimizer.safetensors``: the optimizer's per-parameter tensors (AdamW moments and step counts);
-* ``rng.safetensors``: the torch (CPU and CUDA) and numpy random states;
+* ``rng.safetensors``: the torch (CPU and CUDA) and numpy random states, of every rank (``rank{r}.`` keys
+  beyond rank 0: each rank draws its own dropout masks);
 * ``trainer_state.json``: stage and step, the optimizer's hyperparameters, the scheduler, the
   Python random state, the recipe, and the bad-item and non-finite-loss counts;
 * ``MANIFEST.json``, written last: the size and SHA-256 of every other file.
@@ -155,20 +156,52 @@ def newest_good_checkpoint(directory: Path) -> tuple[Checkpoint | None, list[tup
     return None, skipped
 
 
-def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Every random state a training step reads: tensors for safetensors, the rest for JSON."""
+RngState = tuple[dict[str, torch.Tensor], dict[str, Any]]
+
+
+def rng_state() -> RngState:
+    """Every random state a training step of this process reads: tensors for safetensors, the rest for JSON."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     tensors = {"torch": torch.get_rng_state(), "numpy_keys": torch.from_numpy(keys.astype(np.int64))}
-    if (
-        torch.cuda.is_available()
-    ):  # this process's device: under torchrun every rank's advances in lockstep with rank 0's
+    if torch.cuda.is_available():  # this process's device
         tensors["cuda"] = torch.cuda.get_rng_state()
     version, internal, py_gauss = random.getstate()
     meta = {"numpy": [kind, pos, has_gauss, gauss], "python": [version, list(internal), py_gauss]}
     return tensors, meta
 
 
-def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+def all_rng_states(world_size: int) -> list[RngState]:
+    """Every rank's :func:`rng_state`, in rank order, on every rank (each rank seeds ``seed + rank`` and so
+    draws its own dropout masks; a checkpoint keeps them all). Call on all ranks at once."""
+    if world_size == 1:
+        return [rng_state()]
+    states: list[Any] = [None] * world_size
+    torch.distributed.all_gather_object(states, rng_state())  # the job's own processes: trusted, small
+    return states
+
+
+def _rng_files(states: list[RngState]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Rank 0's states under their own keys (as a one-process run writes them), rank r's under ``rank{r}.``."""
+    tensors, meta = dict(states[0][0]), dict(states[0][1])
+    for rank, (rank_tensors, rank_meta) in enumerate(states[1:], start=1):
+        tensors.update({f"rank{rank}.{key}": value for key, value in rank_tensors.items()})
+        meta.setdefault("ranks", {})[str(rank)] = rank_meta
+    return tensors, meta
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any], rank: int = 0) -> None:
+    """Restore this process's random states: ``rank``'s, from a checkpoint of every rank's."""
+    if rank:
+        prefix = f"rank{rank}."
+        if str(rank) not in meta.get("ranks", {}):
+            log.warning(
+                "the checkpoint holds no random state for rank %d (written by fewer ranks): this rank's dropout "
+                "masks will differ from an uninterrupted run's",
+                rank,
+            )
+            return
+        tensors = {key[len(prefix) :]: value for key, value in tensors.items() if key.startswith(prefix)}
+        meta = meta["ranks"][str(rank)]
     torch.set_rng_state(tensors["torch"])
     if "cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["cuda"])  # into the current device (each rank's own)
@@ -207,8 +240,10 @@ def save_checkpoint(
     step: int,
     extra: dict[str, Any],
     keep: int = 2,
+    rng: list[RngState] | None = None,
 ) -> Path:
-    """Write checkpoint ``stage{stage_index}-step{step}`` atomically; keep the newest ``keep``."""
+    """Write checkpoint ``stage{stage_index}-step{step}`` atomically; keep the newest ``keep``. ``rng``: every
+    rank's random states (:func:`all_rng_states`); default this process's."""
     directory.mkdir(parents=True, exist_ok=True)
     final = checkpoint_path(directory, stage_index, step)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=directory))
@@ -216,7 +251,7 @@ def save_checkpoint(
         model.save_pretrained(tmp)
         optimizer_tensors, optimizer_meta = _optimizer_split(optimizer)
         save_file(optimizer_tensors, str(tmp / "optimizer.safetensors"))
-        rng_tensors, rng_meta = rng_state()
+        rng_tensors, rng_meta = _rng_files(rng or [rng_state()])
         save_file(rng_tensors, str(tmp / "rng.safetensors"))
         state = {
             "format_version": FORMAT_VERSION,
@@ -262,14 +297,16 @@ def load_weights(checkpoint: Checkpoint, model: BindModel) -> None:
     load_model_weights(model, checkpoint.path / "model.safetensors", str(next(model.parameters()).device))
 
 
-def load_training_state(checkpoint: Checkpoint, optimizer: torch.optim.Optimizer, scheduler: Any) -> dict[str, Any]:
-    """Restore optimizer, scheduler and random states in place; returns ``trainer_state.json``."""
+def load_training_state(
+    checkpoint: Checkpoint, optimizer: torch.optim.Optimizer, scheduler: Any, rank: int = 0
+) -> dict[str, Any]:
+    """Restore optimizer, scheduler and ``rank``'s random states in place; returns ``trainer_state.json``."""
     path = checkpoint.path
     try:
         state = checkpoint.state
         optimizer.load_state_dict(_optimizer_join(load_file(str(path / "optimizer.safetensors")), state["optimizer"]))
         scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(load_file(str(path / "rng.safetensors")), state["rng"])
+        set_rng_state(load_file(str(path / "rng.safetensors")), state["rng"], rank)
     except (OSError, ValueError, KeyError) as err:
         raise DataError(f"{path}: checkpoint cannot be read ({err}); delete it to resume from the one before") from err
     return state
@@ -327,11 +364,18 @@ class CheckpointWriter:
         self.last: Path | None = None
 
     def save(
-        self, step: int, model: BindModel, optimizer: torch.optim.Optimizer, scheduler: Any, state: dict[str, Any]
+        self,
+        step: int,
+        model: BindModel,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any,
+        state: dict[str, Any],
+        rng: list[RngState] | None = None,
     ) -> Path:
-        """Checkpoint ``step`` with ``state`` (stage name, total steps, counters) beside the weights and optimizer."""
+        """Checkpoint ``step`` with ``state`` (stage name, total steps, counters) beside the weights and optimizer,
+        and ``rng``, every rank's random states (default: this process's)."""
         extra = {"recipe": self.recipe, **state}
         self.last = save_checkpoint(
-            self.directory, model, optimizer, scheduler, self.stage_index, step, extra, keep=self.keep
+            self.directory, model, optimizer, scheduler, self.stage_index, step, extra, keep=self.keep, rng=rng
         )
         return self.last

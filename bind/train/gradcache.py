@@ -25,6 +25,7 @@ Example::
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
@@ -45,14 +46,20 @@ def batch_size_of(batch: Any) -> int:
 
 
 def split_batch(batch: Any, chunk_size: int) -> list[Any]:
-    """Consecutive chunks of at most ``chunk_size`` items; a :class:`ClipBatch` is split by item, not by clip."""
+    """Consecutive chunks of at most ``chunk_size`` items; a :class:`ClipBatch` is split by item, not by clip:
+    by slices of its ``counts`` when it has them (no value is read from the device), else by ``item_index``."""
     if isinstance(batch, ClipBatch):
         chunks = []
+        offsets = [0, *itertools.accumulate(batch.counts)] if batch.counts is not None else None
         for start in range(0, batch.num_items, chunk_size):
             stop = min(start + chunk_size, batch.num_items)
-            rows = ((batch.item_index >= start) & (batch.item_index < stop)).nonzero().squeeze(1)
+            if offsets is not None:
+                rows: Any = slice(offsets[start], offsets[stop])
+                counts = batch.counts[start:stop]
+            else:  # a nonzero: on CUDA the host waits for the GPU here
+                rows, counts = ((batch.item_index >= start) & (batch.item_index < stop)).nonzero().squeeze(1), None
             clips = {k: v[rows] for k, v in batch.clips.items()} if isinstance(batch.clips, dict) else batch.clips[rows]
-            chunks.append(ClipBatch(clips, batch.item_index[rows] - start, stop - start))
+            chunks.append(ClipBatch(clips, batch.item_index[rows] - start, stop - start, counts))
         return chunks
     if isinstance(batch, dict):
         parts = {k: v.split(chunk_size) for k, v in batch.items()}
@@ -106,18 +113,25 @@ class ChunkedEmbedding:
         self.embeddings = torch.cat(outputs).requires_grad_()
         self.sizes = [len(out) for out in outputs]
 
-    def backward(self) -> None:
-        """Backpropagate ``embeddings.grad`` (set by the loss's backward) through the encoder, chunk by chunk."""
+    def backward(self, last_chunk: Callable[[], AbstractContextManager] = nullcontext) -> None:
+        """Backpropagate ``embeddings.grad`` (set by the loss's backward) through the encoder, chunk by chunk.
+
+        ``last_chunk`` is entered around the last chunk's pass: after it the tower's gradients are final (the
+        trainer starts their all-reduce there, :class:`bind.distributed.GradientReducer`)."""
         if self.embeddings.grad is None:
             raise RuntimeError("ChunkedEmbedding.backward: call backward on the loss first (embeddings have no grad)")
         grads = self.embeddings.grad.split(self.sizes)
         # replaying must not move the global RNG: the step after this one draws what it would have drawn
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices, device_type=self.device.type):
-            for chunk, (cpu_state, cuda_state), grad in zip(self.chunks, self.rng_states, grads, strict=True):
+            last = len(self.chunks) - 1
+            for i, (chunk, (cpu_state, cuda_state), grad) in enumerate(
+                zip(self.chunks, self.rng_states, grads, strict=True)
+            ):
                 torch.set_rng_state(cpu_state)
                 if cuda_state is not None:
                     torch.cuda.set_rng_state(cuda_state, self.device)
-                with self.context():
-                    out = self.embed(chunk)
-                out.backward(grad.to(out.dtype))
+                with last_chunk() if i == last else nullcontext():
+                    with self.context():
+                        out = self.embed(chunk)
+                    out.backward(grad.to(out.dtype))

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from ..distributed import Dist, mean_over_ranks
+from ..distributed import Dist
 from ..errors import ConfigError
 
 
@@ -71,6 +71,8 @@ class StopFlag:
         self.signal_name: str | None = None
         self.count = 0
         self._previous: dict[int, Any] = {}
+        self._pending: tuple[Any, torch.Tensor] | None = None  # the all-reduce of the last step's flag, in flight
+        self._group: Any = None
 
     def __enter__(self) -> StopFlag:
         if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
@@ -90,10 +92,46 @@ class StopFlag:
             raise KeyboardInterrupt
         self.signal_name = self.signal_name or signal.Signals(signum).name
 
-    def requested(self, dist: Dist, device: torch.device) -> bool:
-        """Whether to stop after this step; with several ranks, any rank's signal stops all at the same step."""
-        flag = float(self.signal_name is not None)
-        if dist.enabled:
-            flag = mean_over_ranks(flag, device)
-            self.signal_name = self.signal_name or ("SIGTERM" if flag else None)
-        return flag > 0
+    def requested(self, dist: Dist) -> bool:
+        """Whether to stop after this step; with several ranks, any rank's signal stops all at the same step.
+
+        One process: a look at the flag. Several: each step starts an all-reduce of this rank's flag over a CPU
+        (gloo) group and reads the previous step's, which is done by then: no step waits for the GPU or the
+        network for it, and every rank stops at the same step, within two steps of the signal (at the end of
+        a stage, :meth:`settle`)."""
+        if not dist.enabled:
+            return self.signal_name is not None
+        stop = False
+        if self._pending is not None:
+            work, flag = self._pending
+            work.wait()
+            stop = bool(flag[0] > 0)
+            self._pending = None
+        if stop:  # every rank read the same sum: all stop here, none starts another all-reduce
+            self.signal_name = self.signal_name or "SIGTERM"
+            return True
+        flag = torch.tensor([float(self.signal_name is not None)])
+        self._pending = (torch.distributed.all_reduce(flag, group=self._cpu_group(), async_op=True), flag)
+        return False
+
+    def settle(self) -> bool:
+        """At the end of a stage: wait for the all-reduce in flight and say whether it asks to stop. Every rank
+        started the same ones and reads the same sum; a signal in a stage's last step stops the run there, not
+        after the next stage has been set up (a feature cache may take minutes)."""
+        if self._pending is None:
+            return False
+        work, flag = self._pending
+        work.wait()
+        self._pending = None
+        stop = bool(flag[0] > 0)
+        if stop:
+            self.signal_name = self.signal_name or "SIGTERM"
+        return stop
+
+    def _cpu_group(self) -> Any:
+        """A gloo group over all ranks (the default group when it is gloo already), made on first use: every
+        rank reaches that at the same step, as ``new_group`` needs."""
+        if self._group is None:
+            gloo = torch.distributed.get_backend() == "gloo"
+            self._group = torch.distributed.group.WORLD if gloo else torch.distributed.new_group(backend="gloo")
+        return self._group

@@ -56,19 +56,24 @@ def apply_update(
     params: list[torch.nn.Parameter],
     optimizer: torch.optim.Optimizer,
     scheduler: LambdaLR,
-    loss: float,
+    loss: torch.Tensor | float,
     grad_clip: float | None,
-) -> tuple[float, bool]:
-    """Clip, then step unless the loss or gradient is NaN/inf; returns the gradient norm and whether it stepped.
+) -> tuple[torch.Tensor, bool]:
+    """Clip, then step unless the loss or gradient is NaN/inf; returns the gradient norm (a tensor on the
+    gradients' device) and whether it stepped.
 
     A skipped update leaves the weights, the optimizer's moments and the schedule as they were: one bad
-    batch must not poison the weights. The gradients are cleared either way."""
-    # the norm also when not clipping (max inf: no change): a NaN gradient must be caught either way
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip or math.inf))
-    stepped = math.isfinite(loss) and math.isfinite(grad_norm)
+    batch must not poison the weights. The gradients are cleared either way. Deciding that is the step's one
+    host sync (one ``.item()``); the loss and the norm stay on the device for the loop to read on log steps."""
+    if grad_clip is not None:
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    else:  # the norm also when not clipping: a NaN gradient must be caught either way
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    finite = torch.isfinite(grad_norm) & torch.isfinite(torch.as_tensor(loss, device=grad_norm.device))
+    stepped = bool(finite.item())
     if stepped:
         optimizer.step()
         scheduler.step()
         clamp_logit_scales(model)
     optimizer.zero_grad(set_to_none=True)
-    return grad_norm, stepped
+    return grad_norm.detach(), stepped

@@ -25,17 +25,27 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..data import Items
-from ..distributed import SINGLE_PROCESS, Dist, all_reduce_gradients, barrier, gather_with_grad, mean_over_ranks
+from ..distributed import (
+    SINGLE_PROCESS,
+    Dist,
+    GradientReducer,
+    barrier,
+    gather_with_grad,
+    mean_over_ranks,
+    sync_batchnorm_stats,
+)
 from ..encoder import move_to
 from ..errors import ConfigError, DataError, Interrupted, TrainingError
 from ..losses import get_loss
 from ..model import BindModel
 from ..recipe import Recipe, StageSpec, stage_modalities, tower_freeze
 from .batch import BindBatch
-from .checkpoint import CheckpointWriter
+from .checkpoint import CheckpointWriter, all_rng_states
+from .compile import compile_tower, input_channels_last
 from .feature_cache import FeatureCache
 from .gradcache import ChunkedEmbedding, batch_size_of
 from .loaders import build_stage_loaders, stage_augmenter
@@ -48,14 +58,23 @@ log = logging.getLogger(__name__)
 @dataclass
 class StepResult:
     """What one optimizer step did: the loss (mean over micro-batches, of the global batch; NaN if any was),
-    its parts by modality (last micro-batch), the samples seen, the gradient norm, and whether it updated."""
+    its parts by modality (last micro-batch), the samples seen, the gradient norm, and whether it updated.
 
-    loss: float
-    parts: dict[str, float]
+    The loss, its parts and the norm stay on the device: reading one waits for the GPU to finish the step, so
+    the loop reads them (:meth:`scalars`, one transfer) on log steps only, as open_clip does."""
+
+    loss: Tensor
+    parts: dict[str, Tensor]
     samples: int
-    grad_norm: float
+    grad_norm: Tensor
     stepped: bool
     data_s: float = 0.0  # seconds blocked on the loaders (open_clip's data_time); the rest of the step is compute
+
+    def scalars(self) -> tuple[float, dict[str, float], float]:
+        """``(loss, parts, grad_norm)`` as numbers: one copy from the device for all of them."""
+        tensors = [torch.as_tensor(v) for v in (self.loss, self.grad_norm, *self.parts.values())]
+        values = torch.stack([t.to(tensors[0].device, torch.float64) for t in tensors]).tolist()
+        return values[0], dict(zip(self.parts, values[2:], strict=True)), values[1]
 
 
 def apply_stage_freeze(model: BindModel, recipe: Recipe, stage: StageSpec) -> None:
@@ -87,6 +106,8 @@ class StageRunner:
             if stage.kind == "pretrain"
             else {m: get_loss(pair.loss, "bind").fn for m, pair in stage.pairs.items()}
         )
+        self.bf16 = recipe.precision == "bf16" or (recipe.precision == "auto" and device.type == "cuda")
+        self.autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if self.bf16 else nullcontext
         self.caches = self._feature_caches(train_sets, show_progress and dist.is_main)
         # bad items (name -> error) met in this stage; their share of the stage's items is capped
         self.bad_items: dict[str, str] = {}
@@ -103,8 +124,8 @@ class StageRunner:
         if not self.params:
             raise ConfigError(f"stage {stage.name!r}: nothing to train (every encoder of the stage is frozen)")
         self.optimizer, self.scheduler = build_optimizer(self.params, stage.optimizer, self.total_steps)
-        bf16 = recipe.precision == "bf16" or (recipe.precision == "auto" and device.type == "cuda")
-        self.autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
+        # gradients averaged over ranks in buckets while backward still runs (bind/distributed.py)
+        self.reducer = GradientReducer(self.params)
         self.towers = {m: self._tower(m) for m in self.modalities}
 
     def _feature_caches(self, train_sets: dict[str, Items], show_progress: bool) -> dict[str, FeatureCache]:
@@ -121,6 +142,9 @@ class StageRunner:
                 recipe.num_workers,
                 self.dist,
                 show_progress,
+                # what the uncached step computes: the same autocast, features kept in its dtype
+                dtype=torch.bfloat16 if self.bf16 else torch.float32,
+                autocast=self.autocast,
             )
             for m in self.modalities
             if self.model[m].trunk_frozen and stage_augmenter(recipe, stage, m) is None
@@ -133,7 +157,8 @@ class StageRunner:
             cache = self.caches[modality]
             return lambda indices: encoder.embed_features(*cache.gather(indices))
         if self.recipe.compile and not encoder.frozen:
-            return torch.compile(encoder)
+            backend = "inductor" if self.recipe.compile is True else self.recipe.compile
+            return compile_tower(encoder, backend)  # its own dynamo cache, batch size dynamic (bind/train/compile.py)
         return encoder
 
     # ---- the step -------------------------------------------------------------------------------------
@@ -146,28 +171,32 @@ class StageRunner:
         )
         return StepResult(loss, parts, samples, grad_norm, stepped, self.data_wait)
 
-    def backward(self, iterators: dict[str, Iterator[Any]]) -> tuple[float, dict[str, float], int]:
+    def backward(self, iterators: dict[str, Iterator[Any]]) -> tuple[Tensor, dict[str, Tensor], int]:
         """Forward and backward of one step's ``grad_accum_steps`` micro-batches; gradients averaged over ranks.
 
-        Returns the loss (the mean over micro-batches, of the global batch), its parts and the samples seen."""
-        accum, samples, total = self.stage.optimizer.grad_accum_steps, 0, 0.0
-        for _ in range(accum):
+        Returns the loss (the mean over micro-batches, of the global batch) and its parts, both on the device
+        (nothing here waits for the GPU), and the samples seen."""
+        accum, samples, total = self.stage.optimizer.grad_accum_steps, 0, torch.zeros((), device=self.device)
+        for micro in range(accum):
             waiting = time.perf_counter()
             batches = {m: next(iterator) for m, iterator in iterators.items()}
             self.data_wait += time.perf_counter() - waiting
             with self.autocast():
                 loss, parts, n, replays = self.micro_batch_loss(batches)
-            (loss / accum).backward()
-            for replay in replays:  # GradCache: the loss's gradient, now through the towers
-                replay.backward()
+            # the last micro-batch's backward passes leave each gradient final: they start its all-reduce
+            armed = self.reducer.armed if micro == accum - 1 else nullcontext
+            with armed():
+                (loss / accum).backward()
+            for replay in replays:  # GradCache: the loss's gradient, now through the towers (final at its last chunk)
+                replay.backward(last_chunk=armed)
             samples += n
             total += self._reported(loss, parts) / accum
-        all_reduce_gradients(self.params)
+        self.reducer.finish()
         return total, parts, samples
 
-    def micro_batch_loss(self, batches: dict[str, BindBatch]) -> tuple[torch.Tensor, dict[str, float], int, list]:
-        """One micro-batch: the stage's loss, its parts for logging, the number of samples, and the
-        GradCache replays to backpropagate after the loss (empty without ``chunk_size``).
+    def micro_batch_loss(self, batches: dict[str, BindBatch]) -> tuple[Tensor, dict[str, Tensor], int, list]:
+        """One micro-batch: the stage's loss, its parts for logging (detached, of the global batch), the number
+        of samples, and the GradCache replays to backpropagate after the loss (empty without ``chunk_size``).
 
         With several ranks, embeddings and labels are the global batch; ``local_loss`` scores this
         rank's rows only (against all columns)."""
@@ -176,32 +205,38 @@ class StageRunner:
             m = stage.modality
             batch = batches[m]
             self.note_bad_items(m, batch.bad)
-            z, labels = self._embed(m, batch.inputs, replays), gather_with_grad(batch.labels.to(self.device))
+            z, labels = self._embed(m, batch.inputs, replays), gather_with_grad(self._labels(batch))
             loss = self.losses[m](z, labels, temperature=stage.temperature)
-            return loss, {m: loss.item()}, len(labels), replays
+            return loss, {m: loss.detach()}, len(labels), replays
         total, parts, samples, anchor = 0.0, {}, 0, self.recipe.anchor_modality
+        rows = None
         for m, pair in stage.pairs.items():
             batch = batches[m]
             self.note_bad_items(m, batch.bad)
             za, zm = self._embed(anchor, batch.anchor, replays), self._embed(m, batch.inputs, replays)
-            labels = gather_with_grad(batch.labels.to(self.device))
-            rows = None
+            labels = gather_with_grad(self._labels(batch))
             if stage.local_loss and self.dist.enabled:
                 n = len(labels) // self.dist.world_size
                 rows = slice(self.dist.rank * n, (self.dist.rank + 1) * n)
             loss = self.losses[m](zm, za, labels, logit_scale=self.model[m].logit_scale, rows=rows)
             total = total + pair.weight * loss
-            parts[m] = loss.item() if rows is None else mean_over_ranks(loss.item(), self.device)
+            parts[m] = loss.detach()
             samples += len(labels)
+        if rows is not None:  # each rank scored its own rows: the mean over ranks is the global batch's loss
+            parts = dict(zip(parts, mean_over_ranks(torch.stack(list(parts.values()))), strict=True))
         return total, parts, samples, replays
+
+    def _labels(self, batch: BindBatch) -> Tensor:
+        """The batch's labels on the device (from pinned memory on CUDA: an asynchronous copy)."""
+        return batch.labels.to(self.device, non_blocking=self.device.type == "cuda")
 
     def _embed(self, modality: str, batch: Any, replays: list[ChunkedEmbedding]) -> torch.Tensor:
         """This rank's embeddings of ``batch``, gathered over ranks (with their gradient path)."""
         tower, encoder = self.towers[modality], self.model[modality]
         if modality not in self.caches:
             batch = move_to(batch, self.device, non_blocking=self.device.type == "cuda")
-            if self.recipe.channels_last and isinstance(batch, torch.Tensor) and batch.ndim == 4:
-                batch = batch.contiguous(memory_format=torch.channels_last)
+            if self.recipe.channels_last:  # the format prepare_model gave the convolutions
+                batch = input_channels_last(batch)
         chunk = self.stage.chunk_size
         if encoder.frozen:  # a frozen tower needs no graph
             with torch.no_grad():
@@ -214,11 +249,12 @@ class StageRunner:
             z = tower(batch)
         return gather_with_grad(z)
 
-    def _reported(self, loss: torch.Tensor, parts: dict[str, float]) -> float:
-        """The micro-batch's loss over the global batch (a bind stage's parts already are, under local_loss too)."""
+    def _reported(self, loss: Tensor, parts: dict[str, Tensor]) -> Tensor:
+        """The micro-batch's loss over the global batch (a bind stage's parts already are, under local_loss too),
+        the same on every rank: the update's NaN/inf decision reads it."""
         if self.stage.kind == "bind":
             return sum(pair.weight * parts[m] for m, pair in self.stage.pairs.items())
-        return loss.item()
+        return loss.detach()
 
     def note_bad_items(self, modality: str, bad: list[tuple[str, str]]) -> None:
         """Count items that could not be read; fail at once with ``on_bad_item: fail`` or past the share."""
@@ -273,9 +309,6 @@ class StageRunner:
             window["data_s"] += result.data_s
             stage_data_s += result.data_s
             stage_samples += result.samples
-            if show:  # the loss from the first step on; the throughput at each log step
-                postfix["loss"] = f"{result.loss:.3f}"
-                bar.set_postfix(postfix, refresh=False)
             if result.stepped:
                 nonfinite_in_a_row = 0
             else:  # apply_update skipped it: one bad batch must not poison the weights
@@ -289,6 +322,7 @@ class StageRunner:
                         f"row (last at step {done}); last checkpoint: {last or 'none'}. Lower the learning rate, "
                         "check the inputs, or raise max_nonfinite_steps"
                     )
+            # log steps read the loss from the device (the one extra sync, every log_every steps); rank 0 only
             if metrics is not None and (done % stage.log_every == 0 or done == self.total_steps):
                 elapsed = max(time.perf_counter() - window_start, 1e-9)
                 rate = window_samples / elapsed
@@ -298,25 +332,33 @@ class StageRunner:
                     "data_wait_fraction": round(min(window["data_s"] / elapsed, 1.0), 4),
                 }
                 window_start, window_samples, window = time.perf_counter(), 0, {"steps": 0, "data_s": 0.0}
-                metrics.write({**self._record(done, result, rate), **timing})
-                postfix.update({"loss": f"{result.loss:.3f}", "samples_s": f"{rate:.0f}"})
+                record = self._record(done, result, rate)
+                metrics.write({**record, **timing})
+                postfix.update({"loss": f"{record['loss']:.3f}", "samples_s": f"{rate:.0f}"})
                 postfix["data"] = f"{timing['data_wait_fraction']:.0%}"
                 if self.bad_items:
                     postfix["bad"] = len(self.bad_items)
                 if self.nonfinite_steps:
                     postfix["nan_skipped"] = self.nonfinite_steps
                 bar.set_postfix(postfix)
-            stopping = stop is not None and stop.requested(self.dist, self.device)
+            stopping = stop is not None and stop.requested(self.dist)
             every = self.recipe.checkpoint_every
             due = (every and done % every == 0) or done % self.steps_per_epoch == 0 or done == self.total_steps
-            if checkpoints is not None and (due or stopping):
-                state = {"stage": stage.name, "total_steps": self.total_steps, **self.counters()}
-                checkpoints.save(done, self.model, self.optimizer, self.scheduler, state)
+            if due or stopping:  # on every rank: batch-norm statistics of all ranks, every rank's random state
+                sync_batchnorm_stats(self.model)
+                rng = all_rng_states(self.dist.world_size)
+                if checkpoints is not None:
+                    state = {"stage": stage.name, "total_steps": self.total_steps, **self.counters()}
+                    checkpoints.save(done, self.model, self.optimizer, self.scheduler, state, rng)
             if stopping:
                 barrier()  # no rank exits (and has torchrun stop the others) before rank 0's checkpoint is written
                 bar.close()
                 raise Interrupted(stop.signal_name, stage.name, done, checkpoints.last if checkpoints else None)
         bar.close()
+        self.reducer.remove()  # the next stage trains other parameters, with a reducer of its own
+        if stop is not None and stop.settle():  # its last step's checkpoint is written: stop there, every rank
+            barrier()
+            raise Interrupted(stop.signal_name, stage.name, self.total_steps, checkpoints.last if checkpoints else None)
         self.summary = self._summary(
             self.total_steps - start_step, time.perf_counter() - stage_start, stage_data_s, stage_samples
         )
@@ -345,14 +387,15 @@ class StageRunner:
         }
 
     def _record(self, step: int, result: StepResult, rate: float) -> dict[str, Any]:
+        loss, parts, grad_norm = result.scalars()
         return {
             "stage": self.stage.name,
             "step": step,
-            "loss": result.loss,
-            "losses": result.parts,
+            "loss": loss,
+            "losses": parts,
             "lr": self.scheduler.get_last_lr()[0],
             "samples_per_s": round(rate, 1),
-            "grad_norm": result.grad_norm,
+            "grad_norm": grad_norm,
             "bad_items": len(self.bad_items),
             "nonfinite_steps": self.nonfinite_steps,
         }

@@ -44,6 +44,7 @@ from ..distributed import (
     init_distributed,
     resolve_device,
     shutdown_distributed,
+    sync_batchnorm_stats,
 )
 from ..errors import ConfigError, DataError, InputError
 from ..evaluate import evaluate_all
@@ -63,6 +64,7 @@ from .checkpoint import (
     load_weights,
     newest_good_checkpoint,
 )
+from .compile import to_channels_last
 from .monitor import MetricsLog, StopFlag
 from .runlock import run_lock
 from .stage import StageRunner
@@ -72,10 +74,36 @@ log = logging.getLogger(__name__)
 
 
 # ---- building blocks -------------------------------------------------------------------------------
-def seed_everything(seed: int) -> None:
+def seed_everything(seed: int, rank: int = 0) -> None:
+    """Python, NumPy and torch (CPU and every CUDA device) from ``seed + rank``, as open_clip seeds: each rank
+    draws its own dropout and DropPath masks. What must agree across ranks does not read these: the weights
+    start as rank 0's (:func:`prepare_model`), data order and augmentation use generators seeded by ``seed``."""
+    seed = (seed + rank) % 2**32
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def configure_backends(precision: str, device: torch.device) -> None:
+    """CUDA's math settings for a run: TF32 tensor-core matmuls and convolutions unless ``precision`` is
+    ``fp32`` (exact float32), and ``cudnn.benchmark`` (each new input shape times the convolution algorithms
+    once, then uses the fastest: a win for fixed-size images). Nothing changes on the CPU."""
+    if device.type != "cuda":
+        return
+    tf32 = precision != "fp32"
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    torch.backends.cudnn.benchmark = True
+
+
+def prepare_model(recipe: Recipe, device: torch.device) -> BindModel:
+    """The recipe's model on ``device`` as training uses it: built (:func:`build_model`), moved, in the
+    channels-last memory format where the recipe asks and a module takes it, and rank 0's weights on every rank."""
+    model = build_model(recipe).to(device)
+    if recipe.channels_last:
+        to_channels_last(model)
+    broadcast_parameters(model)
+    return model
 
 
 def build_model(recipe: Recipe) -> BindModel:
@@ -127,7 +155,7 @@ def run_recipe(
     out_dir = Path(out_dir)
     checkpoint_dir = out_dir / "checkpoints"
     device = resolve_device(recipe.device)
-    dist = init_distributed(device.type)
+    dist = init_distributed(device.type, recipe.distributed_timeout_s)
     if dist.enabled and device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
     if resume and not checkpoint_dir.is_dir():  # refused before the lock would create the folder
@@ -172,14 +200,9 @@ def _run_locked(
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "eval.json").unlink(missing_ok=True)  # an earlier run's figures are not this run's
         (out_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
-    seed_everything(recipe.seed)
-    if device.type == "cuda":  # TF32 matmuls: ~fp32 accuracy at tensor-core speed for what runs outside autocast
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    model = build_model(recipe).to(device)
-    if recipe.channels_last and device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    broadcast_parameters(model)
+    seed_everything(recipe.seed, dist.rank)
+    configure_backends(recipe.precision, device)
+    model = prepare_model(recipe, device)
     if resume_from is not None:
         load_weights(resume_from, model)
     metrics = MetricsLog(out_dir / "metrics.jsonl", recipe.tensorboard) if dist.is_main else None
@@ -205,7 +228,7 @@ def _run_locked(
             runner = StageRunner(model, recipe, stage, device, train_sets, dist, show_progress)
             start = 0
             if resume_from is not None and index == resume_from.stage_index:
-                runner.restore_counters(load_training_state(resume_from, runner.optimizer, runner.scheduler))
+                runner.restore_counters(load_training_state(resume_from, runner.optimizer, runner.scheduler, dist.rank))
                 start = resume_from.step
                 runner.seek(start)
                 if metrics is not None:
@@ -217,6 +240,7 @@ def _run_locked(
                 else None
             )
             runner.run(metrics, writer, show_progress, start_step=start, stop=stop)
+    sync_batchnorm_stats(model)  # every rank's running statistics, not rank 0's alone, evaluated and saved
     model.eval()
     model.class_names = _class_names(recipe, train_sets)
     if dist.is_main:  # saved before evaluating: a failing evaluation loses no training
