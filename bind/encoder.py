@@ -265,14 +265,22 @@ class ModalityEncoder(nn.Module):
 
     @torch.no_grad()
     def embed(self, items: Sequence[Any], batch_size: int = 64) -> Tensor:
-        """Raw items -> (N, embed_dim) unit-norm embeddings on the encoder's device, in input order."""
+        """Raw items -> (N, embed_dim) unit-norm embeddings on the encoder's device, in input order.
+
+        Texts are batched longest first (:func:`length_order`), so each batch pads to a length close to its own."""
         if len(items) == 0:
             return torch.empty(0, self.embed_dim, device=self.device)
+        order = length_order(items) if self.takes_text else None
+        ordered = items if order is None else [items[i] for i in order]
         out = []
-        for start in range(0, len(items), batch_size):
-            batch = self.collate([self.preprocess(item) for item in items[start : start + batch_size]])
-            out.append(self(move_to(batch, self.device)))
-        return torch.cat(out)
+        for start in range(0, len(ordered), batch_size):
+            chunk = ordered[start : start + batch_size]
+            try:
+                samples = self.preprocess_many(chunk)  # one call for the batch (a text tokenizer's batched path)
+            except Exception:  # noqa: BLE001  item by item, so that the error is the bad item's own
+                samples = [self.preprocess(item) for item in chunk]
+            out.append(self(move_to(self.collate(samples), self.device)))
+        return unsort(torch.cat(out), order)
 
     def freeze(self, part: FreezePart = "all", unfreeze_last_blocks: int = 0) -> ModalityEncoder:
         """Choose what trains.
@@ -329,6 +337,21 @@ class ModalityEncoder(nn.Module):
 
     def extra_repr(self) -> str:
         return f"modality={self.modality!r}, embed_dim={self.embed_dim}, freeze={self.frozen_part!r}"
+
+
+def length_order(texts: Sequence[Any]) -> list[int]:
+    """Indices of ``texts`` longest first (in characters; what is not a string counts as 0), ties in input order:
+    the order sentence-transformers embeds in, so that a batch pads its texts to about their own length."""
+    return sorted(range(len(texts)), key=lambda i: -len(texts[i]) if isinstance(texts[i], str) else 0)
+
+
+def unsort(rows: Tensor, order: list[int] | None) -> Tensor:
+    """``rows`` computed in ``order`` (:func:`length_order`) put back in input order; as they are without one."""
+    if order is None:
+        return rows
+    inverse = torch.empty(len(order), dtype=torch.long)
+    inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
+    return rows[inverse.to(rows.device)]
 
 
 def _train_where_trainable(module: nn.Module, parent_training: bool) -> None:

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .budget import MemoryCheck, memory_budget
-from .encoder import ModalityEncoder
+from .encoder import ModalityEncoder, length_order, unsort
 from .errors import ConfigError, DataError, InputError, UnknownEncoderError, did_you_mean
 from .hub import push_folder, resolve_model, write_model_card
 from .inputs import walk_files
@@ -127,12 +127,14 @@ class BindModel(nn.Module):
             self.to(device)
         self.eval()
         show = len(items) > batch_size if show_progress_bar is None else show_progress_bar
+        order = length_order(items) if encoder.takes_text else None  # texts longest first: batches pad little
+        ordered = items if order is None else [items[i] for i in order]
         out = []
         with torch.no_grad():
-            starts = range(0, len(items), batch_size)
+            starts = range(0, len(ordered), batch_size)
             for start in tqdm(starts, desc=f"encode {modality}", unit="batch", disable=not show):
-                out.append(encoder.embed(items[start : start + batch_size], batch_size=batch_size).float().cpu())
-        z = torch.cat(out) if out else torch.empty(0, self.embed_dim)
+                out.append(encoder.embed(ordered[start : start + batch_size], batch_size=batch_size).float().cpu())
+        z = unsort(torch.cat(out), order) if out else torch.empty(0, self.embed_dim)
         z = z[0] if single else z
         return z.numpy() if convert_to_numpy else z
 

@@ -93,14 +93,31 @@ class HFTextEncoder(HFEncoder):
 
     def preprocess(self, item: Any) -> dict[str, Tensor]:
         """One string -> {"input_ids": (L,), "attention_mask": (L,)}, truncated to ``max_length`` tokens."""
-        if not isinstance(item, str):
-            raise InputError(f"text encoder expects a string, got {type(item).__name__}: {str(item)[:60]!r}")
-        if not item.strip():
-            raise InputError(
-                f"text is empty or only whitespace ({item!r}); expected at least one word: drop the item or write one"
-            )
-        tokens = self.tokenizer(item, truncation=True, max_length=self.max_length)
-        return {key: torch.tensor(tokens[key], dtype=torch.long) for key in ("input_ids", "attention_mask")}
+        return self._tokenize([item])[0]
+
+    def preprocess_many(
+        self, items: Sequence[Any], augment: Any = None, generators: Sequence[torch.Generator] | None = None
+    ) -> list[dict[str, Tensor]]:
+        """Many strings tokenised in one call of the (Rust) tokenizer, as sentence-transformers does: the same
+        tokens as one string at a time, several times faster. A subclass with a ``preprocess`` of its own, or an
+        augmentation, goes item by item."""
+        if augment is not None or type(self).preprocess is not HFTextEncoder.preprocess:
+            return super().preprocess_many(items, augment, generators)
+        return self._tokenize(items)
+
+    def _tokenize(self, items: Sequence[Any]) -> list[dict[str, Tensor]]:
+        for item in items:
+            if not isinstance(item, str):
+                raise InputError(f"text encoder expects a string, got {type(item).__name__}: {str(item)[:60]!r}")
+            if not item.strip():
+                raise InputError(
+                    f"text is empty or only whitespace ({item!r}); expected at least one word: drop the item or write one"
+                )
+        tokens = self.tokenizer(list(items), truncation=True, max_length=self.max_length)
+        return [
+            {"input_ids": torch.tensor(ids, dtype=torch.long), "attention_mask": torch.tensor(mask, dtype=torch.long)}
+            for ids, mask in zip(tokens["input_ids"], tokens["attention_mask"], strict=True)
+        ]
 
     def example_inputs(self, n: int, seed: int = 0) -> list[str]:
         """Captions of growing length ("a handwritten zero", "a handwritten one digit", ...), so batches pad."""

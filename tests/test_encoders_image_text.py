@@ -217,3 +217,38 @@ def test_exported_assets_rebuild_the_tower_without_weights(tmp_path, name, raw):
     assert not torch.allclose(rebuilt.embed(items), enc.embed(items))  # fresh weights, not the original files
     rebuilt.load_state_dict(enc.state_dict())
     torch.testing.assert_close(rebuilt.embed(items), enc.embed(items), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("how", ["embed", "encode"])
+def test_texts_are_batched_longest_first_and_come_back_in_input_order(minilm, how):
+    """sentence-transformers sorts texts by length before batching, so a batch pads to about its own length:
+    here too. The rows come back in input order, each what the text gives alone (padding is masked out)."""
+    from bind.model import BindModel
+
+    texts = ["a seven", "the digit seven written by hand " * 4, "one", "a handwritten nine " * 3, "two cats", "x y"]
+    seen = []
+    preprocess_many = minilm.preprocess_many
+    minilm.preprocess_many = lambda batch, *args: seen.extend(batch) or preprocess_many(batch, *args)
+    try:
+        if how == "embed":
+            z = minilm.embed(texts, batch_size=2)
+        else:
+            z = torch.from_numpy(BindModel({"text": minilm}, "text").encode("text", texts, batch_size=2))
+    finally:
+        del minilm.preprocess_many
+    assert seen == sorted(texts, key=len, reverse=True)  # by characters, as sentence-transformers; ties kept
+    alone = torch.cat([minilm.embed([t]) for t in texts])
+    torch.testing.assert_close(z, alone, atol=2e-6, rtol=0)
+
+
+def test_batched_tokenising_gives_the_tokens_of_one_text_at_a_time(minilm):
+    texts = ["a seven", "the digit seven written by hand " * 30, "x", "Ünïcode wörds, and punctuation!?"]
+    many = minilm.preprocess_many(texts)
+    for text, got in zip(texts, many, strict=True):
+        want = minilm.tokenizer(text, truncation=True, max_length=minilm.max_length)  # the tokenizer, one text
+        assert (
+            got["input_ids"].tolist() == want["input_ids"] and got["attention_mask"].tolist() == want["attention_mask"]
+        )
+    assert len(many[1]["input_ids"]) == minilm.max_length  # truncated
+    with pytest.raises(InputError, match="empty or only whitespace"):
+        minilm.preprocess_many(["fine", "  "])

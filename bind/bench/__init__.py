@@ -27,6 +27,7 @@ BENCHMARKS: dict[str, str] = {
     "data": "data:bench_data",
     "step": "step:bench_step",
     "startup": "startup:bench_startup",
+    "embed": "embed:bench_embed",
 }
 
 
