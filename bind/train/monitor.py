@@ -129,9 +129,9 @@ class StopFlag:
         return stop
 
     def _cpu_group(self) -> Any:
-        """A gloo group over all ranks (the default group when it is gloo already), made on first use: every
-        rank reaches that at the same step, as ``new_group`` needs."""
+        """A gloo group of its own over all ranks (never the default group: the flag's all-reduce is in flight
+        while the step's collectives run there), made on first use: every rank reaches that at the same step,
+        as ``new_group`` needs."""
         if self._group is None:
-            gloo = torch.distributed.get_backend() == "gloo"
-            self._group = torch.distributed.group.WORLD if gloo else torch.distributed.new_group(backend="gloo")
+            self._group = torch.distributed.new_group(backend="gloo")
         return self._group
