@@ -101,21 +101,15 @@ class StopFlag:
         a stage, :meth:`settle`)."""
         if not dist.enabled:
             return self.signal_name is not None
-        stop = False
-        if self._pending is not None:
-            work, flag = self._pending
-            work.wait()
-            stop = bool(flag[0] > 0)
-            self._pending = None
-        if stop:  # every rank read the same sum: all stop here, none starts another all-reduce
-            self.signal_name = self.signal_name or "SIGTERM"
+        if self.settle():  # every rank read the same sum: all stop here, none starts another all-reduce
             return True
         flag = torch.tensor([float(self.signal_name is not None)])
         self._pending = (torch.distributed.all_reduce(flag, group=self._cpu_group(), async_op=True), flag)
         return False
 
     def settle(self) -> bool:
-        """At the end of a stage: wait for the all-reduce in flight and say whether it asks to stop. Every rank
+        """Wait for the all-reduce in flight and say whether it asks to stop (each step reads the last one's; at
+        the end of a stage the loop calls it itself). Every rank
         started the same ones and reads the same sum; a signal in a stage's last step stops the run there, not
         after the next stage has been set up (a feature cache may take minutes)."""
         if self._pending is None:
@@ -123,10 +117,10 @@ class StopFlag:
         work, flag = self._pending
         work.wait()
         self._pending = None
-        stop = bool(flag[0] > 0)
-        if stop:
-            self.signal_name = self.signal_name or "SIGTERM"
-        return stop
+        if flag[0] > 0:
+            self.signal_name = self.signal_name or "SIGTERM"  # another rank's signal: the sum carries no name
+            return True
+        return False
 
     def _cpu_group(self) -> Any:
         """A gloo group of its own over all ranks (never the default group: the flag's all-reduce is in flight
