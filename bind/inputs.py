@@ -98,3 +98,9 @@ def _glob_regex(pattern: str) -> str:
             out.append(re.escape(pattern[i]))
             i += 1
     return "".join(out)
+
+
+def names_path(npy: str | os.PathLike[str]) -> Path:
+    """``gallery.npy`` -> ``gallery.names.txt``: the item of each row of an embeddings file (``bindkit embed``)."""
+    npy = Path(npy)
+    return npy.with_name((npy.name[: -len(".npy")] if npy.name.endswith(".npy") else npy.name) + ".names.txt")

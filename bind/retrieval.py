@@ -24,7 +24,8 @@ import numpy as np
 import torch
 
 from .errors import ConfigError, DataError, InputError
-from .safe_io import atomic_outputs, read_json
+from .inputs import names_path
+from .safe_io import atomic_outputs, read_json, text_lines
 
 
 def exact_search(
@@ -169,6 +170,33 @@ def load_embeddings(path: str | os.PathLike[str], width: int | None = None, mmap
         raise ConfigError(f"{path}: expected (N, {width or 'D'}) embeddings from this run, got shape {array.shape}")
     check_finite(array, str(path))
     return array
+
+
+def open_gallery(
+    npy: str | os.PathLike[str],
+    names: str | os.PathLike[str] | None = None,
+    width: int | None = None,
+    backend: str = "exact",
+) -> SearchIndex:
+    """A gallery written by ``bindkit embed``: ``npy`` memory-mapped and checked (:func:`load_embeddings`), with
+    the names in ``names`` (default: the ``.names.txt`` beside it, when there is one; else row numbers).
+
+    A names file whose line count differs from the rows, or any other problem, is one error naming the file."""
+    npy = Path(npy)
+    if not npy.is_file():
+        raise DataError(
+            f"{npy}: {'a folder' if npy.is_dir() else 'not found'}; expected embeddings from `bindkit embed`"
+        )
+    embeddings = load_embeddings(npy, width=width)  # memory-mapped; dtype, shape and NaN/inf checked
+    if names is None and names_path(npy).is_file():
+        names = names_path(npy)
+    if names is None:
+        return SearchIndex(embeddings, backend=backend, checked=True)
+    with open(names, "rb") as f:  # one name per line, each bounded (bind.safe_io)
+        rows = [line.rstrip("\r\n") for line in text_lines(f, Path(names))]
+    if len(rows) != len(embeddings):
+        raise ConfigError(f"{names}: {len(rows)} names for {len(embeddings)} gallery rows in {npy}")
+    return SearchIndex(embeddings, rows, backend=backend, checked=True)
 
 
 class SearchIndex:

@@ -25,12 +25,11 @@ from PIL import Image, ImageFile
 from safetensors.torch import load_file, save_file
 
 from bind import ConfigError, DataError, InputError, create_encoder
-from bind.cli.retrieve import _load_gallery
 from bind.data.shard_stream import ShardStream
 from bind.data.shard_writer import write_shards
 from bind.data.shards import ShardIndex, shards
 from bind.model import BindModel
-from bind.retrieval import SearchIndex, check_finite, load_embeddings
+from bind.retrieval import SearchIndex, check_finite, load_embeddings, open_gallery
 from encoders.audio_io import load_audio, split_clips
 from encoders.image_io import load_image
 
@@ -360,7 +359,7 @@ def test_a_bad_gallery_file_is_one_line_naming_it(tmp_path, write, error, messag
     path = tmp_path / "gallery.npy"
     write(path)
     with pytest.raises(error, match=message) as err:
-        _load_gallery(str(path), None, 16)
+        open_gallery(path, None, 16)
     assert str(err.value).startswith(str(path)) and "\n" not in str(err.value)
 
 

@@ -28,7 +28,11 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("data", ("bind.data",)),
     ("configuration", ("bind.recipe",)),
     ("model", ("bind.model", "bind.hub", "bind.lora")),
-    ("using a model", ("bind.runs", "bind.evaluate", "bind.retrieval", "bind.plot", "bind.testing")),
+    (
+        "using a model",
+        ("bind.runs", "bind.evaluate", "bind.retrieval", "bind.ann", "bind.corpus", "bind.plot", "bind.testing"),
+    ),
+    ("serving", ("bind.serve",)),
     ("training", ("bind.train",)),
     ("commands", ("bind.cli", "bind.bench", "bind.__main__")),
 ]

@@ -33,11 +33,13 @@ from . import doctor as doctor_verb
 from . import embed as embed_verb
 from . import encoders as encoders_verb
 from . import eval as eval_verb
+from . import index as index_verb
 from . import losses as losses_verb
 from . import plot as plot_verb
 from . import recipe_keys as keys_verb
 from . import retrieve as retrieve_verb
 from . import run as run_verb
+from . import serve as serve_verb
 from . import shard as shard_verb
 from . import validate as validate_verb
 
@@ -49,6 +51,8 @@ VERBS = [
     eval_verb,
     embed_verb,
     retrieve_verb,
+    index_verb,
+    serve_verb,
     bench_verb,
     plot_verb,
 ]

@@ -168,9 +168,3 @@ def embed_inputs(
     """(N, D) float32 unit-norm rows in input order, with a progress bar for long inputs."""
     show = None if show_progress else False  # None: a bar when there is more than one batch
     return model.encode(modality, items, batch_size=check_batch_size(batch_size), show_progress_bar=show)
-
-
-def names_path(npy: str | Path) -> Path:
-    """``gallery.npy`` -> ``gallery.names.txt``: the item of each row, written by ``bindkit embed``."""
-    npy = Path(npy)
-    return npy.with_name((npy.name[: -len(".npy")] if npy.name.endswith(".npy") else npy.name) + ".names.txt")

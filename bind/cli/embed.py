@@ -13,6 +13,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..inputs import names_path
 from ..safe_io import atomic_outputs
 from ._inputs import (
     INPUTS_HELP,
@@ -21,7 +22,6 @@ from ._inputs import (
     check_device_name,
     check_input_files,
     embed_inputs,
-    names_path,
     read_inputs,
     resolve_device,
 )

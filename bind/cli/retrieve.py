@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import ConfigError
-from ..safe_io import text_lines
 from ._inputs import (
     INPUTS_HELP,
     add_plugin_args,
@@ -24,13 +22,12 @@ from ._inputs import (
     check_input_files,
     check_modality,
     embed_inputs,
-    names_path,
     read_inputs,
     resolve_device,
 )
 
 if TYPE_CHECKING:
-    import numpy as np
+    pass
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -69,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
         check_file(args.gallery_names, GALLERY_NAMES)
 
     from ..registry import load_plugins
-    from ..retrieval import SearchIndex
+    from ..retrieval import SearchIndex, open_gallery
     from ..runs import load_run
 
     device = resolve_device(args.device)
@@ -81,13 +78,9 @@ def run(args: argparse.Namespace) -> int:
     if args.gallery:
         names = read_inputs(model, args.gallery_modality, args.gallery)
         gallery = embed_inputs(model, args.gallery_modality, names, args.batch_size)
-    else:
-        names_file = args.gallery_names or (
-            str(names_path(args.gallery_embeddings)) if names_path(args.gallery_embeddings).is_file() else None
-        )
-        gallery, names = _load_gallery(args.gallery_embeddings, names_file, model.embed_dim)
-    # a loaded gallery was scanned for NaN by load_embeddings (naming its file); one scan of a large file is enough
-    index = SearchIndex(gallery, names, backend=args.backend, checked=not args.gallery)
+        index = SearchIndex(gallery, names, backend=args.backend)
+    else:  # memory-mapped, no pickle; dtype, shape, NaN/inf and the names' count checked, each a one-line error
+        index = open_gallery(args.gallery_embeddings, args.gallery_names, model.embed_dim, backend=args.backend)
     results = index.search(embed_inputs(model, args.query_modality, queries, args.batch_size), k=args.top_k)
     if args.json:
         rows = [
@@ -105,19 +98,3 @@ def run(args: argparse.Namespace) -> int:
 
 GALLERY = "gallery embeddings, a .npy file (made by `bindkit embed`)"
 GALLERY_NAMES = "gallery names, one per line"
-
-
-def _load_gallery(path: str, names_file: str | None, embed_dim: int) -> tuple[np.ndarray, list[str]]:
-    from ..retrieval import load_embeddings
-
-    check_file(path, GALLERY)
-    # memory-mapped, no pickle; dtype, shape and NaN/inf are checked block by block, each a one-line error
-    gallery = load_embeddings(path, width=embed_dim)
-    if names_file is None:
-        return gallery, [str(i) for i in range(len(gallery))]
-    check_file(names_file, GALLERY_NAMES)
-    with open(names_file, "rb") as f:  # one name per line, each bounded (bind.safe_io)
-        names = [line.rstrip("\r\n") for line in text_lines(f, Path(names_file))]
-    if len(names) != len(gallery):
-        raise ConfigError(f"{names_file}: {len(names)} names for {len(gallery)} gallery rows in {path}")
-    return gallery, names
