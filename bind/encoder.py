@@ -24,14 +24,17 @@ Example::
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Union
 
 import torch
 import torch.nn.functional as F
+import torch.utils.data
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from .errors import ConfigError
 
@@ -264,23 +267,26 @@ class ModalityEncoder(nn.Module):
         return next(self.parameters()).device
 
     @torch.no_grad()
-    def embed(self, items: Sequence[Any], batch_size: int = 64) -> Tensor:
-        """Raw items -> (N, embed_dim) unit-norm embeddings on the encoder's device, in input order.
+    def embed(
+        self, items: Sequence[Any], batch_size: int = 64, workers: int | None = 0, show_progress: bool = False
+    ) -> Tensor:
+        """Raw items -> (N, embed_dim) unit-norm embeddings on the encoder's device, in input order, no grad.
 
-        Texts are batched longest first (:func:`length_order`), so each batch pads to a length close to its own."""
+        Texts are batched longest first (:func:`length_order`), so each batch pads to a length close to its own.
+        ``workers``: reader processes preprocessing the next batches while the model runs (:func:`embed_batches`;
+        None: :func:`default_workers`)."""
         if len(items) == 0:
             return torch.empty(0, self.embed_dim, device=self.device)
-        order = length_order(items) if self.takes_text else None
-        ordered = items if order is None else [items[i] for i in order]
-        out = []
-        for start in range(0, len(ordered), batch_size):
-            chunk = ordered[start : start + batch_size]
-            try:
-                samples = self.preprocess_many(chunk)  # one call for the batch (a text tokenizer's batched path)
-            except Exception:  # noqa: BLE001  item by item, so that the error is the bad item's own
-                samples = [self.preprocess(item) for item in chunk]
-            out.append(self(move_to(self.collate(samples), self.device)))
-        return unsort(torch.cat(out), order)
+        plan = batch_plan(self, items, 0, len(items), batch_size)
+        out = torch.empty(len(items), self.embed_dim, device=self.device)
+        batches = embed_batches(self, items, plan, workers, keep_device=True)
+        for rows, z in zip(
+            plan,
+            tqdm(batches, total=len(plan), desc=f"embed {self.modality}", unit="batch", disable=not show_progress),
+            strict=True,
+        ):
+            out[torch.tensor(rows, device=self.device)] = z.to(out.dtype)
+        return out
 
     def freeze(self, part: FreezePart = "all", unfreeze_last_blocks: int = 0) -> ModalityEncoder:
         """Choose what trains.
@@ -345,13 +351,79 @@ def length_order(texts: Sequence[Any]) -> list[int]:
     return sorted(range(len(texts)), key=lambda i: -len(texts[i]) if isinstance(texts[i], str) else 0)
 
 
-def unsort(rows: Tensor, order: list[int] | None) -> Tensor:
-    """``rows`` computed in ``order`` (:func:`length_order`) put back in input order; as they are without one."""
-    if order is None:
-        return rows
-    inverse = torch.empty(len(order), dtype=torch.long)
-    inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
-    return rows[inverse.to(rows.device)]
+class _Failed:
+    """What a reader process returns for a batch with a bad item: that item's own error, raised again by the main
+    process (an exception raised in a worker comes back wrapped in a multi-line traceback)."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+class BatchReader(torch.utils.data.Dataset):
+    """Batch ``b`` of ``plan`` (lists of item indices) read and preprocessed: what one reader process does."""
+
+    def __init__(self, encoder: ModalityEncoder, items: Sequence[Any], plan: Sequence[Sequence[int]]) -> None:
+        self.encoder, self.items, self.plan = encoder, items, plan
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def __getitem__(self, b: int) -> Any:
+        try:
+            raws = [self.items[i] for i in self.plan[b]]
+            try:
+                samples = self.encoder.preprocess_many(raws)  # one call: a tokenizer's or an image tower's batched path
+            except Exception:  # noqa: BLE001  item by item, so that the error raised is the bad item's own
+                samples = [self.encoder.preprocess(raw) for raw in raws]
+            return self.encoder.collate(samples)
+        except Exception as err:  # noqa: BLE001  raised again in the main process, unwrapped
+            return _Failed(err)
+
+
+def default_workers(encoder: ModalityEncoder, batches: int) -> int:
+    """Reader processes beside the model: none for texts (tokenising costs a small part of a forward pass) or for
+    a single batch; else one per spare core, at most four."""
+    if encoder.takes_text or batches < 2:
+        return 0
+    return max(1, min(4, (os.cpu_count() or 1) - 1))
+
+
+def batch_plan(
+    encoder: ModalityEncoder, items: Sequence[Any], start: int, stop: int, batch_size: int
+) -> list[list[int]]:
+    """The batches of rows ``start:stop`` of ``items``: texts longest first (:func:`length_order`), else in order."""
+    rows = list(range(start, stop))
+    if encoder.takes_text:
+        rows = [start + i for i in length_order([items[r] for r in rows])]
+    return [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
+
+
+@torch.no_grad()  # on a generator function, torch turns grad off around each step only, not while suspended
+def embed_batches(
+    encoder: ModalityEncoder,
+    items: Sequence[Any],
+    plan: Sequence[Sequence[int]],
+    workers: int | None = None,
+    keep_device: bool = False,
+) -> Iterator[Tensor]:
+    """The embeddings of each batch of ``plan``, in order (float32 on the CPU, or where the encoder runs with
+    ``keep_device``), with ``workers`` DataLoader processes reading and preprocessing the next batches meanwhile:
+    the model waits on reading only when reading is the slower of the two. An item that cannot be read or
+    preprocessed raises its own error (naming it) here, in the caller's process."""
+    device = encoder.device
+    workers = default_workers(encoder, len(plan)) if workers is None else workers
+    loader = torch.utils.data.DataLoader(
+        BatchReader(encoder, items, plan),
+        batch_size=None,
+        num_workers=workers,
+        prefetch_factor=4 if workers else None,
+        pin_memory=device.type == "cuda",
+    )
+    for batch in loader:
+        if isinstance(batch, _Failed):
+            raise batch.error
+        z = encoder(move_to(batch, device, non_blocking=True))
+        yield z if keep_device else z.float().cpu()
 
 
 def _train_where_trainable(module: nn.Module, parent_training: bool) -> None:

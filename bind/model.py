@@ -29,10 +29,9 @@ import numpy as np
 import torch
 from safetensors.torch import save
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from .budget import MemoryCheck, memory_budget
-from .encoder import ModalityEncoder, length_order, unsort
+from .encoder import ModalityEncoder
 from .errors import ConfigError, DataError, InputError, UnknownEncoderError, did_you_mean
 from .hub import push_folder, resolve_model, write_model_card
 from .inputs import walk_files
@@ -101,13 +100,16 @@ class BindModel(nn.Module):
         show_progress_bar: bool | None = None,
         convert_to_numpy: bool = True,
         device: str | torch.device | None = None,
+        num_workers: int | None = None,
     ) -> np.ndarray | Tensor:
         """Embed raw inputs, as sentence-transformers' ``encode`` does: unit-norm rows in input order, no grad.
 
         ``inputs``: a list of raw items (file paths, strings, arrays), or one path or string, which gives one
         row as a 1-D result, or a folder: its files of this modality, subfolders included, sorted (one row each;
         ``bind.inputs.walk_files`` lists them in that order). ``show_progress_bar``: None shows it for more than one batch. ``device``: where
-        to run (default: where the model is). Returns a float32 numpy array, or a tensor when
+        to run (default: where the model is). ``num_workers``: DataLoader processes reading and preprocessing the
+        next batches while the model runs (None: none for texts, else one per spare core, at most four; 0: read
+        in this process). Returns a float32 numpy array, or a tensor when
         ``convert_to_numpy`` is False. The model is put in eval mode.
         """
         if batch_size < 1:
@@ -127,14 +129,8 @@ class BindModel(nn.Module):
             self.to(device)
         self.eval()
         show = len(items) > batch_size if show_progress_bar is None else show_progress_bar
-        order = length_order(items) if encoder.takes_text else None  # texts longest first: batches pad little
-        ordered = items if order is None else [items[i] for i in order]
-        out = []
-        with torch.no_grad():
-            starts = range(0, len(ordered), batch_size)
-            for start in tqdm(starts, desc=f"encode {modality}", unit="batch", disable=not show):
-                out.append(encoder.embed(ordered[start : start + batch_size], batch_size=batch_size).float().cpu())
-        z = unsort(torch.cat(out), order) if out else torch.empty(0, self.embed_dim)
+        # reader processes preprocess the next batches while the model runs (None: one per spare core, at most 4)
+        z = encoder.embed(items, batch_size, workers=num_workers, show_progress=show).float().cpu()
         z = z[0] if single else z
         return z.numpy() if convert_to_numpy else z
 

@@ -260,6 +260,21 @@ def atomic_outputs(paths: Sequence[str | os.PathLike[str]]) -> Iterator[list[IO[
                 temp.unlink(missing_ok=True)
 
 
+def not_written(targets: Sequence[Path], err: OSError) -> str:
+    """The one line for outputs a failed write left as they were: ``A: not written, nor B: WHY; the previous ...``."""
+    return _write_failed(list(targets), err)
+
+
+def replace_together(sources: Sequence[Path], targets: Sequence[Path]) -> None:
+    """Rename finished files (each beside its target, fsynced by whoever wrote it) over ``targets`` as one unit:
+    :func:`atomic_outputs`' renames, for files too large to write in one block. A failure puts back the files
+    already replaced and is one :class:`DataError` line."""
+    try:
+        _replace_all(list(sources), list(targets))
+    except OSError as err:
+        raise DataError(_write_failed(list(targets), err)) from err
+
+
 def write_atomic(path: str | os.PathLike[str], data: bytes) -> None:
     """Write ``data`` to ``path`` so that a failure leaves either the old or the new file, never half of one."""
     with atomic_output(path) as f:

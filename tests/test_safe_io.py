@@ -13,6 +13,7 @@ import json
 import os
 import pickle
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -159,11 +160,12 @@ def embed_process(folder: Path, out: str, limit: int | None) -> subprocess.Compl
     )
 
 
-# the .npy (2688 bytes) fails partway / the .npy is whole and its names file (4.6 KB) fails partway
+# the rows file (2688 bytes) cannot be made / the rows are written, and their names file (4.6 KB) fails partway
 @pytest.mark.parametrize("limit", [2048, 3000])
 def test_a_failed_embed_keeps_the_previous_gallery_byte_for_byte_and_says_so_in_one_line(image_model, limit):
     gallery = image_model / "gallery"
     gallery.mkdir(exist_ok=True)
+    shutil.rmtree(gallery / "g.npy.partial", ignore_errors=True)
     old_rows = np.random.default_rng(1).standard_normal((5, 16)).astype(np.float32)
     np.save(gallery / "g.npy", old_rows)
     (gallery / "g.names.txt").write_text("".join(f"old{i}\n" for i in range(5)))
@@ -174,8 +176,14 @@ def test_a_failed_embed_keeps_the_previous_gallery_byte_for_byte_and_says_so_in_
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
     assert lines[0].startswith("bindkit embed: error: gallery/g.npy: not written, nor gallery/g.names.txt: ")
-    assert "File too large" in lines[0] and lines[0].endswith("the previous g.npy and g.names.txt are unchanged")
+    assert "File too large" in lines[0] and "the previous g.npy and g.names.txt are unchanged" in lines[0]
     assert folder_state(gallery) == before  # byte for byte, and no temporary file left beside them
+    if limit == 2048:  # nothing could be written: nothing is left
+        assert lines[0].endswith("unchanged") and sorted(p.name for p in gallery.iterdir()) == ["g.names.txt", "g.npy"]
+    else:  # the rows were written: kept, and the same command without the limit finishes from them
+        assert lines[0].endswith("kept in gallery/g.npy.partial: run the same command again to resume")
+        assert embed_process(image_model, "gallery/g.npy", None).returncode == 0
+        assert np.load(gallery / "g.npy").shape == (40, 16) and not (gallery / "g.npy.partial").exists()
 
 
 def test_embed_names_the_file_it_writes_and_writes_the_pair(image_model, capsys):

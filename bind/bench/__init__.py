@@ -28,6 +28,7 @@ BENCHMARKS: dict[str, str] = {
     "step": "step:bench_step",
     "startup": "startup:bench_startup",
     "embed": "embed:bench_embed",
+    "embed_memory": "embed:bench_embed_memory",
 }
 
 

@@ -229,12 +229,12 @@ def shards(root: Path, split: str, path: str, column: str) -> Items:
     """One column of a shard folder as random-access :class:`Items`, for evaluation and the map-style trainer.
 
     Shards written for one split (``bindkit shard --split``) must match ``split``; shards of all rows
-    are filtered by their ``split.txt`` as a manifest is. The shards' headers are scanned once for
+    are filtered by their ``split.txt`` as a manifest is (``*``: every row, as ``bindkit embed --shards`` reads). The shards' headers are scanned once for
     member offsets; an item is then read with one seek.
     """
     index = ShardIndex.load(Path(path) if Path(path).is_absolute() else root / path)
     index.check_column(column)
-    if index.split not in (None, split):
+    if index.split not in (None, split) and split != "*":
         raise DataError(f"{index.directory} holds split {index.split!r}, not {split!r}; shard each split to its folder")
     places, labels, names = [], [], []
     limit = max_member_bytes()
@@ -250,7 +250,7 @@ def shards(root: Path, split: str, path: str, column: str) -> Items:
             )
         with open(path, "rb") as f:
             for key, members in by_key.items():
-                if "split" in members and _member_text(f, members["split"], path) not in (split, ""):
+                if split != "*" and "split" in members and _member_text(f, members["split"], path) not in (split, ""):
                     continue
                 if column not in members:
                     raise DataError(f"{path}: sample {key!r} has no {column!r} member")
