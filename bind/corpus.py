@@ -59,7 +59,7 @@ def embed_corpus(
     workers: int | None = None,
     rank: int = 0,
     world_size: int = 1,
-    chunk_items: int = CHUNK_ITEMS,
+    chunk_items: int | None = None,
     show_progress: bool = True,
 ) -> Path | None:
     """Embed ``items`` into ``out`` (a ``.npy``) and its names file, resuming what an earlier run left.
@@ -74,6 +74,7 @@ def embed_corpus(
         raise ValueError(f"{len(names)} names for {len(items)} items")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} of world_size {world_size}")
+    chunk_items = chunk_items or CHUNK_ITEMS
     chunk_items = max(batch_size, chunk_items // batch_size * batch_size)  # whole batches
     partial = Partial(out, len(items), encoder.embed_dim, chunk_items)
     try:

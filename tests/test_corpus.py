@@ -170,7 +170,10 @@ def test_cli_nproc_manifest_and_shards_give_the_rows_of_plain_inputs(saved, pngs
     np.testing.assert_allclose(np.load(tmp_path / "man.npy"), want, atol=1e-6)
 
     write_shards(manifest, tmp_path / "shards", samples_per_shard=8)
-    assert bindkit(*args, "--shards", str(tmp_path / "shards"), "--column", "photo", "--out", str(tmp_path / "sh.npy")) == 0
+    assert (
+        bindkit(*args, "--shards", str(tmp_path / "shards"), "--column", "photo", "--out", str(tmp_path / "sh.npy"))
+        == 0
+    )
     np.testing.assert_allclose(np.load(tmp_path / "sh.npy"), want, atol=1e-6)
     names = names_path(tmp_path / "sh.npy").read_text().splitlines()
     assert names[0] == "shard-000000.tar/000000" and len(names) == 21
@@ -182,3 +185,20 @@ def test_cli_refuses_two_sources_and_column_without_one(saved, pngs, tmp_path, c
     assert "one of them" in capsys.readouterr().err
     assert bindkit(*base, "--column", "photo", pngs[0]) == 2
     assert "--column: only with --manifest or --shards" in capsys.readouterr().err
+
+
+def test_cli_under_torchrun_each_rank_embeds_its_chunks_and_the_last_writes_the_pair(
+    saved, pngs, tmp_path, model, monkeypatch, capsys
+):
+    out = tmp_path / "g.npy"
+    args = ["embed", saved, "--modality", "image", "--batch-size", "4", "--out", out, *pngs]
+    monkeypatch.setattr("bind.corpus.CHUNK_ITEMS", 8)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert bindkit(*args) == 0
+    assert "rank 1: its chunks" in capsys.readouterr().out and not out.exists()
+    monkeypatch.setenv("RANK", "0")
+    assert bindkit(*args) == 0
+    assert capsys.readouterr().out.startswith(f"{out}: 21 x 16 float32 (image)")
+    np.testing.assert_allclose(np.load(out), reference(model, pngs), atol=1e-6)
+    assert bindkit(*args, "--nproc", "2") == 2  # torchrun already made the processes
