@@ -169,7 +169,6 @@ class Partial:
     def _create(self, meta: dict[str, Any]) -> None:
         """Built in a hidden folder and renamed into place: a second process starting at the same moment finds
         either no folder or a whole one."""
-        self.folder.parent.mkdir(parents=True, exist_ok=True)
         temp = self.folder.with_name(f".{self.folder.name}.{secrets.token_hex(4)}.tmp")
         temp.mkdir()
         try:

@@ -382,10 +382,15 @@ class BatchReader(torch.utils.data.Dataset):
 
 def default_workers(encoder: ModalityEncoder, batches: int) -> int:
     """Reader processes beside the model: none for texts (tokenising costs a small part of a forward pass) or for
-    a single batch; else one per spare core, at most four."""
+    a single batch; on a GPU one per spare core, at most four; on the CPU only cores torch's threads leave idle
+    (a reader on a core the forward pass uses slows it more than it saves: measured on 2 cores, a ResNet-18
+    embedded PNGs at 0.79 of its forward-only rate with one reader and 0.93 with none)."""
     if encoder.takes_text or batches < 2:
         return 0
-    return max(1, min(4, (os.cpu_count() or 1) - 1))
+    cores = os.cpu_count() or 1
+    if encoder.device.type == "cuda":
+        return max(1, min(4, cores - 1))
+    return max(0, min(4, cores - torch.get_num_threads()))
 
 
 def batch_plan(

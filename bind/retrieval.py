@@ -5,6 +5,8 @@ of ``block_size`` rows, so memory stays at ``queries x block_size`` scores whate
 size (a block's scores are compared with each query's current k-th best; only those above it are merged), and the gallery itself may be a memory-mapped ``.npy`` larger than RAM. ``SearchIndex`` wraps
 it with names and saving; ``backend="faiss"`` uses FAISS ``IndexFlatIP`` when ``faiss-cpu`` is
 installed (the ``faiss`` extra). Both order equal scores by gallery row, earlier first (a stable sort's order).
+``SearchIndex(..., ann=...)`` searches an approximate index instead (:mod:`bind.ann`, ``bindkit index``), which
+:func:`open_gallery` picks up beside the ``.npy`` by default.
 
 Example::
 
@@ -19,6 +21,7 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -176,31 +179,54 @@ def open_gallery(
     npy: str | os.PathLike[str],
     names: str | os.PathLike[str] | None = None,
     width: int | None = None,
-    backend: str = "exact",
+    backend: str = "auto",
+    index: str | os.PathLike[str] | None = None,
 ) -> SearchIndex:
     """A gallery written by ``bindkit embed``: ``npy`` memory-mapped and checked (:func:`load_embeddings`), with
     the names in ``names`` (default: the ``.names.txt`` beside it, when there is one; else row numbers).
 
-    A names file whose line count differs from the rows, or any other problem, is one error naming the file."""
+    ``backend``: ``"auto"`` searches with the approximate index ``index`` (default ``X.index`` beside ``X.npy``,
+    built by ``bindkit index``) when it exists, else exactly; ``"ann"`` requires that index; ``"exact"`` and
+    ``"faiss"`` ignore it. A names file whose line count differs from the rows, an index built from other
+    embeddings, or any other problem, is one error naming the file."""
     npy = Path(npy)
+    if backend not in BACKENDS:
+        raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if not npy.is_file():
         raise DataError(
             f"{npy}: {'a folder' if npy.is_dir() else 'not found'}; expected embeddings from `bindkit embed`"
         )
     embeddings = load_embeddings(npy, width=width)  # memory-mapped; dtype, shape and NaN/inf checked
+    ann = None
+    if backend == "ann" or (backend == "auto" and _ann_path(npy, index).is_file()):
+        from .ann import load_ann
+
+        ann = load_ann(npy, embeddings, index)
+    backend = "faiss" if backend == "faiss" else "exact"
     if names is None and names_path(npy).is_file():
         names = names_path(npy)
     if names is None:
-        return SearchIndex(embeddings, backend=backend, checked=True)
+        return SearchIndex(embeddings, backend=backend, checked=True, ann=ann)
     with open(names, "rb") as f:  # one name per line, each bounded (bind.safe_io)
         rows = [line.rstrip("\r\n") for line in text_lines(f, Path(names))]
     if len(rows) != len(embeddings):
         raise ConfigError(f"{names}: {len(rows)} names for {len(embeddings)} gallery rows in {npy}")
-    return SearchIndex(embeddings, rows, backend=backend, checked=True)
+    return SearchIndex(embeddings, rows, backend=backend, checked=True, ann=ann)
+
+
+BACKENDS = ("auto", "exact", "faiss", "ann")
+
+
+def _ann_path(npy: Path, index: str | os.PathLike[str] | None) -> Path:
+    return Path(index) if index is not None else npy.with_suffix(".index")
 
 
 class SearchIndex:
-    """Gallery embeddings with their names; exact blocked search or FAISS ``IndexFlatIP``."""
+    """Gallery embeddings with their names; exact blocked search, FAISS ``IndexFlatIP``, or an approximate index.
+
+    ``ann``: an :class:`bind.ann.AnnIndex` of these embeddings (:func:`bind.ann.load_ann` or
+    :func:`bind.ann.build_index`); when given, searches use it (``backend`` is then ``"ann"``) and may miss some of
+    the exact top k (its ``recall_at_10`` says how many)."""
 
     def __init__(
         self,
@@ -209,6 +235,7 @@ class SearchIndex:
         backend: str = "exact",
         *,
         checked: bool = False,
+        ann: Any = None,
     ) -> None:
         """``checked``: the embeddings come from :func:`load_embeddings`, which scanned them for NaN already."""
         if isinstance(embeddings, torch.Tensor):
@@ -225,8 +252,14 @@ class SearchIndex:
             check_finite(embeddings, "gallery embeddings")
         self.embeddings = embeddings
         self.names = list(names) if names is not None else [str(i) for i in range(len(embeddings))]
-        self.backend = backend
-        self._faiss = _faiss_index(embeddings) if backend == "faiss" else None
+        if ann is not None and (ann.index.ntotal != len(embeddings) or ann.index.d != embeddings.shape[1]):
+            raise ConfigError(
+                f"an approximate index of {ann.index.ntotal} x {ann.index.d} vectors for a gallery of "
+                f"{len(embeddings)} x {embeddings.shape[1]}: build it from these embeddings"
+            )
+        self.ann = ann
+        self.backend = "ann" if ann is not None else backend
+        self._faiss = _faiss_index(embeddings) if backend == "faiss" and ann is None else None
 
     def __len__(self) -> int:
         return len(self.embeddings)
@@ -242,6 +275,8 @@ class SearchIndex:
                 f"queries of shape {queries.shape} do not match a gallery of dimension {self.embeddings.shape[1]}"
             )
         check_finite(queries, "queries")
+        if self.ann is not None:
+            return self.ann.search(queries, k, self.embeddings)
         if self._faiss is not None:
             return _faiss_search(self._faiss, queries, min(k, len(self)))
         return exact_search(queries, self.embeddings, k)
@@ -249,14 +284,15 @@ class SearchIndex:
     def search(self, queries: np.ndarray, k: int = 5) -> list[list[tuple[str, float]]]:
         """For each query, the top ``k`` gallery items as ``(name, score)``."""
         scores, indices = self.search_indices(queries, k)
-        return [
-            [(self.names[i], float(s)) for s, i in zip(row_s, row_i, strict=True)]
+        return [  # an approximate index may find fewer than k (row -1)
+            [(self.names[i], float(s)) for s, i in zip(row_s, row_i, strict=True) if i >= 0]
             for row_s, row_i in zip(scores, indices, strict=True)
         ]
 
     def save(self, directory: str | os.PathLike[str]) -> Path:
         """``embeddings.npy`` + ``names.json`` (+ ``index.faiss``) in ``directory``, written as one unit: a write
-        that fails (a full disk) leaves the previous index as it was."""
+        that fails (a full disk) leaves the previous index as it was. An approximate index is not saved here: it
+        lives beside its ``.npy`` (``bindkit index``); this folder reloads as exact search."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         paths = [directory / "embeddings.npy", directory / "names.json"]
@@ -268,7 +304,8 @@ class SearchIndex:
             paths.append(directory / "index.faiss")
         with atomic_outputs(paths) as files:
             np.save(files[0], np.asarray(self.embeddings, dtype=np.float32))
-            files[1].write(json.dumps({"backend": self.backend, "names": self.names}).encode())
+            backend = "exact" if self.backend == "ann" else self.backend
+            files[1].write(json.dumps({"backend": backend, "names": self.names}).encode())
             if faiss_bytes is not None:
                 files[2].write(faiss_bytes)
         return directory
@@ -292,7 +329,7 @@ class SearchIndex:
             )
         index = cls.__new__(cls)
         index.embeddings, index.names, index.backend = embeddings, meta["names"], meta["backend"]
-        index._faiss = None
+        index._faiss, index.ann = None, None
         if index.backend == "faiss":
             faiss = _import_faiss()
             path = directory / "index.faiss"

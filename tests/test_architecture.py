@@ -25,6 +25,7 @@ CORE = sorted(p for p in BIND.rglob("*.py") if WORKLOADS not in p.parents)
 NOT_A_MODALITY = {
     ("data/manifest.py", "text"): "a manifest column's kind: its cells hold the text itself, not paths",
     ("plot.py", "text"): "plotly's layout key for a title's text",
+    ("serve/app.py", "text"): "the search form's field holding a query text (POST /search, beside 'file')",
 }
 
 

@@ -30,6 +30,7 @@ DOC_PAGES = [
     "encoders",
     "recipes",
     "search",
+    "serve",
     "released-spaces",
     "scale",
     "reliability",

@@ -29,6 +29,7 @@ BENCHMARKS: dict[str, str] = {
     "startup": "startup:bench_startup",
     "embed": "embed:bench_embed",
     "embed_memory": "embed:bench_embed_memory",
+    "serve": "serve:bench_serve",
 }
 
 

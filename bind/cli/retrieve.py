@@ -45,7 +45,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--gallery-names", metavar="FILE.txt", help="one name per gallery row (default: FILE.names.txt beside the .npy)"
     )
     p.add_argument("--top-k", type=int, default=5, help="results per query (default: 5)")
-    p.add_argument("--backend", choices=["exact", "faiss"], default="exact", help="search backend (default: exact)")
+    p.add_argument(
+        "--backend",
+        choices=["auto", "exact", "faiss", "ann"],
+        default="auto",
+        help="auto (default): the approximate index FILE.index beside --gallery-embeddings when there is one "
+        "(bindkit index), else exact; exact or faiss: exact search; ann: that index, required",
+    )
+    p.add_argument("--index", metavar="FILE.index", help="the approximate index (default: FILE.index beside the .npy)")
     p.add_argument("--batch-size", type=int, default=64, help="items embedded at once (default: 64)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--json", action="store_true", help="print a JSON list of {query, results: [{item, score}]}")
@@ -64,6 +71,10 @@ def run(args: argparse.Namespace) -> int:
         check_file(args.gallery_embeddings, GALLERY)
     if args.gallery_names:
         check_file(args.gallery_names, GALLERY_NAMES)
+    if args.gallery and (args.backend == "ann" or args.index):
+        raise ConfigError("--backend ann and --index search a gallery embedded before: use --gallery-embeddings")
+    if args.index:
+        check_file(args.index, "an approximate index (made by `bindkit index`)")
 
     from ..registry import load_plugins
     from ..retrieval import SearchIndex, open_gallery
@@ -78,9 +89,11 @@ def run(args: argparse.Namespace) -> int:
     if args.gallery:
         names = read_inputs(model, args.gallery_modality, args.gallery)
         gallery = embed_inputs(model, args.gallery_modality, names, args.batch_size)
-        index = SearchIndex(gallery, names, backend=args.backend)
-    else:  # memory-mapped, no pickle; dtype, shape, NaN/inf and the names' count checked, each a one-line error
-        index = open_gallery(args.gallery_embeddings, args.gallery_names, model.embed_dim, backend=args.backend)
+        index = SearchIndex(gallery, names, backend="faiss" if args.backend == "faiss" else "exact")
+    else:  # memory-mapped, no pickle; dtype, shape, NaN/inf, the names' count and the index checked: one-line errors
+        index = open_gallery(
+            args.gallery_embeddings, args.gallery_names, model.embed_dim, backend=args.backend, index=args.index
+        )
     results = index.search(embed_inputs(model, args.query_modality, queries, args.batch_size), k=args.top_k)
     if args.json:
         rows = [
