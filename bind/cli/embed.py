@@ -68,7 +68,8 @@ class _Intermixed(argparse.ArgumentParser):
     _inside = False
 
     def parse_known_args(self, args=None, namespace=None):  # noqa: ANN001, ANN201  argparse's own signature
-        if self._inside:  # parse_known_intermixed_args calls back here, twice
+        help_asked = args is not None and any(a in ("-h", "--help") for a in args)
+        if self._inside or help_asked:  # intermixed parsing calls back here; its first pass would hide MODEL in help
             return super().parse_known_args(args, namespace)
         self._inside = True
         try:
