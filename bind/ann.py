@@ -51,15 +51,12 @@ FORMAT = "bindkit-ann"
 VERSION = 1
 
 
-def install_hint() -> str:
-    return "an approximate index needs faiss-cpu: pip install 'bindkit[faiss]'"
-
-
-def import_faiss():
+def import_faiss(what: str = "an approximate index"):
+    """FAISS, or one line saying that ``what`` needs it and how to install it."""
     try:
         import faiss
     except ImportError as err:
-        raise ConfigError(install_hint()) from err
+        raise ConfigError(f"{what} needs faiss-cpu: pip install 'bindkit[faiss]'") from err
     return faiss
 
 

@@ -134,16 +134,21 @@ def _embed_into(
     return partial.finish(names)
 
 
+def partial_folder(out: Path) -> Path:
+    """``OUT.npy.partial``: where :func:`embed_corpus` keeps the rows of ``out`` until every chunk is done."""
+    return out.with_name(out.name + ".partial")
+
+
 class Partial:
     """``OUT.npy.partial/``: the rows being written (``rows.npy``), which chunks are done, and what they are of."""
 
     def __init__(self, out: Path, rows: int, width: int, chunk_items: int) -> None:
         self.out, self.rows, self.width, self.chunk_items = out, rows, width, chunk_items
-        self.folder = out.with_name(out.name + ".partial")
+        self.folder = partial_folder(out)
         self.chunks = -(-rows // chunk_items)
-        header = _npy_header(rows, width)
-        self.header_bytes = len(header)
-        self._header = header
+        self._header = _npy_header(rows, width)
+        self.header_bytes = len(self._header)
+        self.file_bytes = self.header_bytes + rows * width * 4  # rows.npy, whole
 
     def rows_of(self, chunk: int) -> tuple[int, int]:
         return chunk * self.chunk_items, min(self.rows, (chunk + 1) * self.chunk_items)
@@ -159,11 +164,11 @@ class Partial:
                 f"{self.folder}: a partial embedding of other {', '.join(differ) or 'inputs'} than this run's; "
                 "rerun with the same inputs and model to finish it, or delete the folder to start over"
             )
-        expected = self.header_bytes + self.rows * self.width * 4
-        for name, size in (("rows.npy", expected), ("done", self.chunks)):
-            if (self.folder / name).stat().st_size != size:
+        for name, size in (("rows.npy", self.file_bytes), ("done", self.chunks)):
+            found_size = (self.folder / name).stat().st_size
+            if found_size != size:
                 raise DataError(
-                    f"{self.folder / name}: {(self.folder / name).stat().st_size} bytes, expected {size}; delete the folder to start over"
+                    f"{self.folder / name}: {found_size} bytes, expected {size}; delete the folder to start over"
                 )
 
     def _create(self, meta: dict[str, Any]) -> None:
@@ -174,10 +179,10 @@ class Partial:
         try:
             with open(temp / "rows.npy", "wb") as f:
                 f.write(self._header)
-                f.truncate(self.header_bytes + self.rows * self.width * 4)  # sparse: blocks are taken as rows come
+                f.truncate(self.file_bytes)  # sparse: blocks are taken as rows come
             with open(temp / "done", "wb") as f:
                 f.write(bytes(self.chunks))
-            write_atomic(temp / "meta.json", json.dumps({**meta}, indent=1).encode())
+            write_atomic(temp / "meta.json", json.dumps(meta, indent=1).encode())
             try:
                 os.rename(temp, self.folder)
             except OSError:

@@ -108,8 +108,8 @@ class BindModel(nn.Module):
         row as a 1-D result, or a folder: its files of this modality, subfolders included, sorted (one row each;
         ``bind.inputs.walk_files`` lists them in that order). ``show_progress_bar``: None shows it for more than one batch. ``device``: where
         to run (default: where the model is). ``num_workers``: DataLoader processes reading and preprocessing the
-        next batches while the model runs (None: none for texts, else one per spare core, at most four; 0: read
-        in this process). Returns a float32 numpy array, or a tensor when
+        next batches while the model runs (None: :func:`bind.encoder.default_workers`, none for texts
+        and none on a CPU whose cores torch's threads all use; 0: read in this process). Returns a float32 numpy array, or a tensor when
         ``convert_to_numpy`` is False. The model is put in eval mode.
         """
         if batch_size < 1:
@@ -129,7 +129,6 @@ class BindModel(nn.Module):
             self.to(device)
         self.eval()
         show = len(items) > batch_size if show_progress_bar is None else show_progress_bar
-        # reader processes preprocess the next batches while the model runs (None: one per spare core, at most 4)
         z = encoder.embed(items, batch_size, workers=num_workers, show_progress=show).float().cpu()
         z = z[0] if single else z
         return z.numpy() if convert_to_numpy else z

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .ann import import_faiss, index_path, load_ann
 from .errors import ConfigError, DataError, InputError
 from .inputs import names_path
 from .safe_io import atomic_outputs, read_json, text_lines
@@ -198,27 +199,21 @@ def open_gallery(
         )
     embeddings = load_embeddings(npy, width=width)  # memory-mapped; dtype, shape and NaN/inf checked
     ann = None
-    if backend == "ann" or (backend == "auto" and _ann_path(npy, index).is_file()):
-        from .ann import load_ann
-
+    if backend == "ann" or (backend == "auto" and Path(index or index_path(npy)).is_file()):
         ann = load_ann(npy, embeddings, index)
     backend = "faiss" if backend == "faiss" else "exact"
     if names is None and names_path(npy).is_file():
         names = names_path(npy)
-    if names is None:
-        return SearchIndex(embeddings, backend=backend, checked=True, ann=ann)
-    with open(names, "rb") as f:  # one name per line, each bounded (bind.safe_io)
-        rows = [line.rstrip("\r\n") for line in text_lines(f, Path(names))]
-    if len(rows) != len(embeddings):
-        raise ConfigError(f"{names}: {len(rows)} names for {len(embeddings)} gallery rows in {npy}")
+    rows = None
+    if names is not None:
+        with open(names, "rb") as f:  # one name per line, each bounded (bind.safe_io)
+            rows = [line.rstrip("\r\n") for line in text_lines(f, Path(names))]
+        if len(rows) != len(embeddings):
+            raise ConfigError(f"{names}: {len(rows)} names for {len(embeddings)} gallery rows in {npy}")
     return SearchIndex(embeddings, rows, backend=backend, checked=True, ann=ann)
 
 
 BACKENDS = ("auto", "exact", "faiss", "ann")
-
-
-def _ann_path(npy: Path, index: str | os.PathLike[str] | None) -> Path:
-    return Path(index) if index is not None else npy.with_suffix(".index")
 
 
 class SearchIndex:
@@ -331,7 +326,7 @@ class SearchIndex:
         index.embeddings, index.names, index.backend = embeddings, meta["names"], meta["backend"]
         index._faiss, index.ann = None, None
         if index.backend == "faiss":
-            faiss = _import_faiss()
+            faiss = import_faiss("backend 'faiss'")
             path = directory / "index.faiss"
             try:
                 index._faiss = faiss.read_index(str(path))
@@ -348,16 +343,8 @@ class SearchIndex:
 MAX_NAMES_BYTES = 1 << 30  # names.json of a very large gallery: bounded, but large
 
 
-def _import_faiss():
-    try:
-        import faiss
-    except ImportError as err:
-        raise ConfigError("backend 'faiss' needs faiss-cpu: pip install 'bindkit[faiss]'") from err
-    return faiss
-
-
 def _faiss_index(embeddings: np.ndarray):
-    faiss = _import_faiss()
+    faiss = import_faiss("backend 'faiss'")
     index = faiss.IndexFlatIP(embeddings.shape[1])
     index.add(np.ascontiguousarray(embeddings, dtype=np.float32))
     return index

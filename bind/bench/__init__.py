@@ -44,6 +44,18 @@ def best_time(fn: Callable[[], Any], repeats: int) -> float:
     return min(times)
 
 
+def best_times(arms: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
+    """Best wall time of each arm over ``repeats`` rounds, the arms taking turns in each round, so that a busy
+    machine slows them alike."""
+    seconds = {name: float("inf") for name in arms}
+    for _ in range(repeats):
+        for name, fn in arms.items():
+            start = time.perf_counter()
+            fn()
+            seconds[name] = min(seconds[name], time.perf_counter() - start)
+    return seconds
+
+
 def get_benchmark(name: str) -> Callable[..., dict[str, Any]]:
     if name not in BENCHMARKS:
         raise ConfigError(f"unknown benchmark {name!r}; available: {', '.join(BENCHMARKS)}")

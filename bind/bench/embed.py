@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from . import best_times
+
 
 def docstring_sentences(limit: int) -> list[str]:
     """Up to ``limit`` sentences of at least three words from the docstrings of Python's own standard library
@@ -108,12 +110,7 @@ def _bench_text(items: int, batch_size: int, repeats: int) -> dict[str, Any]:
             sentences, batch_size=batch_size, normalize_embeddings=True, show_progress_bar=False
         )
         reference = arms["sentence_transformers"]()
-    seconds = {name: float("inf") for name in arms}
-    for _ in range(repeats):
-        for name, fn in arms.items():
-            start = time.perf_counter()
-            fn()
-            seconds[name] = min(seconds[name], time.perf_counter() - start)
+    seconds = best_times(arms, repeats)
     n = len(sentences)
     result: dict[str, Any] = {
         "modality": "text",
@@ -198,12 +195,7 @@ def _bench_files(
             "forward": forward,
             "preprocess": lambda: [encoder.preprocess_many(paths[i : i + batch_size]) for i in range(0, n, batch_size)],
         }
-        seconds = {name: float("inf") for name in arms}
-        for _ in range(repeats):
-            for name, fn in arms.items():
-                start = time.perf_counter()
-                fn()
-                seconds[name] = min(seconds[name], time.perf_counter() - start)
+        seconds = best_times(arms, repeats)
     return {
         "modality": modality,
         "tower": tower,

@@ -52,7 +52,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--workers",
         type=int,
         default=None,
-        help="reader processes per process (default: texts 0, else 1 per spare core, max 4)",
+        help="reader processes per process (default: none for texts, else the cores torch's threads leave idle "
+        "or, beside a GPU, 1 per spare core; at most 4)",
     )
     p.add_argument("--nproc", type=int, default=1, help="processes to split the work over on this machine (default: 1)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
@@ -93,6 +94,8 @@ def run(args: argparse.Namespace) -> int:
     sources = bool(args.inputs) + bool(args.manifest) + bool(args.shards)
     if sources != 1:
         raise ConfigError("give the items as INPUT arguments, or --manifest FILE, or --shards DIR (one of them)")
+    if args.column and not (args.manifest or args.shards):
+        raise ConfigError("--column: only with --manifest or --shards")
     if args.manifest:
         check_file(args.manifest, "a .csv or .jsonl manifest")
     if args.shards:
@@ -100,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from ..corpus import embed_corpus
+    from ..corpus import embed_corpus, partial_folder
     from ..registry import load_plugins
     from ..runs import load_run
 
@@ -123,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
             nprocs=args.nproc,
             start_method="fork",  # the children share the loaded model's memory, copy-on-write
         )
-        finished = npy if npy.is_file() and not npy.with_name(npy.name + ".partial").exists() else None
+        finished = npy if npy.is_file() and not partial_folder(npy).exists() else None
     else:
         finished = embed_corpus(model[args.modality], items, npy, rank=rank, world_size=world_size, **common)
     if finished is None:
@@ -153,14 +156,10 @@ def _items(model: Any, args: argparse.Namespace) -> tuple[Any, list[str]]:
     if args.manifest:
         found = manifest(Path.cwd(), "*", str(Path(args.manifest).resolve()), column)
         # path columns: the resolved paths (what retrieve and serve open); text columns: the texts
-        return found, [str(found[i]) for i in range(len(found))] if model[args.modality].takes_text else list(
-            found._items
-        )
+        return found, [str(found[i]) for i in range(len(found))]
     if args.shards:
         found = shards(Path.cwd(), "*", str(Path(args.shards).resolve()), column)
         return found, found.names
-    if args.column:
-        raise ConfigError("--column: only with --manifest or --shards")
     items = read_inputs(model, args.modality, args.inputs)
     return items, items
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import TYPE_CHECKING
 
 from ..errors import ConfigError
 from ._inputs import (
@@ -25,9 +24,6 @@ from ._inputs import (
     read_inputs,
     resolve_device,
 )
-
-if TYPE_CHECKING:
-    pass
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
